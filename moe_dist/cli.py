@@ -1,0 +1,120 @@
+"""The ``moe-dist`` command: parse, build, run, report. The logic lives in moe_dist.train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moe_dist.errors import MoEDistError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic" / "s1_moe_nonlinear.yaml"
+SUMMARY_KEYS = ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy",
+                "experts_used", "dispatch_entropy", "wall_seconds")
+
+
+def format_summary(name: str, metrics: dict) -> str:
+    """A two- or three-column table of the final metrics, with the paper's value where known."""
+    from moe_dist.paper import published
+
+    paper = published(name)
+    rows = [(k, metrics[k], paper.get(k)) for k in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
+    lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
+    for key, ours, ref in rows:
+        lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
+    if "test_error" in metrics:
+        ref = f"{100 * (1 - paper['test_error']):>10.2f}" if "test_error" in paper else ""
+        lines.append(f"{'test accuracy %':<20} {100 * (1 - metrics['test_error']):>10.2f} {ref:>10}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moe_dist.config import load_config
+    from moe_dist.train.trainer import Trainer
+
+    config = args.config
+    if config is None:
+        if not DEFAULT_CONFIG.exists():
+            raise MoEDistError(f"no --config given and the default {DEFAULT_CONFIG} is missing "
+                               "(install moe_dist from a checkout with `pip install -e .`)")
+        config = DEFAULT_CONFIG
+    cfg = load_config(config, args.overrides)
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    if trainer.is_main:
+        print(f"\n{cfg.name or Path(config).stem}: {cfg.run_dir}")
+        print(format_summary(cfg.name, metrics))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moe_dist.config import from_dict
+    from moe_dist.train.checkpoint import load_checkpoint
+    from moe_dist.train.trainer import Trainer
+    import yaml
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise MoEDistError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.train.progress = False
+    payload = load_checkpoint(run_dir / "checkpoints")
+    if payload is None:
+        raise MoEDistError(f"{run_dir}/checkpoints has no checkpoint to evaluate")
+    trainer = Trainer(cfg)
+    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(payload["model"])
+    metrics = trainer.evaluate(trainer.train_split if args.split == "train" else None)
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        shown = {("test_error" if k == "error" else k): v for k, v in metrics.items()}
+        print(f"{cfg.name or run_dir.name} ({args.split} set, {metrics['num_samples']} samples)")
+        print(format_summary(cfg.name, shown))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from moe_dist.data import load_dataset
+    from moe_dist.data.download import download
+
+    if args.action == "download":
+        download(args.name, args.root)
+    data = load_dataset(args.name, args.root)
+    print(f"{data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, "
+          f"input {tuple(data.input_shape)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (no arguments: the embedded synthetic default)")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a run folder's latest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("data", help="download or inspect a dataset")
+    p.add_argument("action", choices=("download", "info"))
+    p.add_argument("name")
+    p.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA or ../shared/data)")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoEDistError as exc:
+        print(f"moe-dist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+OmegaConf does the merging (file onto defaults, then ``key=value`` overrides); this module
+adds what OmegaConf does not: one-line errors that name the key and the allowed values, and
+cross-field checks (``top_k`` <= experts, positive sizes, known dataset names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from moe_dist.errors import ConfigError
+
+# Allowed values of the string-valued keys; ``validate`` checks every one of them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("mnist", "fashion_mnist", "mnist10k", "cifar100", "fmnist_mnist", "synthetic"),
+    "data.normalization": ("paper", "half", "none"),
+    "data.setting": ("s1", "s2", "s3", "s4"),
+    "model.arch": ("mnist", "fmnist", "fmnist_mnist", "cifar100", "patch_cnn"),
+    "model.kind": ("moe", "single"),
+    "model.expert_activation": ("cubic", "linear"),
+    "moe.routing": ("dense", "topk", "attentive"),
+    "moe.gate_weights": ("softmax", "raw"),
+    "moe.noise": ("none", "gaussian", "uniform"),
+    "loss.ls_variant": ("normalized", "reference"),
+    "loss.kind": ("auto", "mixture_nll", "cross_entropy", "double_softmax"),
+    "train.optimizer": ("adam", "rmsprop", "sgd", "normalized_gd"),
+    "train.normalized_gd_scope": ("expert", "tensor"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "engine": ("accelerate", "deepspeed"),
+}
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Dataset: mnist | fashion_mnist | mnist10k | cifar100 | fmnist_mnist | synthetic."""
+    root: str = ""
+    """Folder holding the dataset files; empty means $MOE_DIST_DATA or ../shared/data."""
+    normalization: str = "paper"
+    """paper (each dataset's published mean/std) | half ((x-0.5)/0.5, paper Section 4) | none."""
+    setting: str = "s1"
+    """Chen et al. synthetic setting s1..s4 (paper-spec B.1); synthetic data only."""
+    data_seed: int = -1
+    """Seed of the synthetic data; -1 uses the setting's published seed (s1: 12, else 11)."""
+    train_size: int = 0
+    """Use only the first N training samples (paper Section 4: 10,000); 0 = all."""
+    test_size: int = 0
+    """Use only the first N test samples (paper Section 4: 2,000); 0 = all."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "patch_cnn"
+    """Architecture family of experts and gate (paper-spec A.1 / B.2)."""
+    kind: str = "moe"
+    """moe | single (one expert-shaped network, the paper's baseline)."""
+    expert_activation: str = "cubic"
+    """patch_cnn only: cubic (Chen's nonlinear expert) | linear."""
+    width: int = 0
+    """patch_cnn only: filters per class m; 0 = paper default (8 in a MoE, 40 single)."""
+    expert_init_scale: float = 1.0
+    """Multiplies expert initial weights (Chen et al. use 0.001 for MoE experts)."""
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 5
+    """Number of experts E."""
+    routing: str = "dense"
+    """dense (output mixture) | topk (only k experts run) | attentive (paper section 5)."""
+    top_k: int = 1
+    """Experts per sample in topk routing."""
+    gate_weights: str = "softmax"
+    """softmax (renormalised over the chosen k) | raw (Chen's unnormalised router value)."""
+    noise: str = "none"
+    """Routing noise: none | gaussian (noisy top-k) | uniform (Chen's U[0,1) per expert)."""
+    temperature: float = 1.0
+    """Gate softmax temperature T (the paper uses 1)."""
+
+
+@dataclass
+class LossConfig:
+    kind: str = "auto"
+    """auto (mixture NLL for probability experts, CE for logit experts) or an explicit loss."""
+    importance_weight: float = 0.0
+    """w_importance of L_cv (paper-spec A.2.1); 0 disables it."""
+    ls_beta: float = 0.0
+    """beta: weight of the same-expert term of L_s (A.2.2)."""
+    ls_gamma: float = 0.0
+    """gamma: weight of the different-expert term of L_s (A.2.2)."""
+    ls_variant: str = "normalized"
+    """normalized (both terms over B^2 pairs) | reference (published code: only gamma / B^2)."""
+    ls_squared: bool = False
+    """Use squared distances (paper text) instead of the code's plain Euclidean distance."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """Passes over the training set (full-batch runs: gradient steps)."""
+    batch_size: int = 512
+    """Global training batch size; 0 = full batch."""
+    eval_batch_size: int = 2048
+    """Evaluation batch size (metrics are exact over the whole set whatever its value)."""
+    optimizer: str = "adam"
+    """adam | rmsprop | sgd | normalized_gd (Chen et al.: experts normalised, gate plain SGD)."""
+    lr: float = 1e-3
+    """Learning rate (normalized_gd: the experts' rate)."""
+    gate_lr: float = 0.0
+    """Separate gate/router learning rate; 0 = same as lr (Chen et al.: 0.1)."""
+    momentum: float = 0.0
+    """Momentum for rmsprop / sgd / normalized_gd."""
+    weight_decay: float = 0.0
+    """L2 weight decay (Adam's coupled form, as torch.optim.Adam)."""
+    normalized_gd_scope: str = "expert"
+    """expert (norm summed per expert, Chen's demos) | tensor (each tensor by its own norm)."""
+    lr_decay_every: int = 0
+    """Divide the lr by lr_decay_factor after every N epochs (paper: 20); 0 = never."""
+    lr_decay_factor: float = 3.0
+    """Divisor of the step schedule."""
+    early_stop_rise: float = 0.0
+    """Stop when the training loss exceeds its minimum by this much (Chen: 0.02); 0 = off."""
+    early_stop_loss: float = 0.0
+    """Stop once the training loss is at or below this (Chen: 0.314); 0 = off."""
+    early_stop_after: int = 0
+    """Only apply early stopping from this epoch on (Chen's single models: 500)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter groups kept fixed: any of experts, gate."""
+    init_from: str = ""
+    """Run folder whose final weights initialise this model (distillation, pretrained gate)."""
+    eval_every: int = 1
+    """Evaluate on the test set every N epochs (and always after the last)."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs (and always after the last)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed first); the latest is never removed."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 autocast; the gate and its losses stay in float32."""
+    progress: bool = True
+    """Show a progress bar on the main process."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    """Ranks that share the experts of one MoE (expert parallelism); 1 = none."""
+
+
+@dataclass
+class Config:
+    name: str = ""
+    """Experiment name, a row of the papers' tables (e.g. mnist/vanilla_lcv); reports group by it."""
+    run_dir: str = "runs/default"
+    """Run folder: config.yaml, metrics.json, TensorBoard events, checkpoints/."""
+    seed: int = 0
+    """Seed of initialisation, shuffling, augmentation and routing noise."""
+    engine: str = "accelerate"
+    """accelerate | deepspeed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+POSITIVE_INTS = ("moe.num_experts", "moe.top_k", "train.epochs", "train.eval_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "parallel.ep_size")
+NON_NEGATIVE = ("data.train_size", "data.test_size", "model.width", "train.batch_size",
+                "train.lr_decay_every", "train.gate_lr", "train.weight_decay", "train.momentum",
+                "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma", "train.early_stop_rise",
+                "train.early_stop_loss", "train.early_stop_after", "train.num_threads")
+POSITIVE_FLOATS = ("train.lr", "moe.temperature", "model.expert_init_scale", "train.lr_decay_factor")
+FREEZABLE = ("experts", "gate")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value and the relations between them; raise ConfigError on the first fault."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    for key in POSITIVE_INTS:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be a positive integer")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    for key in POSITIVE_FLOATS:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
+    if cfg.moe.top_k > cfg.moe.num_experts:
+        raise ConfigError(
+            f"moe.top_k={cfg.moe.top_k} exceeds moe.num_experts={cfg.moe.num_experts}")
+    for name in cfg.train.freeze:
+        if name not in FREEZABLE:
+            raise ConfigError(f"train.freeze entry {name!r} is not one of: {', '.join(FREEZABLE)}")
+    if cfg.moe.num_experts % cfg.parallel.ep_size:
+        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by "
+                          f"parallel.ep_size={cfg.parallel.ep_size}")
+    patch = cfg.model.arch == "patch_cnn"
+    if (cfg.data.name == "synthetic") != patch:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit data.name={cfg.data.name!r} "
+                          "(patch_cnn goes with synthetic, the CNN architectures with images)")
+    if patch and cfg.model.kind == "moe" and cfg.moe.routing == "attentive":
+        raise ConfigError("moe.routing='attentive' needs an image architecture, not model.arch='patch_cnn'")
+    if cfg.moe.gate_weights == "raw" and cfg.moe.routing != "topk":
+        raise ConfigError("moe.gate_weights='raw' is only defined for moe.routing='topk'")
+    return cfg
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {_one_line(exc)}") from None
+
+
+def _merge(base: Any, update: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as exc:
+        raise ConfigError(f"{origin}: unknown key {exc.full_key!r}") from None
+    except OmegaConfBaseException as exc:
+        message = _one_line(exc).split(" full_key")[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{origin}: bad value for {key!r}: {message}" if key else f"{origin}: {message}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides; validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        merged = _merge(merged, OmegaConf.create(loaded), str(path))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(list(overrides)), "override")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a resolved dict (config.yaml, a checkpoint); unknown keys are errors."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,68 @@
+"""The papers' published numbers (paper-spec A.6, A.9, B.5), for side-by-side comparison.
+
+Keys are experiment names (``Config.name``). Errors are fractions; accuracies percentages.
+"""
+
+from __future__ import annotations
+
+# paper-spec A.9: (train error, test error, family-wide std, I(E;Y), H_s, H_u)
+_TABLE_COLUMNS = ("train_error", "test_error", "std", "mutual_information", "sample_entropy", "usage_entropy")
+_TABLES = {
+    "mnist": {
+        "single": (0.097, 0.096, 0.071, None, None, None),
+        "vanilla": (0.021, 0.038, 0.009, 2.022, 0.092, 2.172),
+        "vanilla_lcv": (0.015, 0.032, 0.008, 2.262, 0.061, 2.320),
+        "vanilla_ls": (0.015, 0.029, 0.009, 2.244, 0.051, 2.246),
+        "attentive": (0.019, 0.033, 0.006, 1.797, 0.071, 2.055),
+        "attentive_lcv": (0.013, 0.035, 0.005, 2.260, 0.055, 2.266),
+        "attentive_ls": (0.013, 0.032, 0.006, 2.275, 0.039, 2.321),
+        "distilled_lcv": (0.009, 0.030, 0.007, 2.301, 0.036, 2.320),
+        "distilled_ls": (0.009, 0.028, 0.007, 2.191, 0.056, 2.319),
+    },
+    "fmnist": {
+        "single": (0.115, 0.132, 0.011, None, None, None),
+        "vanilla": (0.041, 0.104, 0.006, 2.034, 0.081, 2.048),
+        "vanilla_lcv": (0.031, 0.103, 0.006, 2.301, 0.172, 2.321),
+        "vanilla_ls": (0.018, 0.095, 0.007, 2.198, 0.110, 2.225),
+        "attentive": (0.041, 0.098, 0.013, 2.071, 0.114, 2.249),
+        "attentive_lcv": (0.014, 0.098, 0.006, 2.233, 0.101, 2.319),
+        "attentive_ls": (0.014, 0.096, 0.008, 2.296, 0.109, 2.321),
+        "distilled_lcv": (0.004, 0.087, 0.007, 2.227, 0.101, 2.318),
+        "distilled_ls": (0.005, 0.089, 0.008, 2.304, 0.076, 2.321),
+    },
+    "cifar100": {
+        "single": (0.565, 0.575, 0.006, None, None, None),
+        "vanilla": (0.398, 0.460, 0.010, 0.967, 0.306, 1.023),
+        "vanilla_lcv": (0.408, 0.483, 0.007, 4.177, 1.315, 3.981),
+        "vanilla_ls": (0.393, 0.457, 0.012, 1.424, 0.381, 1.279),
+        "attentive": (0.254, 0.450, 0.006, 1.792, 0.463, 2.178),
+        "attentive_lcv": (0.254, 0.447, 0.005, 3.684, 1.036, 4.141),
+        "attentive_ls": (0.238, 0.451, 0.016, 3.117, 0.770, 3.357),
+        "distilled_lcv": (0.399, 0.531, 0.131, 3.179, 1.750, 3.843),
+        "distilled_ls": (0.150, 0.482, 0.065, 1.605, 0.718, 2.541),
+    },
+}
+
+# paper-spec B.5: single models are one run (test accuracy %); MoE rows mean over 10 runs.
+_SYNTHETIC = {
+    "s1": {"single_linear": 68.31, "single_cubic": 79.57, "moe_linear": (93.00, 1.300), "moe_nonlinear": (99.46, 0.098)},
+    "s2": {"single_linear": 68.22, "single_cubic": 77.38, "moe_linear": (89.49, 1.262), "moe_nonlinear": (98.10, 0.183)},
+    "s3": {"single_linear": 74.30, "single_cubic": 73.72, "moe_linear": (95.93, 1.160), "moe_nonlinear": (99.99, 0.008)},
+    "s4": {"single_linear": 74.28, "single_cubic": 70.26, "moe_linear": (93.30, 1.160), "moe_nonlinear": (98.92, 0.089)},
+}
+
+
+def published(name: str) -> dict[str, float]:
+    """The paper's numbers for an experiment name such as ``fmnist/vanilla_ls`` or
+    ``synthetic/s1_moe_nonlinear``; empty when the paper has none."""
+    family, _, method = name.partition("/")
+    if family in _TABLES and method in _TABLES[family]:
+        return {k: v for k, v in zip(_TABLE_COLUMNS, _TABLES[family][method]) if v is not None}
+    if family == "synthetic":
+        setting, _, model = method.partition("_")
+        value = _SYNTHETIC.get(setting, {}).get(model)
+        if isinstance(value, tuple):
+            return {"test_error": 1 - value[0] / 100, "dispatch_entropy": value[1]}
+        if value is not None:
+            return {"test_error": 1 - value / 100}
+    return {}

@@ -1,0 +1,359 @@
+"""The training loop: ``fit`` schedules (evaluation, logging, checkpoints); ``train_step`` computes.
+
+Legend: B = batch, C = classes, E = experts, K = clusters (synthetic data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from moe_dist import losses
+from moe_dist.config import Config, from_dict, save_config, to_dict
+from moe_dist.data import Dataset, Split, TensorBatches, load_dataset
+from moe_dist.data.augment import cifar_augment
+from moe_dist.errors import CheckpointError, ConfigError
+from moe_dist.metrics import EvalAccumulator, dispatch_entropy
+from moe_dist.models import build_model
+from moe_dist.plots import selection_heatmap
+from moe_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from moe_dist.train.optim import build_optimizer, build_scheduler
+
+# Keys that may differ between a run and its resumption: extending a run is allowed.
+RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_threads", "train.eval_every"}
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    min_loss: float = math.inf  # for Chen et al.'s early stopping (paper-spec B.3)
+    stopped_early: int = -1  # epoch at which early stopping fired, -1 if never
+    wall_seconds: float = 0.0  # training time summed over all sessions of the run
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _to_device(split: Split, device: torch.device) -> Split:
+    cluster = split.cluster.to(device) if split.cluster is not None else None
+    return dataclasses.replace(split, x=split.x.to(device), y=split.y.to(device), cluster=cluster)
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+class Trainer:
+    """Builds data, model and optimizer from a Config and trains with resumption."""
+
+    def __init__(self, cfg: Config, dataset: Dataset | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but no CUDA device is available")
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+
+        self.data = dataset if dataset is not None else load_dataset(
+            cfg.data.name, cfg.data.root, setting=cfg.data.setting,
+            data_seed=None if cfg.data.data_seed < 0 else cfg.data.data_seed,
+            train_size=cfg.data.train_size, test_size=cfg.data.test_size,
+            normalization=cfg.data.normalization)
+        # Datasets this small stay resident on the training device (no loader workers).
+        self.train_split = _to_device(self.data.train, self.device)
+        self.test_split = _to_device(self.data.test, self.device)
+        batch = cfg.train.batch_size or len(self.train_split)
+        self.train_batches = TensorBatches(self.train_split, batch, shuffle=True, seed=cfg.seed)
+        self.eval_batches = TensorBatches(self.test_split, cfg.train.eval_batch_size, shuffle=False, seed=0)
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.moe, cfg.loss, self.data.num_classes, self.data.input_shape)
+        if cfg.train.init_from:
+            self._init_from(model, cfg.train.init_from)
+        self.model = model.to(self.device)
+        optimizer = build_optimizer(self.model, cfg)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.state = TrainState()
+        self.is_moe = cfg.model.kind == "moe"
+        self.num_experts = cfg.moe.num_experts if self.is_moe else 0
+        self.num_clusters = int(self.train_split.cluster.max()) + 1 if self.train_split.cluster is not None else 0
+        self.writer: SummaryWriter | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def _init_from(self, model: torch.nn.Module, run_dir: str) -> None:
+        """Initialise from another run's latest weights (distillation, pretrained experts/gate).
+
+        Parameters are matched by name; names absent from the source (a new softmax gate's
+        output layer) keep their fresh initialisation, as in the paper's strict=False copy (A.8).
+        """
+        payload = load_checkpoint(Path(run_dir) / "checkpoints")
+        if payload is None:
+            raise CheckpointError(f"train.init_from={run_dir} has no checkpoint in {run_dir}/checkpoints")
+        source = payload["model"]
+        target = model.state_dict()
+        for name, tensor in source.items():
+            if name in target and target[name].shape != tensor.shape:
+                raise CheckpointError(f"train.init_from: {name} has shape {tuple(tensor.shape)} in "
+                                      f"{run_dir} but {tuple(target[name].shape)} here")
+        model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
+
+    def _resume(self) -> None:
+        payload = load_checkpoint(self.ckpt_dir, map_location=self.device)
+        if payload is None:
+            return
+        saved = from_dict(payload["config"])
+        diff = [k for k in config_differences(saved, self.cfg) if k not in RESUMABLE_CHANGES]
+        if diff:
+            raise ConfigError(f"{self.run_dir} holds a run with a different config ({', '.join(diff)}); "
+                              "use a new run_dir or the same settings to resume")
+        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng_cpu"])
+        if torch.cuda.is_available() and payload.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(payload["rng_cuda"])
+        self.state = TrainState(**json.loads(payload["state"]))
+        if self.is_main:
+            print(f"resumed {self.run_dir} at epoch {self.state.epoch}")
+
+    def _checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        payload = {
+            "config": to_dict(self.cfg),
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # JSON keeps the state loadable with weights_only=True (no custom classes, no inf).
+            "state": json.dumps(self.state.__dict__),
+        }
+        save_checkpoint(self.ckpt_dir, self.state.epoch, payload, keep=self.cfg.train.keep_checkpoints)
+
+    # ----------------------------------------------------------------------------- compute
+    def compute_loss(self, out, y_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kind = self.cfg.loss.kind
+        if kind == "auto":
+            kind = "mixture_nll" if out.output_kind == "probs" else "cross_entropy"
+        if kind == "mixture_nll":
+            if out.output_kind != "probs":
+                raise ConfigError("loss.kind='mixture_nll' needs experts that output probabilities")
+            main = losses.mixture_nll(out.output, y_B)
+        else:
+            main = losses.logits_cross_entropy(out.output.float(), y_B, double_softmax=kind == "double_softmax")
+        parts = {"nll": main, **out.aux_losses}
+        return main + sum(out.aux_losses.values(), torch.zeros((), device=main.device)), parts
+
+    def train_step(self, x: torch.Tensor, y_B: torch.Tensor) -> tuple[dict[str, float], Any, bool]:
+        """Forward, loss, backward, step. Returns the loss parts, the forward output, and
+        whether early stopping fired (checked on this step's loss before the update, as
+        Chen et al.'s loop does)."""
+        self.model.train()
+        with self.accelerator.autocast():
+            out = self.model(x)
+            loss, parts = self.compute_loss(out, y_B)
+        t = self.cfg.train
+        value = float(loss.detach())
+        if t.early_stop_rise or t.early_stop_loss:
+            if self.state.epoch >= t.early_stop_after and (
+                    (t.early_stop_rise and value > self.state.min_loss + t.early_stop_rise)
+                    or (t.early_stop_loss and value <= t.early_stop_loss)):
+                return {"loss": value}, out, True
+            self.state.min_loss = min(self.state.min_loss, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.state.step += 1
+        return {"loss": value, **{k: float(v.detach()) for k, v in parts.items()}}, out, False
+
+    def train_epoch(self) -> dict[str, Any]:
+        epoch = self.state.epoch
+        sums: dict[str, float] = {}
+        correct = seen = num_batches = 0
+        counts_KE = torch.zeros(self.num_clusters, max(self.num_experts, 1), dtype=torch.long, device=self.device)
+        augment_gen = torch.Generator(device=self.device)
+        augment_gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        batches = self.train_batches.batches(epoch)
+        bar = tqdm(batches, total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                   leave=False, disable=not (self.cfg.train.progress and self.is_main))
+        stopped = False
+        for x, y_B, idx_B in bar:
+            if self.data.augment == "cifar":
+                x = cifar_augment(x, augment_gen)
+            parts, out, stopped = self.train_step(x, y_B)
+            if stopped:
+                break
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            num_batches += 1
+            correct += int((out.output.argmax(1) == y_B).sum())
+            seen += len(y_B)
+            if self.num_clusters and out.expert_index is not None:
+                # Dispatch counts of this (noisy) training forward pass (paper-spec B.4).
+                counts_KE.index_put_((self.train_split.cluster[idx_B], out.expert_index[:, 0]),
+                                     torch.ones_like(y_B), accumulate=True)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        bar.close()
+        # Mean batch loss, as the paper reports its training loss (paper-spec A.6).
+        record: dict[str, Any] = {f"train_{k}": v / max(num_batches, 1) for k, v in sums.items()}
+        record["train_error"] = 1.0 - correct / seen if seen else float("nan")
+        if self.num_clusters and seen:
+            record["dispatch_entropy"] = dispatch_entropy(counts_KE.cpu())
+        if stopped:
+            self.state.stopped_early = epoch
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, split=None) -> dict[str, Any]:
+        """Exact metrics over the whole split (never a last batch): paper-spec A.7."""
+        self.model.eval()
+        batches = self.eval_batches if split is None else TensorBatches(
+            split, self.cfg.train.eval_batch_size, shuffle=False, seed=0)
+        acc = EvalAccumulator(self.num_experts, self.data.num_classes, self.num_clusters)
+        for x, y_B, idx_B in batches.batches(0):
+            with self.accelerator.autocast():
+                out = self.model(x)
+                loss, _ = self.compute_loss(out, y_B)
+            clusters = batches.split.cluster[idx_B] if self.num_clusters else None
+            top_pred = out.top_expert_output.argmax(1) if out.top_expert_output is not None else None
+            acc.update(y_B, out.output.float(), out.gate_probs,
+                       out.expert_index[:, 0] if out.expert_index is not None else None,
+                       top_pred, clusters, float(loss) * len(y_B))
+        return acc.compute()
+
+    # ----------------------------------------------------------------------------- schedule
+    def _log(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
+        if self.writer is None:
+            return
+        w = self.writer
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                name = k[len("train_"):] if k.startswith("train_") else k
+                tag = "moe/" + name if name in ("dispatch_entropy",) else f"train/{name}"
+                w.add_scalar(tag, v, epoch)
+        w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch)
+        if metrics is None:
+            return
+        w.add_scalar("eval/error", metrics["error"], epoch)
+        w.add_scalar("eval/loss", metrics["loss"], epoch)
+        for key in ("sample_entropy", "usage_entropy", "mutual_information",
+                    "mutual_information_predicted", "experts_used", "dispatch_entropy"):
+            if key in metrics:
+                w.add_scalar(f"moe/{'test_' if key == 'dispatch_entropy' else ''}{key}", metrics[key], epoch)
+        if "selection_table" in metrics:
+            fig = selection_heatmap(metrics["selection_table"], self.data.class_names,
+                                    title=f"expert selection, epoch {epoch + 1}")
+            w.add_figure("moe/selection_table", fig, epoch)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            # purge_step drops events a killed session logged after its last checkpoint.
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.epoch)
+        metrics: dict[str, Any] | None = None
+        while self.state.epoch < cfg.train.epochs and self.state.stopped_early < 0:
+            epoch = self.state.epoch
+            start = time.perf_counter()
+            record = {"epoch": epoch, **self.train_epoch()}
+            self.scheduler.step()
+            record["epoch_seconds"] = time.perf_counter() - start
+            self.state.wall_seconds += record["epoch_seconds"]
+            last = epoch + 1 == cfg.train.epochs or self.state.stopped_early >= 0
+            metrics = None
+            if last or (epoch + 1) % cfg.train.eval_every == 0:
+                metrics = self.evaluate()
+                record["test_error"] = metrics["error"]
+                record["test_loss"] = metrics["loss"]
+                for key in ("sample_entropy", "usage_entropy", "mutual_information", "experts_used"):
+                    if key in metrics:
+                        record[key] = metrics[key]
+            self.state.history.append(record)
+            self.state.epoch = epoch + 1
+            self._log(epoch, record, metrics)
+            if last or self.state.epoch % cfg.train.checkpoint_every == 0:
+                self._checkpoint()
+        final = self.finish(metrics)
+        return final
+
+    def finish(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Final evaluation on the whole test and training sets; writes metrics.json."""
+        metrics = metrics or self.evaluate()
+        train_metrics = self.evaluate(self.train_split)
+        history = self.state.history
+        result: dict[str, Any] = {
+            "test_error": metrics["error"],
+            "test_loss": metrics["loss"],
+            "train_error": train_metrics["error"],
+            "train_loss": train_metrics["loss"],
+            "final_train_loss": history[-1].get("train_loss") if history else None,
+        }
+        for key in ("mutual_information", "mutual_information_predicted", "sample_entropy",
+                    "usage_entropy", "selection_table", "soft_selection_table", "per_expert_accuracy",
+                    "samples_per_expert", "experts_used"):
+            if key in metrics:
+                result[key] = metrics[key]
+        if self.num_clusters:
+            trained = [h for h in history if "dispatch_entropy" in h]
+            result["dispatch_entropy"] = trained[-1]["dispatch_entropy"] if trained else None
+            result["test_dispatch_entropy"] = metrics.get("dispatch_entropy")
+        result.update({
+            "epochs_completed": self.state.epoch,
+            "stopped_early_at": self.state.stopped_early if self.state.stopped_early >= 0 else None,
+            "steps": self.state.step,
+            "wall_seconds": self.state.wall_seconds,
+            "hardware": hardware_description(self.device),
+            "num_processes": self.accelerator.num_processes,
+            "torch": torch.__version__,
+            "history": history,
+        })
+        if self.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+            if self.writer is not None:
+                hparams = {k: v for k, v in _flatten(to_dict(self.cfg)).items()
+                           if isinstance(v, (int, float, str, bool))}
+                scalars = {f"hparam/{k}": result[k] for k in
+                           ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy")
+                           if isinstance(result.get(k), (int, float))}
+                self.writer.add_hparams(hparams, scalars, run_name=".")
+                self.writer.close()
+        return result

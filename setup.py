@@ -1,0 +1,32 @@
+"""moe_dist: mixture-of-experts training with expert parallelism, built to study expert specialisation."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_dist",
+    version="0.1.0",
+    description="Mixture-of-experts training with sharded experts, reproducing "
+                "Krishnamurthy et al. (AISTATS 2023) and Chen et al. (NeurIPS 2022)",
+    packages=find_packages(include=["moe_dist", "moe_dist.*"]),
+    package_data={"moe_dist": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    # torch is pinned to a range that admits the CPU build 2.13.0 installed first on our
+    # machines; the range keeps pip from replacing it (see README, design.md).
+    install_requires=[
+        "torch>=2.3,<2.15",
+        "numpy>=1.24",
+        "accelerate>=1.0",
+        "tensorboard>=2.15",
+        "omegaconf>=2.3",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "webdataset": ["webdataset>=0.2.90"],
+        "vision": ["torchvision"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2"],
+    },
+    entry_points={"console_scripts": ["moe-dist=moe_dist.cli:main"]},
+)
