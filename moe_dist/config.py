@@ -55,6 +55,9 @@ class DataConfig:
     """Use only the first N training samples (paper Section 4: 10,000); 0 = all."""
     test_size: int = 0
     """Use only the first N test samples (paper Section 4: 2,000); 0 = all."""
+    classes: list[int] = field(default_factory=list)
+    """Train and test on these classes only, labels unchanged (paper-spec A.6 pretrained
+    experts); empty = all classes."""
 
 
 @dataclass
@@ -83,6 +86,10 @@ class MoEConfig:
     """softmax (renormalised over the chosen k) | raw (Chen's unnormalised router value)."""
     noise: str = "none"
     """Routing noise: none | gaussian (noisy top-k) | uniform (Chen's U[0,1) per expert)."""
+    noise_std: float = 1.0
+    """Standard deviation of the gaussian routing noise."""
+    eval_noise: bool = False
+    """Also add routing noise at evaluation: Chen's code never calls eval() (paper-spec B.2)."""
     temperature: float = 1.0
     """Gate softmax temperature T (the paper uses 1)."""
 
@@ -137,6 +144,8 @@ class TrainConfig:
     """Parameter groups kept fixed: any of experts, gate."""
     init_from: str = ""
     """Run folder whose final weights initialise this model (distillation, pretrained gate)."""
+    init_parts: list[str] = field(default_factory=lambda: ["experts", "gate"])
+    """Which parts init_from copies: experts and/or gate (names matched; absent ones stay fresh)."""
     eval_every: int = 1
     """Evaluate on the test set every N epochs (and always after the last)."""
     checkpoint_every: int = 1
@@ -212,9 +221,10 @@ def validate(cfg: Config) -> Config:
     if cfg.moe.top_k > cfg.moe.num_experts:
         raise ConfigError(
             f"moe.top_k={cfg.moe.top_k} exceeds moe.num_experts={cfg.moe.num_experts}")
-    for name in cfg.train.freeze:
-        if name not in FREEZABLE:
-            raise ConfigError(f"train.freeze entry {name!r} is not one of: {', '.join(FREEZABLE)}")
+    for key in ("train.freeze", "train.init_parts"):
+        for name in _get(cfg, key):
+            if name not in FREEZABLE:
+                raise ConfigError(f"{key} entry {name!r} is not one of: {', '.join(FREEZABLE)}")
     if cfg.moe.num_experts % cfg.parallel.ep_size:
         raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by "
                           f"parallel.ep_size={cfg.parallel.ep_size}")

@@ -5,10 +5,10 @@ Legend: B = batch, C = classes, E = experts, K = clusters (synthetic data).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +62,11 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def _to_device(split: Split, device: torch.device) -> Split:
-    cluster = split.cluster.to(device) if split.cluster is not None else None
-    return dataclasses.replace(split, x=split.x.to(device), y=split.y.to(device), cluster=cluster)
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def hardware_description(device: torch.device) -> str:
@@ -94,9 +96,12 @@ class Trainer:
             data_seed=None if cfg.data.data_seed < 0 else cfg.data.data_seed,
             train_size=cfg.data.train_size, test_size=cfg.data.test_size,
             normalization=cfg.data.normalization)
+        train_split, test_split = self.data.train, self.data.test
+        if cfg.data.classes:
+            train_split, test_split = (s.select_classes(cfg.data.classes) for s in (train_split, test_split))
         # Datasets this small stay resident on the training device (no loader workers).
-        self.train_split = _to_device(self.data.train, self.device)
-        self.test_split = _to_device(self.data.test, self.device)
+        self.train_split = train_split.to(self.device)
+        self.test_split = test_split.to(self.device)
         batch = cfg.train.batch_size or len(self.train_split)
         self.train_batches = TensorBatches(self.train_split, batch, shuffle=True, seed=cfg.seed)
         self.eval_batches = TensorBatches(self.test_split, cfg.train.eval_batch_size, shuffle=False, seed=0)
@@ -114,6 +119,7 @@ class Trainer:
         self.num_experts = cfg.moe.num_experts if self.is_moe else 0
         self.num_clusters = int(self.train_split.cluster.max()) + 1 if self.train_split.cluster is not None else 0
         self.writer: SummaryWriter | None = None
+        self.bar: tqdm | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def _init_from(self, model: torch.nn.Module, run_dir: str) -> None:
@@ -125,7 +131,9 @@ class Trainer:
         payload = load_checkpoint(Path(run_dir) / "checkpoints")
         if payload is None:
             raise CheckpointError(f"train.init_from={run_dir} has no checkpoint in {run_dir}/checkpoints")
-        source = payload["model"]
+        prefixes = {"experts": ("experts.", "expert."), "gate": ("gate.", "attention.")}
+        wanted = tuple(p for part in self.cfg.train.init_parts for p in prefixes[part])
+        source = {k: v for k, v in payload["model"].items() if k.startswith(wanted)}
         target = model.state_dict()
         for name, tensor in source.items():
             if name in target and target[name].shape != tensor.shape:
@@ -211,10 +219,8 @@ class Trainer:
         augment_gen = torch.Generator(device=self.device)
         augment_gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         batches = self.train_batches.batches(epoch)
-        bar = tqdm(batches, total=len(self.train_batches), desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                   leave=False, disable=not (self.cfg.train.progress and self.is_main))
         stopped = False
-        for x, y_B, idx_B in bar:
+        for x, y_B, idx_B in batches:
             if self.data.augment == "cifar":
                 x = cifar_augment(x, augment_gen)
             parts, out, stopped = self.train_step(x, y_B)
@@ -229,8 +235,9 @@ class Trainer:
                 # Dispatch counts of this (noisy) training forward pass (paper-spec B.4).
                 counts_KE.index_put_((self.train_split.cluster[idx_B], out.expert_index[:, 0]),
                                      torch.ones_like(y_B), accumulate=True)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        bar.close()
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.4f}", refresh=False)
         # Mean batch loss, as the paper reports its training loss (paper-spec A.6).
         record: dict[str, Any] = {f"train_{k}": v / max(num_batches, 1) for k, v in sums.items()}
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
@@ -240,9 +247,17 @@ class Trainer:
             self.state.stopped_early = epoch
         return record
 
-    @torch.no_grad()
-    def evaluate(self, split=None) -> dict[str, Any]:
-        """Exact metrics over the whole split (never a last batch): paper-spec A.7."""
+    def evaluate(self, split: Split | None = None) -> dict[str, Any]:
+        """Exact metrics over the whole split (never a last batch): paper-spec A.7.
+
+        Runs on a forked RNG, so evaluating (which may draw routing noise) never changes the
+        training run's random stream: a run evaluated every epoch trains exactly like one
+        evaluated once."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return self._evaluate(split)
+
+    def _evaluate(self, split: Split | None) -> dict[str, Any]:
         self.model.eval()
         batches = self.eval_batches if split is None else TensorBatches(
             split, self.cfg.train.eval_batch_size, shuffle=False, seed=0)
@@ -291,6 +306,10 @@ class Trainer:
             # purge_step drops events a killed session logged after its last checkpoint.
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.epoch)
         metrics: dict[str, Any] | None = None
+        if cfg.train.progress and self.is_main:
+            steps = len(self.train_batches)
+            self.bar = tqdm(total=cfg.train.epochs * steps, initial=self.state.epoch * steps,
+                            desc=cfg.name or self.run_dir.name, mininterval=1.0, leave=False)
         while self.state.epoch < cfg.train.epochs and self.state.stopped_early < 0:
             epoch = self.state.epoch
             start = time.perf_counter()
@@ -312,8 +331,9 @@ class Trainer:
             self._log(epoch, record, metrics)
             if last or self.state.epoch % cfg.train.checkpoint_every == 0:
                 self._checkpoint()
-        final = self.finish(metrics)
-        return final
+        if self.bar is not None:
+            self.bar.close()
+        return self.finish(metrics)
 
     def finish(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         """Final evaluation on the whole test and training sets; writes metrics.json."""
@@ -341,6 +361,8 @@ class Trainer:
             "stopped_early_at": self.state.stopped_early if self.state.stopped_early >= 0 else None,
             "steps": self.state.step,
             "wall_seconds": self.state.wall_seconds,
+            "step_seconds": self.state.wall_seconds / max(self.state.step, 1),
+            "peak_memory_mb": peak_memory_mb(self.device),
             "hardware": hardware_description(self.device),
             "num_processes": self.accelerator.num_processes,
             "torch": torch.__version__,

@@ -1,0 +1,36 @@
+"""CIFAR training augmentation as batched tensor ops (paper-spec A.3, "CIFAR-100").
+
+The reference applies RandomHorizontalFlip(0.5), then RandomCrop(32, padding 4, reflect)
+per image through torchvision; torchvision is unavailable here (design.md), and a whole
+batch is augmented at once on whatever device holds it: one flip, one pad, one gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CROP_PADDING = 4
+
+
+def cifar_augment(x_BCHW: torch.Tensor, generator: torch.Generator,
+                  padding: int = CROP_PADDING) -> torch.Tensor:
+    """Flip each image horizontally with p = 0.5, then crop it back to H x W at a random offset
+    from its reflect-padded version.
+
+    Random draws, in this order, on the generator's device: `rand(B)` (flip where < 0.5),
+    then `randint(0, 2 * padding + 1, (2, B))` (row offsets, then column offsets).
+    """
+    B, _, H, W = x_BCHW.shape
+    flip_B = torch.rand(B, generator=generator, device=generator.device).to(x_BCHW.device) < 0.5
+    offsets_2B = torch.randint(0, 2 * padding + 1, (2, B), generator=generator,
+                               device=generator.device).to(x_BCHW.device)
+
+    x_BCHW = torch.where(flip_B[:, None, None, None], x_BCHW.flip(-1), x_BCHW)
+    padded = F.pad(x_BCHW, (padding, padding, padding, padding), mode="reflect")
+    rows_BH = offsets_2B[0, :, None] + torch.arange(H, device=x_BCHW.device)
+    cols_BW = offsets_2B[1, :, None] + torch.arange(W, device=x_BCHW.device)
+    batch_B = torch.arange(B, device=x_BCHW.device)
+    channel_C = torch.arange(x_BCHW.shape[1], device=x_BCHW.device)
+    return padded[batch_B[:, None, None, None], channel_C[None, :, None, None],
+                  rows_BH[:, None, :, None], cols_BW[:, None, None, :]]

@@ -1,0 +1,227 @@
+"""The mixture-of-experts module and the single-model wrapper.
+
+Routing modes (design choice 2):
+
+* ``dense``: the paper's output mixture (paper-spec A.1.6). p = softmax(logits / T); every
+  expert runs on every sample; y = sum_e p_e y_e.
+* ``topk``: conditional computation. Optional noise is added to the gate logits, the k
+  largest are chosen and only those experts run, on an index-based dispatch (samples sorted
+  by expert into a padded ``[E, cap, ...]`` batch with a mask). The chosen outputs are
+  combined with either the softmax over the k chosen logits (renormalised) or the raw noisy
+  router value of the chosen expert (Chen et al., paper-spec B.2: output = g * f_j*(x)).
+* ``attentive``: dense, with p from :class:`ExpertAttention` over the experts' hidden
+  states (paper-spec A.1.5).
+
+The gate, its probabilities and the auxiliary losses run in float32 even under autocast:
+the losses compare small probabilities, and a bf16 softmax over experts changes routing.
+
+Shape legend: B batch; E experts; K experts chosen per sample (top_k); C classes;
+H attention hidden size; N rows per expert batch (cap in top-k); S = B*K routed
+(sample, slot) pairs; D flattened input features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.losses import importance_loss, sample_similarity_loss
+from moe_dist.models.experts import ExpertBank
+from moe_dist.models.gates import ExpertAttention
+
+ROUTINGS = ("dense", "topk", "attentive")
+GATE_WEIGHTS = ("softmax", "raw")
+NOISES = ("none", "gaussian", "uniform")
+
+
+@dataclass
+class MoEOutput:
+    """What a forward pass returns. Gate fields are None for a single model."""
+
+    output: torch.Tensor
+    """[B, C] float32 (the gate's dtype): probabilities (image architectures) or logits (patch_cnn)."""
+    output_kind: str
+    """"probs" | "logits": tells the trainer which loss fits."""
+    gate_probs: torch.Tensor | None = None
+    """[B, E] float32: softmax of the (noisy) gate logits over all experts; attentive: the
+    attention weights."""
+    expert_index: torch.Tensor | None = None
+    """[B, K] int64: top-k: the chosen experts (best first); dense/attentive: argmax, K = 1."""
+    expert_outputs: torch.Tensor | None = None
+    """[E, B, C]: every expert's output (dense/attentive); None in top-k mode."""
+    top_expert_output: torch.Tensor | None = None
+    """[B, C]: the output of each sample's top-1 expert, unweighted (I(E;Y), A.7)."""
+    samples_per_expert: torch.Tensor | None = None
+    """[E] int64: top-k: routed (sample, slot) pairs per expert; dense/attentive: argmax counts."""
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weighted regularisers to add to the loss: "importance" (L_cv, A.2.1) and
+    "sample_similarity" (L_s, A.2.2), present when their weights are > 0."""
+
+
+def _float32(device: torch.device):
+    """A region where autocast is off, so the gate and its losses stay float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class MoE(nn.Module):
+    """Experts (an :class:`ExpertBank`), a gate and a routing mode; see the module docstring.
+
+    ``experts`` and ``gate`` are public (``model.experts``, ``model.gate``);
+    ``expert_parameters()`` and ``gate_parameters()`` split the parameters for optimizer
+    groups, freezing and NormalizedGD (every expert tensor has the expert dim first). The
+    attention's W_q and W_k count as gate parameters (A.1.5).
+    """
+
+    def __init__(self, experts: ExpertBank, gate: nn.Module, *, routing: str = "dense",
+                 output_kind: str = "probs", attention: ExpertAttention | None = None,
+                 top_k: int = 1, gate_weights: str = "softmax", noise: str = "none",
+                 noise_std: float = 1.0, eval_noise: bool = False, temperature: float = 1.0,
+                 importance_weight: float = 0.0, ls_beta: float = 0.0, ls_gamma: float = 0.0,
+                 ls_variant: str = "normalized", ls_squared: bool = False):
+        super().__init__()
+        for name, value, allowed in (("routing", routing, ROUTINGS),
+                                     ("gate_weights", gate_weights, GATE_WEIGHTS),
+                                     ("noise", noise, NOISES),
+                                     ("output_kind", output_kind, ("probs", "logits"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        if (routing == "attentive") != (attention is not None):
+            raise ValueError("routing='attentive' needs an ExpertAttention, and only it uses one")
+        if not 1 <= top_k <= experts.num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and {experts.num_experts} experts")
+        self.experts = experts
+        self.gate = gate
+        self.attention = attention
+        self.num_experts = experts.num_experts
+        self.routing = routing
+        self.output_kind = output_kind
+        self.top_k = top_k
+        self.gate_weights = gate_weights
+        self.noise = noise
+        self.noise_std = noise_std
+        self.eval_noise = eval_noise
+        self.temperature = temperature
+        self.importance_weight = importance_weight
+        self.ls_beta = ls_beta
+        self.ls_gamma = ls_gamma
+        self.ls_variant = ls_variant
+        self.ls_squared = ls_squared
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        params = list(self.gate.parameters())
+        if self.attention is not None:
+            params += list(self.attention.parameters())
+        return params
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        gate_dtype = next(self.gate.parameters()).dtype  # float32 unless the model was cast
+        with _float32(x.device):
+            gate_out = self.gate(x.to(gate_dtype))  # logits [B, E], or g(x) [B, H] if attentive
+        if self.routing == "topk":
+            out = self._forward_topk(x, gate_out)
+        else:
+            out = self._forward_dense(x, gate_out)
+        out.aux_losses = self._aux_losses(x, out.gate_probs)
+        return out
+
+    def _forward_dense(self, x: torch.Tensor, gate_out: torch.Tensor) -> MoEOutput:
+        out_EBC, hidden_EBH = self.experts(x, shared=True)
+        with _float32(x.device):
+            if self.routing == "attentive":
+                probs_BE = self.attention(gate_out, hidden_EBH.to(gate_out.dtype))
+            else:
+                probs_BE = F.softmax(gate_out / self.temperature, dim=-1)
+            output_BC = torch.einsum("be,ebc->bc", probs_BE, out_EBC.to(probs_BE.dtype))
+        top_B = probs_BE.argmax(dim=-1)
+        return MoEOutput(
+            output=output_BC, output_kind=self.output_kind, gate_probs=probs_BE,
+            expert_index=top_B.unsqueeze(1), expert_outputs=out_EBC,
+            top_expert_output=out_EBC[top_B, torch.arange(x.shape[0], device=x.device)],
+            samples_per_expert=torch.bincount(top_B, minlength=self.num_experts))
+
+    def _forward_topk(self, x: torch.Tensor, logits_BE: torch.Tensor) -> MoEOutput:
+        with _float32(x.device):
+            if self.noise != "none" and (self.training or self.eval_noise):
+                if self.noise == "gaussian":
+                    logits_BE = logits_BE + self.noise_std * torch.randn_like(logits_BE)
+                else:  # Chen et al.: r ~ U[0, 1) per sample and expert (B.2)
+                    logits_BE = logits_BE + torch.rand_like(logits_BE)
+            probs_BE = F.softmax(logits_BE / self.temperature, dim=-1)
+            chosen_BK, index_BK = logits_BE.topk(self.top_k, dim=-1)
+            if self.gate_weights == "softmax":
+                weights_BK = F.softmax(chosen_BK / self.temperature, dim=-1)
+            else:
+                weights_BK = chosen_BK
+        y_BKC, counts_E = self._run_chosen(x, index_BK)
+        with _float32(x.device):
+            output_BC = (y_BKC.to(weights_BK.dtype) * weights_BK.unsqueeze(-1)).sum(1)
+        return MoEOutput(
+            output=output_BC, output_kind=self.output_kind, gate_probs=probs_BE,
+            expert_index=index_BK, top_expert_output=y_BKC[:, 0], samples_per_expert=counts_E)
+
+    def _run_chosen(self, x: torch.Tensor, index_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run each sample through its K chosen experts only.
+
+        The (sample, slot) pairs are sorted by expert; pair s goes to row ``pos[s]`` of its
+        expert's padded batch ``[E, cap, ...]`` (cap = the largest count: dropless), a mask
+        marks the real rows, the bank runs once with ``shared=False``, and each pair's output
+        is gathered back from ``(expert, row)``. Returns the outputs ``[B, K, C]`` and the
+        pairs per expert ``[E]``.
+        """
+        B, K = index_BK.shape
+        expert_S = index_BK.reshape(-1)
+        order_S = torch.argsort(expert_S, stable=True)
+        counts_E = torch.bincount(expert_S, minlength=self.num_experts)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        sorted_expert_S = expert_S[order_S]
+        row_S = torch.empty_like(expert_S)
+        row_S[order_S] = torch.arange(expert_S.numel(), device=x.device) - starts_E[sorted_expert_S]
+        cap = int(counts_E.max())
+        sample_S = torch.arange(B, device=x.device).repeat_interleave(K)
+        x_EN = x.new_zeros((self.num_experts, cap) + x.shape[1:])
+        x_EN[expert_S, row_S] = x[sample_S]
+        mask_EN = torch.zeros(self.num_experts, cap, dtype=torch.bool, device=x.device)
+        mask_EN[expert_S, row_S] = True
+        out_ENC, _ = self.experts(x_EN, shared=False, mask_EN=mask_EN)
+        return out_ENC[expert_S, row_S].view(B, K, -1), counts_E
+
+    def _aux_losses(self, x: torch.Tensor, probs_BE: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        with _float32(x.device):
+            if self.importance_weight > 0:
+                losses["importance"] = importance_loss(probs_BE, self.importance_weight)
+            if self.ls_beta > 0 or self.ls_gamma > 0:
+                losses["sample_similarity"] = sample_similarity_loss(
+                    x.reshape(x.shape[0], -1).to(probs_BE.dtype), probs_BE, self.ls_beta, self.ls_gamma,
+                    variant=self.ls_variant, squared=self.ls_squared)
+        return losses
+
+
+class SingleModel(nn.Module):
+    """One expert-shaped network, the papers' single-model baseline (model.kind=single).
+
+    Returns a :class:`MoEOutput` with only ``output`` and ``output_kind`` set, so the
+    trainer treats both kinds alike. All parameters are expert parameters.
+    """
+
+    def __init__(self, expert: nn.Module, output_kind: str = "probs"):
+        super().__init__()
+        self.expert = expert
+        self.output_kind = output_kind
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        out_BC, _ = self.expert(x)
+        output_BC = out_BC.to(torch.promote_types(out_BC.dtype, torch.float32))  # autocast: bf16
+        return MoEOutput(output=output_BC, output_kind=self.output_kind)
