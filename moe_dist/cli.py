@@ -12,7 +12,7 @@ from moe_dist.errors import MoEDistError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic" / "s1_moe_nonlinear.yaml"
-EXPERIMENT_COMMANDS: tuple[str, ...] = ()  # modules with register(subparsers), e.g. "sweep"
+EXPERIMENT_COMMANDS: tuple[str, ...] = ("sweep", "report", "distill", "study")  # modules with register(subparsers)
 SUMMARY_KEYS = ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy",
                 "experts_used", "dispatch_entropy", "wall_seconds")
 
@@ -22,8 +22,7 @@ def format_summary(name: str, metrics: dict) -> str:
     from moe_dist.paper import published
 
     paper = published(name)
-    rows = [(k, metrics[k], paper.get(k)) for k in EXPERIMENT_COMMANDS: tuple[str, ...] = ()  # modules with register(subparsers), e.g. "sweep"
-SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
+    rows = [(k, metrics[k], paper.get(k)) for k in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
     lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
     for key, ours, ref in rows:
         lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")

@@ -1,0 +1,197 @@
+"""``moe-dist study``: the papers' multi-run studies.
+
+* ``study experts`` (paper-spec A.10, figures 6-7): how many experts a regulariser uses as E
+  grows. The paper's claim: L_cv (importance) spreads samples over all E experts, L_s routes
+  to only as many experts as the task needs. Each (E, regulariser, seed) is a separate
+  ``moe-dist train`` process, so its ``peak_memory_mb`` is its own. Every run trains for the
+  config's ``train.epochs`` (the paper's E = 15 L_cv model had only 10 epochs, A.10).
+* ``study pretrained-gate`` (paper-spec A.6, Table 1): see moe_dist/experiments/pretrained.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moe_dist.config import load_config
+from moe_dist.errors import ConfigError, MoEDistError
+from moe_dist.experiments.distill import IntermixedParser, comma_ints, is_complete, reject_overrides
+
+#: The regularisers of the paper's plotted models (A.10): the model files of figures 6-7
+#: name w = 1.0 and beta = 1e-5, gamma = 1e-4 (the training cells' 1e-6 / 1e-1 were not plotted).
+REGULARIZERS: dict[str, tuple[str, ...]] = {
+    "lcv": ("loss.importance_weight=1.0", "loss.ls_beta=0.0", "loss.ls_gamma=0.0"),
+    "ls": ("loss.importance_weight=0.0", "loss.ls_beta=1.0e-5", "loss.ls_gamma=1.0e-4",
+           "loss.ls_variant=reference"),
+}
+#: Keys each study run sets; overriding them would be ignored.
+OWNED_KEYS = ("name", "run_dir", "seed", "moe.num_experts", "loss.importance_weight", "loss.ls_beta",
+              "loss.ls_gamma", "loss.ls_variant")
+#: study.csv columns: (E, regulariser) identify the row; the rest are means over seeds.
+METRIC_COLUMNS = ("experts_used", "usage_entropy", "test_error", "step_seconds", "peak_memory_mb")
+
+
+def experts_run_dir(root: Path, regularizer: str, num_experts: int, seed: int) -> Path:
+    """The run folder of one (regulariser, E, seed) of the study."""
+    return root / f"{regularizer}_e{num_experts}" / f"seed{seed}"
+
+
+def train_process(config: str | Path, overrides: Sequence[str]) -> None:
+    """One ``moe-dist train`` in its own process; its peak memory is then its own."""
+    cmd = [sys.executable, "-m", "moe_dist.cli", "train", "--config", str(config), *overrides]
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+        raise MoEDistError(f"study run failed (exit {result.returncode}): {' '.join(cmd)}")
+
+
+def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] = ("lcv", "ls"),
+                      seeds: Sequence[int] = (0,), root: str | Path = "runs/study_experts",
+                      overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Train every (E, regulariser, seed) not yet complete, then write study.md, study.csv
+    and study.png under ``root``. Returns the table rows (means over seeds)."""
+    unknown = [r for r in regularizers if r not in REGULARIZERS]
+    if unknown:
+        raise ConfigError(f"--regularizers {unknown[0]!r} is not one of: {', '.join(REGULARIZERS)}")
+    reject_overrides(overrides, OWNED_KEYS, "use --experts, --regularizers, --seeds and --root")
+    root = Path(root)
+    for regularizer in regularizers:
+        for E in experts:
+            for seed in seeds:
+                run_dir = experts_run_dir(root, regularizer, E, seed)
+                args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
+                        f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
+                if not is_complete(load_config(config, args)):
+                    train_process(config, args)
+    runs = {(r, E): [json.loads((experts_run_dir(root, r, E, s) / "metrics.json").read_text()) for s in seeds]
+            for r in regularizers for E in experts}
+    rows = []
+    for (regularizer, E), metrics in runs.items():
+        row: dict[str, Any] = {"E": E, "regularizer": regularizer, "seeds": len(metrics)}
+        for key in METRIC_COLUMNS:
+            values = [m[key] for m in metrics if m.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else None
+        rows.append(row)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "study.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "study.md").write_text(experts_markdown(rows, config))
+    experts_figure({key: metrics[0]["selection_table"] for key, metrics in runs.items()}, rows,
+                   root / "study.png")
+    return rows
+
+
+def experts_markdown(rows: list[dict[str, Any]], config: str | Path) -> str:
+    """study.md: one row per (E, regulariser), what the paper's figures 6-7 show in numbers."""
+    fmt = lambda v, p=3: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        "# Expert-count study (paper-spec A.10)",
+        "",
+        f"Base config `{config}`; lcv = L_cv w 1.0, ls = L_s beta 1e-5 gamma 1e-4 (reference normalisation), "
+        "the paper's plotted models. experts used = experts receiving > 1 % of the test samples (top-gated); "
+        "H_u in bits (max log2 E); means over seeds.",
+        "",
+        "| E | regulariser | seeds | experts used | H_u | test error | step s | peak memory MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['E']} | {r['regularizer']} | {r['seeds']} | {fmt(r['experts_used'], 1)} | "
+                     f"{fmt(r['usage_entropy'])} | {fmt(r['test_error'], 4)} | {fmt(r['step_seconds'], 4)} | "
+                     f"{fmt(r['peak_memory_mb'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def experts_figure(tables: dict[tuple[str, int], list[list[int]]], rows: list[dict[str, Any]], path: Path) -> None:
+    """Like the paper's figure 6: expert-selection heatmaps (experts x true class, first
+    seed) with one row per regulariser and one column per E, and experts used vs E."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    regularizers = list(dict.fromkeys(r for r, _ in tables))
+    counts = sorted({E for _, E in tables})
+    fig = plt.figure(figsize=(2.8 * len(counts) + 3.6, 2.6 * len(regularizers) + 0.6))
+    grid = fig.add_gridspec(len(regularizers), len(counts) + 1, width_ratios=[1.0] * len(counts) + [1.2])
+    for i, regularizer in enumerate(regularizers):
+        for j, E in enumerate(counts):
+            ax = fig.add_subplot(grid[i, j])
+            table_EC = np.asarray(tables[(regularizer, E)], dtype=float)
+            ax.imshow(table_EC, cmap="viridis", aspect="auto", interpolation="nearest")
+            ax.set_title(f"{regularizer}, E = {E}", fontsize=9)
+            ax.set_xticks(range(table_EC.shape[1]))
+            ax.set_xticklabels([str(c) for c in range(table_EC.shape[1])], fontsize=6)
+            ax.set_yticks(range(E))
+            ax.set_yticklabels([str(e) for e in range(E)], fontsize=5 if E > 10 else 6)
+            if i == len(regularizers) - 1:
+                ax.set_xlabel("true class", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("top-gated expert", fontsize=8)
+    ax = fig.add_subplot(grid[:, -1])
+    for regularizer in regularizers:
+        points = sorted((r["E"], r["experts_used"]) for r in rows if r["regularizer"] == regularizer)
+        ax.plot(*zip(*points), marker="o", label=regularizer)
+    ax.plot(counts, counts, linestyle="--", color="grey", linewidth=0.8, label="all experts")
+    ax.set_xlabel("experts E")
+    ax.set_ylabel("experts used (> 1 % of samples)")
+    ax.set_xticks(counts)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    rows = run_experts_study(args.config, args.experts, args.regularizers, args.seeds, args.root, args.overrides)
+    print((Path(args.root) / "study.md").read_text())
+    print(f"{len(rows)} rows: {args.root}/study.md, study.csv, study.png")
+    return 0
+
+
+def cmd_pretrained_gate(args: argparse.Namespace) -> int:
+    from moe_dist.experiments.pretrained import SPLITS, run_pretrained_gate_study
+
+    if args.dataset not in SPLITS:
+        raise ConfigError(f"--dataset {args.dataset!r} is not one of: {', '.join(SPLITS)}")
+    available = SPLITS[args.dataset]
+    for k in args.splits:
+        if not 0 <= k < len(available):
+            raise ConfigError(f"--splits {k}: {args.dataset} has splits 0..{len(available) - 1}")
+    run_pretrained_gate_study(args.dataset, {k: available[k] for k in args.splits}, args.seeds, args.root,
+                              args.overrides)
+    print((Path(args.root) / args.dataset / "summary.md").read_text())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``moe-dist study experts ...`` and ``moe-dist study pretrained-gate ...``."""
+    study = subparsers.add_parser("study", help="multi-run studies of the papers (expert count, pretrained gate)")
+    sub = study.add_subparsers(dest="study", required=True, parser_class=IntermixedParser)
+
+    p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)")
+    p.add_argument("--config", required=True, help="base MoE config, e.g. configs/mnist/vanilla.yaml")
+    p.add_argument("--experts", type=comma_ints, default=[5, 10, 15], help="expert counts (default 5,10,15)")
+    p.add_argument("--regularizers", type=lambda s: [r for r in s.split(",") if r], default=["lcv", "ls"],
+                   help=f"any of {','.join(REGULARIZERS)} (default lcv,ls)")
+    p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")
+    p.add_argument("--root", default="runs/study_experts", help="folder of the runs and the report")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
+    p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("pretrained-gate", help="pretrained gate / pretrained experts (paper Section 4.2, A.6)")
+    p.add_argument("--dataset", default="mnist10k", help="mnist10k | fmnist_mnist (default mnist10k)")
+    p.add_argument("--splits", type=comma_ints, default=[0], help="indices of the paper's class-pair splits")
+    p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")
+    p.add_argument("--root", default="runs/section4", help="folder of the runs and the summary")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every stage")
+    p.set_defaults(func=cmd_pretrained_gate)

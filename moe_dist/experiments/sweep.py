@@ -1,0 +1,327 @@
+"""``moe-dist sweep``: run the members of a sweep file over seeds and grid points, resumably.
+
+A paper table is tens to hundreds of training runs (paper-spec A.5: 5 importance weights x
+10 seeds, up to 14 L_s grid points x 10 seeds, a distillation per attentive run). A sweep
+file names them once; this command expands it into numbered jobs and runs each job as its
+own subprocess, so one crash does not stop the sweep and every job's peak memory and
+wall time are its own.
+
+Sweep file (YAML; relative paths are relative to the working directory)::
+
+    # moe-dist sweep configs/sweeps/fmnist_table7.yaml
+    root: runs/fmnist          # run folders: {root}/{member}/seed{seed};
+                               # grid members: {root}/{member}/{point}/seed{seed}
+    seeds: [0, 1, 2]           # optional, default [0]; --seeds replaces it
+    overrides: []              # optional; applied to every member
+    members:
+      - name: vanilla                      # folder name, unique, no '/'
+        config: configs/fmnist/vanilla.yaml
+      - name: attentive_lcv_src
+        config: configs/fmnist/attentive_lcv.yaml
+        overrides: [loss.importance_weight=1.0]
+      - name: distilled_lcv
+        config: configs/fmnist/distilled_lcv.yaml
+        distill: attentive_lcv_src         # an earlier member: runs `moe-dist distill --config FILE
+                                           # {root}/attentive_lcv_src/seed{seed} ...` instead of train
+      - name: vanilla_lcv_grid
+        config: configs/fmnist/vanilla_lcv.yaml
+        grid: {loss.importance_weight: [0.2, 0.4, 0.6, 0.8, 1.0]}
+
+Expansion: members in file order, then grid points (the product of the grid's value lists,
+in the order written), then seeds; so a distill member runs after its source. A grid
+point's folder is ``key=value`` with the key's last dotted part, several keys joined by
+``,`` (``importance_weight=0.2``). A distill member makes one job per source run: for a
+grid source, one per source grid point and seed, in a folder named after the source's
+point (joined by ``,`` with the member's own grid point, if it has a grid).
+
+Overrides are applied in this order: the file's ``overrides``, the member's, the grid
+point's, the command line's, then ``run_dir=`` and ``seed=`` (so the folder layout holds).
+``config`` and override strings may contain ``{root}`` and ``{seed}``.
+
+A job whose run folder holds ``metrics.json`` is skipped; a job with a checkpoint but no
+``metrics.json`` is started again and the trainer resumes it. Each job's output goes to
+``sweep.log`` in its run folder (appended); the terminal gets one status line per job.
+``--index N`` runs only job N (0-based, as ``--list`` numbers them, for a SLURM array);
+the exit status is 1 when any job failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_dist.errors import ConfigError
+
+SWEEP_KEYS = ("root", "seeds", "overrides", "members")
+MEMBER_KEYS = ("name", "config", "overrides", "distill", "grid")
+LOG_NAME = "sweep.log"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One entry of ``members``: a config, its overrides and optionally a grid or a source."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    distill: str | None
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    root: str
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One subprocess: a member at one grid point and seed, with its run folder and command."""
+
+    index: int
+    member: str
+    point: str
+    seed: int
+    run_dir: Path
+    command: tuple[str, ...]
+    source: Path | None  # the run a distill job starts from
+
+    @property
+    def label(self) -> str:
+        return "/".join(part for part in (self.member, self.point, f"seed{self.seed}") if part)
+
+    def status(self) -> str:
+        """done (metrics.json), resumable (a checkpoint, no metrics.json) or pending."""
+        if (self.run_dir / "metrics.json").exists():
+            return "done"
+        if (self.run_dir / "checkpoints" / "latest.json").exists():
+            return "resumable"
+        return "pending"
+
+
+def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of key=value strings")
+    return tuple(value)
+
+
+def _seed_list(value: Any, where: str) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        raise ConfigError(f"{where} must be a non-empty list of non-negative integers, not {value!r}")
+    return tuple(value)
+
+
+def _grid(value: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where} must be a mapping of dotted.key: [values]")
+    grid = []
+    for key, values in value.items():
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, (int, float, str)) and "/" not in str(v) for v in values)):
+            raise ConfigError(f"{where}: {key} must map to a non-empty list of scalar values")
+        grid.append((str(key), tuple(values)))
+    short = [key.rsplit(".", 1)[-1] for key, _ in grid]
+    if len(set(short)) != len(short):
+        raise ConfigError(f"{where}: keys {', '.join(k for k, _ in grid)} share a last part, "
+                          "so their point folders would be ambiguous")
+    return tuple(grid)
+
+
+def _member(entry: Any, position: int, earlier: dict[str, Member], where: str) -> Member:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: members[{position}] must be a mapping with name and config")
+    unknown = sorted(set(entry) - set(MEMBER_KEYS))
+    name = entry.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"{where}: members[{position}] needs a name (a folder name, no '/')")
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} in member {name!r} "
+                          f"(allowed: {', '.join(MEMBER_KEYS)})")
+    if name in earlier:
+        raise ConfigError(f"{where}: member name {name!r} is used twice")
+    if not isinstance(entry.get("config"), str):
+        raise ConfigError(f"{where}: member {name!r} needs config: FILE")
+    source = entry.get("distill")
+    if source is not None and source not in earlier:
+        raise ConfigError(f"{where}: member {name!r} distills {source!r}, which is not a member "
+                          f"defined before it (defined: {', '.join(earlier) or 'none'})")
+    return Member(name, entry["config"], _string_list(entry.get("overrides", []), f"{where}: {name}.overrides"),
+                  source, _grid(entry["grid"], f"{where}: {name}.grid") if "grid" in entry else ())
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file; every fault is a one-line ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with root and members")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(SWEEP_KEYS)})")
+    if not isinstance(data.get("root"), str) or not data["root"]:
+        raise ConfigError(f"{path}: needs root: FOLDER (the runs go to FOLDER/member/seedN)")
+    if not isinstance(data.get("members"), list) or not data["members"]:
+        raise ConfigError(f"{path}: needs members: a non-empty list")
+    members: dict[str, Member] = {}
+    for position, entry in enumerate(data["members"]):
+        member = _member(entry, position, members, str(path))
+        members[member.name] = member
+    return Sweep(path, data["root"], _seed_list(data.get("seeds", [0]), f"{path}: seeds"),
+                 _string_list(data.get("overrides", []), f"{path}: overrides"), tuple(members.values()))
+
+
+def _points(member: Member, by_name: dict[str, Member]) -> list[tuple[str, str, list[str]]]:
+    """(folder, source folder, overrides) of every point of a member: its grid points (one
+    unnamed point without a grid) and, for a distill member, those per point of its source."""
+    own = [("", [])]
+    if member.grid:
+        keys = [key for key, _ in member.grid]
+        own = [(",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in zip(keys, values)),
+                [f"{key}={value}" for key, value in zip(keys, values)])
+               for values in itertools.product(*(values for _, values in member.grid))]
+    sources = [folder for folder, _, _ in _points(by_name[member.distill], by_name)] if member.distill else [""]
+    return [(",".join(p for p in (source, folder) if p), source, overrides)
+            for source in sources for folder, overrides in own]
+
+
+def _fill(text: str, root: str, seed: int) -> str:
+    # Plain replacement, not str.format: override values may contain other braces.
+    return text.replace("{root}", root).replace("{seed}", str(seed))
+
+
+def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, ...] = (),
+           overrides: tuple[str, ...] = ()) -> list[Job]:
+    """The numbered jobs of a sweep, in run order; checks --only names and config files first."""
+    names = [m.name for m in sweep.members]
+    for name in only:
+        if name not in names:
+            raise ConfigError(f"--only {name}: no such member in {sweep.path} (members: {', '.join(names)})")
+    by_name = {m.name: m for m in sweep.members}
+    jobs: list[Job] = []
+    for member in sweep.members:
+        if only and member.name not in only:
+            continue
+        for point, source_point, point_overrides in _points(member, by_name):
+            for seed in seeds or sweep.seeds:
+                config = _fill(member.config, sweep.root, seed)
+                if not Path(config).is_file():
+                    raise ConfigError(f"{sweep.path}: member {member.name!r}: config file {config} does not exist")
+                run_dir = Path(sweep.root, member.name, point, f"seed{seed}")
+                args = [_fill(o, sweep.root, seed) for o in (*sweep.overrides, *member.overrides)]
+                args += [*point_overrides, *(_fill(o, sweep.root, seed) for o in overrides),
+                         f"run_dir={run_dir}", f"seed={seed}"]
+                cli = (sys.executable, "-m", "moe_dist.cli")
+                source = None
+                if member.distill:
+                    source = Path(sweep.root, member.distill, source_point, f"seed{seed}")
+                    # --config before the source: argparse (Python < 3.13) rejects overrides
+                    # that follow an option when a positional came before it.
+                    command = (*cli, "distill", "--config", config, str(source), *args)
+                else:
+                    command = (*cli, "train", "--config", config, *args)
+                jobs.append(Job(len(jobs), member.name, point, seed, run_dir, command, source))
+    return jobs
+
+
+def _last_line(log: Path) -> str:
+    """The job's last output line: the CLI's one-line error when it failed."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else "no output"
+
+
+def run_job(job: Job) -> bool:
+    """Run one job (unless done) and print its status line; True unless it failed."""
+    print(f"[{job.index}] {job.label} ...", end=" ", flush=True)
+    if job.status() == "done":
+        print(f"skipped (done: {job.run_dir}/metrics.json)", flush=True)
+        return True
+    if job.source is not None and not (job.source / "metrics.json").exists():
+        print(f"failed: source run {job.source} has no metrics.json", flush=True)
+        return False
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    log = job.run_dir / LOG_NAME
+    resumed = job.status() == "resumable"
+    start = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"$ {shlex.join(job.command)}\n")
+        out.flush()
+        # Progress bars only clutter a log file; the status line reports the job.
+        code = subprocess.call(job.command, stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "TQDM_DISABLE": "1"})
+    seconds = time.perf_counter() - start
+    if code == 0 and (job.run_dir / "metrics.json").exists():
+        print(f"done{' (resumed)' if resumed else ''} {seconds:.1f}s", flush=True)
+        return True
+    print(f"failed (exit {code}) {seconds:.1f}s: {_last_line(log)} [log: {log}]", flush=True)
+    return False
+
+
+def _seeds_arg(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not a comma-separated list of integers") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r} must list non-negative integers")
+    return seeds
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep_file)
+    only = tuple(n for n in (args.only or "").split(",") if n)
+    jobs = expand(sweep, _seeds_arg(args.seeds) if args.seeds else None, only, tuple(args.overrides))
+    if args.index is not None:
+        if not 0 <= args.index < len(jobs):
+            raise ConfigError(f"--index {args.index} is out of range: {len(jobs)} jobs, 0..{len(jobs) - 1}")
+        jobs = [jobs[args.index]]
+    if args.list:
+        for job in jobs:
+            print(f"{job.index:>4}  {job.status():<9}  {job.label:<40}  {job.run_dir}")
+        return 0
+    if args.dry_run:
+        for job in jobs:
+            print(f"{'# done: ' if job.status() == 'done' else ''}{shlex.join(job.command)}")
+        return 0
+    failed = [job for job in jobs if not run_job(job)]
+    print(f"sweep {sweep.path}: {len(jobs) - len(failed)}/{len(jobs)} jobs done or skipped, "
+          f"{len(failed)} failed" + (f": {', '.join(job.label for job in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="run a sweep file's members over seeds and grid points",
+                              usage="moe-dist sweep SWEEP_FILE [--seeds S[,S]] [--only NAME[,NAME]] [--index N] "
+                                    "[--list | --dry-run] [key=value ...]",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_file", help="YAML sweep file (format above)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the file's seeds")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these members")
+    p.add_argument("--index", type=int, default=None, metavar="N", help="run only job N of the list (0-based)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print the numbered jobs, run folders and status")
+    mode.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    # nargs="+" made optional, not nargs="*": argparse (Python < 3.13) gives a "*" positional
+    # its empty match right after SWEEP_FILE and then rejects overrides that follow options.
+    overrides = p.add_argument("overrides", nargs="+", default=[], metavar="key=value",
+                               help="dotted.key=value overrides for every job")
+    overrides.required = False
+    p.set_defaults(func=cmd_sweep)
