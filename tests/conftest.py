@@ -29,10 +29,11 @@ def data_root() -> str:
 def tiny_synthetic(run_dir: Path, *extra: str) -> list[str]:
     """Overrides for a seconds-long synthetic MoE run (Chen et al. setting s1, 1,000 samples)."""
     return [f"run_dir={run_dir}", "data.train_size=1000", "data.test_size=500", "train.epochs=4",
-            "train.eval_every=1", "train.progress=false", *extra]
+            "train.eval_every=1", "train.progress=false", "train.num_threads=1", *extra]
 
 
 def tiny_mnist(run_dir: Path, root: str, *extra: str) -> list[str]:
     """Overrides for a seconds-long MNIST run on 1,000 real images of the mnist10k split."""
     return [f"run_dir={run_dir}", "data.name=mnist10k", f"data.root={root}", "data.train_size=1000",
-            "data.test_size=500", "train.epochs=3", "train.batch_size=128", "train.progress=false", *extra]
+            "data.test_size=500", "train.epochs=3", "train.batch_size=128", "train.progress=false",
+            "train.num_threads=1", *extra]
