@@ -92,6 +92,10 @@ class MoEConfig:
     """Also add routing noise at evaluation: Chen's code never calls eval() (paper-spec B.2)."""
     temperature: float = 1.0
     """Gate softmax temperature T (the paper uses 1)."""
+    capacity_factor: float = 0.0
+    """topk only: each rank sends at most ceil(capacity_factor * B_rank * top_k / E) samples
+    to each expert (top-1 choices first), dropping the rest; 0 = dropless (the default).
+    The drop rate and padding ratio are then logged (moe/drop_rate, moe/padding_ratio)."""
 
 
 @dataclass
@@ -166,6 +170,9 @@ class TrainConfig:
 class ParallelConfig:
     ep_size: int = 1
     """Ranks that share the experts of one MoE (expert parallelism); 1 = none."""
+    zero_stage: int = 0
+    """engine=deepspeed only: ZeRO stage 0, 1 or 2 (optimizer state / gradient sharding;
+    expert parameters are sharded over their expert-data-parallel group)."""
 
 
 @dataclass
@@ -191,7 +198,8 @@ POSITIVE_INTS = ("moe.num_experts", "moe.top_k", "train.epochs", "train.eval_eve
 NON_NEGATIVE = ("data.train_size", "data.test_size", "model.width", "train.batch_size",
                 "train.lr_decay_every", "train.gate_lr", "train.weight_decay", "train.momentum",
                 "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma", "train.early_stop_rise",
-                "train.early_stop_loss", "train.early_stop_after", "train.num_threads")
+                "train.early_stop_loss", "train.early_stop_after", "train.num_threads",
+                "moe.capacity_factor", "parallel.zero_stage")
 POSITIVE_FLOATS = ("train.lr", "moe.temperature", "model.expert_init_scale", "train.lr_decay_factor")
 FREEZABLE = ("experts", "gate")
 

@@ -143,3 +143,11 @@ def test_default_train_command_runs_the_embedded_synthetic_experiment(tmp_path, 
     assert "synthetic/s1_moe_nonlinear" in out and "test accuracy %" in out and "dispatch_entropy" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dispatch_entropy"] is not None and 0.0 <= metrics["dispatch_entropy"] <= 1.3863
+
+
+def test_single_model_on_cluster_data_has_no_routing_metrics(tmp_path):
+    """A single model has no router: no dispatch entropy (it once crashed at evaluation)."""
+    metrics = train(CONFIGS / "synthetic" / "s1_single_cubic.yaml", tiny_synthetic(tmp_path / "run", "train.epochs=2"))
+    assert 0.0 <= metrics["test_error"] <= 1.0
+    assert "dispatch_entropy" not in metrics and "mutual_information" not in metrics
+    assert all("dispatch_entropy" not in h for h in metrics["history"])

@@ -12,6 +12,13 @@ Routing modes (design choice 2):
 * ``attentive``: dense, with p from :class:`ExpertAttention` over the experts' hidden
   states (paper-spec A.1.5).
 
+Where the experts live is the dispatcher's business (``moe_dist.parallel.dispatch``): the
+default :class:`~moe_dist.parallel.dispatch.LocalDispatch` runs all E experts on the local
+batch; :func:`moe_dist.parallel.parallelize` gives each rank E / ep_size experts and an
+expert-parallel dispatcher (all-to-all), and the gate losses then cover the global batch.
+This module itself makes no ``torch.distributed`` call. The gate is replicated: it scores
+all E experts on every rank.
+
 The gate, its probabilities and the auxiliary losses run in float32 even under autocast:
 the losses compare small probabilities, and a bf16 softmax over experts changes routing.
 
@@ -28,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dist.losses import importance_loss, sample_similarity_loss
 from moe_dist.models.experts import ExpertBank
 from moe_dist.models.gates import ExpertAttention
+from moe_dist.parallel.dispatch import LocalDispatch
 
 ROUTINGS = ("dense", "topk", "attentive")
 GATE_WEIGHTS = ("softmax", "raw")
@@ -58,7 +65,13 @@ class MoEOutput:
     """[E] int64: top-k: routed (sample, slot) pairs per expert; dense/attentive: argmax counts."""
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     """Weighted regularisers to add to the loss: "importance" (L_cv, A.2.1) and
-    "sample_similarity" (L_s, A.2.2), present when their weights are > 0."""
+    "sample_similarity" (L_s, A.2.2), present when their weights are > 0. Under data
+    parallelism each is this rank's share: the shares of all ranks sum to the loss of the
+    global batch."""
+    routing_stats: dict[str, int] = field(default_factory=dict)
+    """Top-k only, this rank: "routed" (sample, slot) pairs, "dropped" pairs (capacity
+    factor), "expert_rows" real rows and "padded_rows" rows with padding of the expert batch
+    (see ``moe_dist.parallel.dispatch``)."""
 
 
 def _float32(device: torch.device):
@@ -80,7 +93,8 @@ class MoE(nn.Module):
                  top_k: int = 1, gate_weights: str = "softmax", noise: str = "none",
                  noise_std: float = 1.0, eval_noise: bool = False, temperature: float = 1.0,
                  importance_weight: float = 0.0, ls_beta: float = 0.0, ls_gamma: float = 0.0,
-                 ls_variant: str = "normalized", ls_squared: bool = False):
+                 ls_variant: str = "normalized", ls_squared: bool = False,
+                 capacity_factor: float = 0.0, dispatcher: LocalDispatch | None = None):
         super().__init__()
         for name, value, allowed in (("routing", routing, ROUTINGS),
                                      ("gate_weights", gate_weights, GATE_WEIGHTS),
@@ -109,6 +123,11 @@ class MoE(nn.Module):
         self.ls_gamma = ls_gamma
         self.ls_variant = ls_variant
         self.ls_squared = ls_squared
+        if capacity_factor < 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be >= 0 (0: dropless)")
+        self.capacity_factor = capacity_factor
+        # Not a submodule: no parameters, no state-dict entries.
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatch()
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
@@ -120,18 +139,20 @@ class MoE(nn.Module):
         return params
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
+        layout = self.dispatcher.layout(x.shape[0])
         gate_dtype = next(self.gate.parameters()).dtype  # float32 unless the model was cast
         with _float32(x.device):
             gate_out = self.gate(x.to(gate_dtype))  # logits [B, E], or g(x) [B, H] if attentive
         if self.routing == "topk":
-            out = self._forward_topk(x, gate_out)
+            out = self._forward_topk(x, gate_out, layout)
         else:
-            out = self._forward_dense(x, gate_out)
-        out.aux_losses = self._aux_losses(x, out.gate_probs)
+            out = self._forward_dense(x, gate_out, layout)
+        out.aux_losses = self._aux_losses(x, out.gate_probs, layout)
         return out
 
-    def _forward_dense(self, x: torch.Tensor, gate_out: torch.Tensor) -> MoEOutput:
-        out_EBC, hidden_EBH = self.experts(x, shared=True)
+    def _forward_dense(self, x: torch.Tensor, gate_out: torch.Tensor, layout) -> MoEOutput:
+        out_EBC, hidden_EBH = self.dispatcher.dense(self.experts, x, layout,
+                                                    need_hidden=self.routing == "attentive")
         with _float32(x.device):
             if self.routing == "attentive":
                 probs_BE = self.attention(gate_out, hidden_EBH.to(gate_out.dtype))
@@ -145,61 +166,40 @@ class MoE(nn.Module):
             top_expert_output=out_EBC[top_B, torch.arange(x.shape[0], device=x.device)],
             samples_per_expert=torch.bincount(top_B, minlength=self.num_experts))
 
-    def _forward_topk(self, x: torch.Tensor, logits_BE: torch.Tensor) -> MoEOutput:
+    def _forward_topk(self, x: torch.Tensor, logits_BE: torch.Tensor, layout) -> MoEOutput:
         with _float32(x.device):
             if self.noise != "none" and (self.training or self.eval_noise):
+                # the dispatcher draws the global batch's noise and returns this rank's rows
+                noise_BE = self.dispatcher.noise(self.noise, logits_BE, layout)
                 if self.noise == "gaussian":
-                    logits_BE = logits_BE + self.noise_std * torch.randn_like(logits_BE)
+                    logits_BE = logits_BE + self.noise_std * noise_BE
                 else:  # Chen et al.: r ~ U[0, 1) per sample and expert (B.2)
-                    logits_BE = logits_BE + torch.rand_like(logits_BE)
+                    logits_BE = logits_BE + noise_BE
             probs_BE = F.softmax(logits_BE / self.temperature, dim=-1)
             chosen_BK, index_BK = logits_BE.topk(self.top_k, dim=-1)
             if self.gate_weights == "softmax":
                 weights_BK = F.softmax(chosen_BK / self.temperature, dim=-1)
             else:
                 weights_BK = chosen_BK
-        y_BKC, counts_E = self._run_chosen(x, index_BK)
+        # index-based dispatch: samples sorted by expert (see LocalDispatch.topk)
+        y_BKC, counts_E, stats = self.dispatcher.topk(self.experts, x, index_BK, self.num_experts,
+                                                      self.capacity_factor)
         with _float32(x.device):
             output_BC = (y_BKC.to(weights_BK.dtype) * weights_BK.unsqueeze(-1)).sum(1)
         return MoEOutput(
             output=output_BC, output_kind=self.output_kind, gate_probs=probs_BE,
-            expert_index=index_BK, top_expert_output=y_BKC[:, 0], samples_per_expert=counts_E)
+            expert_index=index_BK, top_expert_output=y_BKC[:, 0], samples_per_expert=counts_E,
+            routing_stats=stats)
 
-    def _run_chosen(self, x: torch.Tensor, index_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run each sample through its K chosen experts only.
-
-        The (sample, slot) pairs are sorted by expert; pair s goes to row ``pos[s]`` of its
-        expert's padded batch ``[E, cap, ...]`` (cap = the largest count: dropless), a mask
-        marks the real rows, the bank runs once with ``shared=False``, and each pair's output
-        is gathered back from ``(expert, row)``. Returns the outputs ``[B, K, C]`` and the
-        pairs per expert ``[E]``.
-        """
-        B, K = index_BK.shape
-        expert_S = index_BK.reshape(-1)
-        order_S = torch.argsort(expert_S, stable=True)
-        counts_E = torch.bincount(expert_S, minlength=self.num_experts)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        sorted_expert_S = expert_S[order_S]
-        row_S = torch.empty_like(expert_S)
-        row_S[order_S] = torch.arange(expert_S.numel(), device=x.device) - starts_E[sorted_expert_S]
-        cap = int(counts_E.max())
-        sample_S = torch.arange(B, device=x.device).repeat_interleave(K)
-        x_EN = x.new_zeros((self.num_experts, cap) + x.shape[1:])
-        x_EN[expert_S, row_S] = x[sample_S]
-        mask_EN = torch.zeros(self.num_experts, cap, dtype=torch.bool, device=x.device)
-        mask_EN[expert_S, row_S] = True
-        out_ENC, _ = self.experts(x_EN, shared=False, mask_EN=mask_EN)
-        return out_ENC[expert_S, row_S].view(B, K, -1), counts_E
-
-    def _aux_losses(self, x: torch.Tensor, probs_BE: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _aux_losses(self, x: torch.Tensor, probs_BE: torch.Tensor, layout) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         with _float32(x.device):
             if self.importance_weight > 0:
-                losses["importance"] = importance_loss(probs_BE, self.importance_weight)
+                losses["importance"] = self.dispatcher.importance_loss(probs_BE, self.importance_weight)
             if self.ls_beta > 0 or self.ls_gamma > 0:
-                losses["sample_similarity"] = sample_similarity_loss(
-                    x.reshape(x.shape[0], -1).to(probs_BE.dtype), probs_BE, self.ls_beta, self.ls_gamma,
-                    variant=self.ls_variant, squared=self.ls_squared)
+                losses["sample_similarity"] = self.dispatcher.sample_similarity_loss(
+                    x.flatten(1).to(probs_BE.dtype), probs_BE, layout, self.ls_beta,
+                    self.ls_gamma, self.ls_variant, self.ls_squared)
         return losses
 
 

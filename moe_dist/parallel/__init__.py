@@ -1,0 +1,31 @@
+"""The one place that knows about ranks (design.md, choices 3-6).
+
+* ``env``: process discovery (torchrun, accelerate, deepspeed, SLURM, MPI variables),
+  joining and leaving the process group, ``is_main()``.
+* ``groups``: :class:`ParallelContext`, the expert-parallel and expert-data-parallel groups.
+* ``collectives``: all-reduce, variable-size all-gather and all-to-all with exact adjoints.
+* ``dispatch``: the MoE's dispatchers (local; expert-parallel all-to-all for dense, top-k and
+  attentive routing) and the global-batch gate losses.
+* ``model``: :func:`parallelize` (keep this rank's experts), replicated vs sharded parameters.
+* ``grads``: :class:`GradientReducer`, gradient sums over the right groups (no DDP).
+* ``state``: checkpoints in the single-process layout, loadable at any ep_size.
+"""
+
+from moe_dist.parallel.dispatch import BatchLayout, ExpertParallelDispatch, LocalDispatch
+from moe_dist.parallel.env import (WorldInfo, destroy_distributed, init_distributed, is_main,
+                                   world_info_from_env)
+from moe_dist.parallel.grads import GradientReducer, all_reduce_gradients
+from moe_dist.parallel.groups import ParallelContext, check_layout
+from moe_dist.parallel.model import moe_modules, parallelize, split_parameters
+from moe_dist.parallel.state import (full_model_state, full_optimizer_state, load_full_model_state,
+                                     load_full_optimizer_state, slice_model_state)
+
+__all__ = [
+    "BatchLayout", "LocalDispatch", "ExpertParallelDispatch",
+    "WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed", "is_main",
+    "GradientReducer", "all_reduce_gradients",
+    "ParallelContext", "check_layout",
+    "moe_modules", "parallelize", "split_parameters",
+    "full_model_state", "full_optimizer_state", "load_full_model_state",
+    "load_full_optimizer_state", "slice_model_state",
+]

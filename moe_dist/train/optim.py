@@ -84,9 +84,14 @@ def _groups(model: nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, split_groups=None) -> torch.optim.Optimizer:
+    """The configured optimizer over the expert and gate groups. ``split_groups``, if given,
+    maps the list of groups to the list the optimizer gets (the DeepSpeed engine puts the
+    sharded expert parameters in groups of their own)."""
     t = cfg.train
     groups = _groups(model, cfg)
+    if split_groups is not None:
+        groups = [g for g in split_groups(groups) if g["params"]]
     if t.optimizer == "adam":
         return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "rmsprop":
@@ -94,7 +99,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     for g in groups:  # normalized_gd: only the experts are normalised; the router takes plain SGD
-        g["normalize"] = g["name"] == "experts" and cfg.model.kind == "moe"
+        g["normalize"] = (g["name"] == "experts" or g.get("moe", False)) and cfg.model.kind == "moe"
     return NormalizedGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                         scope=t.normalized_gd_scope)
 

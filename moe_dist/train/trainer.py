@@ -1,12 +1,24 @@
 """The training loop: ``fit`` schedules (evaluation, logging, checkpoints); ``train_step`` computes.
 
-Legend: B = batch, C = classes, E = experts, K = clusters (synthetic data).
+Multi-process runs (torchrun, ``accelerate launch``, SLURM; design.md choices 3-7): the
+global batch ``train.batch_size`` is the unit. Each rank takes its contiguous share of every
+global batch, in the single-process order; its loss is its *share* of the global-batch loss
+(NLL summed over its samples / global batch size, plus its share of the gate losses, which
+``moe_dist.parallel`` reduces over the global batch), and gradients are summed by
+:class:`~moe_dist.parallel.GradientReducer` (no DDP: experts are sharded over
+``parallel.ep_size`` ranks). N ranks thus follow the single-process trajectory. Only rank 0
+writes files; checkpoints hold all experts by global id (any ep_size can resume them);
+evaluation counts are all-reduced once.
+
+Legend: B = batch (this rank's share), G = global batch, C = classes, E = experts,
+K = clusters (synthetic data).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import time
@@ -15,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+
+# accelerate imports deepspeed when it is installed, and deepspeed then logs an accelerator
+# detection warning on stdout (breaking `moe-dist eval --json`) unless it is told the
+# accelerator; without CUDA that is the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -26,12 +47,17 @@ from moe_dist.data.augment import cifar_augment
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.metrics import EvalAccumulator, dispatch_entropy
 from moe_dist.models import build_model
+from moe_dist.parallel import (GradientReducer, ParallelContext, destroy_distributed, full_model_state,
+                               full_optimizer_state, init_distributed, load_full_model_state,
+                               load_full_optimizer_state, moe_modules, parallelize)
+from moe_dist.parallel.deepspeed_engine import build_engine, deepspeed_context, init_deepspeed
 from moe_dist.plots import selection_heatmap
 from moe_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from moe_dist.train.optim import build_optimizer, build_scheduler
 
 # Keys that may differ between a run and its resumption: extending a run is allowed.
-RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_threads", "train.eval_every"}
+RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_threads", "train.eval_every",
+                     "parallel.ep_size"}  # checkpoints are independent of the expert layout
 
 
 @dataclass
@@ -87,9 +113,29 @@ class Trainer:
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is available")
+        # Joins the launcher's process group (torchrun, accelerate, SLURM) before accelerate
+        # looks for one; a no-op in a single process. fit() leaves a group it created.
+        self._owns_process_group = not dist.is_initialized()
+        init_distributed("gloo" if cpu else None)
+        self.use_deepspeed = cfg.engine == "deepspeed"
+        if self.use_deepspeed:
+            if cfg.train.mixed_precision != "no":
+                raise ConfigError("engine='deepspeed' runs in float32 here (its bf16/fp16 modes cast the "
+                                  "gate too); use train.mixed_precision=no or engine=accelerate")
+            init_deepspeed(cpu)
+        self._owns_process_group &= dist.is_initialized()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
         self.device = self.accelerator.device
-        self.is_main = self.accelerator.is_main_process
+        # One process holds every expert whatever parallel.ep_size says: checkpoints do not
+        # depend on the layout, so a run trained at any ep_size evaluates and resumes here.
+        ep_size = cfg.parallel.ep_size if dist.is_initialized() and dist.get_world_size() > 1 else 1
+        num_experts = cfg.moe.num_experts if cfg.model.kind == "moe" else None
+        self.ctx = (deepspeed_context(ep_size, num_experts) if self.use_deepspeed
+                    else ParallelContext.create(ep_size, num_experts))
+        self.is_main = self.ctx.is_main
+        if self.ctx.distributed and cfg.train.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision='fp16' is not supported with several processes "
+                              "(per-rank loss scaling would desynchronise the ranks); use bf16")
 
         self.data = dataset if dataset is not None else load_dataset(
             cfg.data.name, cfg.data.root, setting=cfg.data.setting,
@@ -103,16 +149,37 @@ class Trainer:
         self.train_split = train_split.to(self.device)
         self.test_split = test_split.to(self.device)
         batch = cfg.train.batch_size or len(self.train_split)
-        self.train_batches = TensorBatches(self.train_split, batch, shuffle=True, seed=cfg.seed)
-        self.eval_batches = TensorBatches(self.test_split, cfg.train.eval_batch_size, shuffle=False, seed=0)
+        share = {"rank": self.ctx.rank, "world_size": self.ctx.world_size}
+        self.train_batches = TensorBatches(self.train_split, batch, shuffle=True, seed=cfg.seed, **share)
+        self.eval_batches = TensorBatches(self.test_split, cfg.train.eval_batch_size, shuffle=False, seed=0,
+                                          **share)
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.moe, cfg.loss, self.data.num_classes, self.data.input_shape)
+        for _, moe in moe_modules(model):
+            moe.capacity_factor = cfg.moe.capacity_factor
         if cfg.train.init_from:
             self._init_from(model, cfg.train.init_from)
-        self.model = model.to(self.device)
-        optimizer = build_optimizer(self.model, cfg)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # Every rank built all E experts from the same seed; keep this rank's (expert e has
+        # the initial weights it has in a single-process run).
+        self.model = parallelize(model, self.ctx).to(self.device)
+        self.module = self.model  # the model itself, whatever wraps it
+        self.engine = None
+        if self.use_deepspeed:
+            # DeepSpeed reduces the gradients (its expert groups) and shards the optimizer.
+            self.engine, self.optimizer = build_engine(
+                self.model, lambda split_groups: build_optimizer(self.module, cfg, split_groups),
+                cfg.parallel.zero_stage, ep_size)
+            self.model = self.engine
+        elif self.ctx.distributed:
+            optimizer = build_optimizer(self.model, cfg)
+            # No accelerate.prepare: it would wrap the model in DDP, which all-reduces the
+            # sharded experts across the expert-parallel group. Gradients are summed here.
+            self.optimizer = optimizer
+            self.reduce_gradients = GradientReducer(self.model, self.ctx)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, build_optimizer(self.model, cfg))
+            self.module = self.accelerator.unwrap_model(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = TrainState()
         self.is_moe = cfg.model.kind == "moe"
@@ -142,7 +209,9 @@ class Trainer:
         model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
 
     def _resume(self) -> None:
-        payload = load_checkpoint(self.ckpt_dir, map_location=self.device)
+        # accelerate names the CPU "cpu:0" in multi-process runs, which torch.load rejects
+        where = "cpu" if self.device.type == "cpu" else self.device
+        payload = load_checkpoint(self.ckpt_dir, map_location=where)
         if payload is None:
             return
         saved = from_dict(payload["config"])
@@ -150,8 +219,12 @@ class Trainer:
         if diff:
             raise ConfigError(f"{self.run_dir} holds a run with a different config ({', '.join(diff)}); "
                               "use a new run_dir or the same settings to resume")
-        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        self.load_model_state(payload["model"])
+        if payload["optimizer"]:
+            load_full_optimizer_state(self.optimizer, self.module, payload["optimizer"], self.ctx)
+        elif self.is_main:
+            print(f"{self.run_dir}: the checkpoint holds no optimizer state (DeepSpeed ZeRO >= 1); "
+                  "optimizer moments restart")
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng_cpu"])
         if torch.cuda.is_available() and payload.get("rng_cuda") is not None:
@@ -160,13 +233,24 @@ class Trainer:
         if self.is_main:
             print(f"resumed {self.run_dir} at epoch {self.state.epoch}")
 
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full-layout weights (a checkpoint's ``model``, any ep_size) into this rank's part."""
+        load_full_model_state(self.module, state, self.ctx)
+
     def _checkpoint(self) -> None:
+        # Collective when experts are sharded: every rank gathers, rank 0 writes.
+        model = self.module
+        model_state = full_model_state(model, self.ctx)
+        # ZeRO 1-2 partitions the optimizer state over ranks in its own flat layout: not saved
+        # (the weights are; a resumed run restarts the moments).
+        zero_sharded = self.use_deepspeed and self.cfg.parallel.zero_stage > 0
+        optimizer_state = {} if zero_sharded else full_optimizer_state(self.optimizer, model, self.ctx)
         if not self.is_main:
             return
         payload = {
             "config": to_dict(self.cfg),
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -176,39 +260,84 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, self.state.epoch, payload, keep=self.cfg.train.keep_checkpoints)
 
     # ----------------------------------------------------------------------------- compute
-    def compute_loss(self, out, y_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, out, y_B: torch.Tensor,
+                     global_batch: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its parts. With ``global_batch`` (several ranks) this rank's share of
+        the global-batch loss: the task loss summed over its samples / ``global_batch``; the
+        gate losses in ``out.aux_losses`` are already shares."""
         kind = self.cfg.loss.kind
         if kind == "auto":
             kind = "mixture_nll" if out.output_kind == "probs" else "cross_entropy"
-        if kind == "mixture_nll":
-            if out.output_kind != "probs":
-                raise ConfigError("loss.kind='mixture_nll' needs experts that output probabilities")
-            main = losses.mixture_nll(out.output, y_B)
+        if kind == "mixture_nll" and out.output_kind != "probs":
+            raise ConfigError("loss.kind='mixture_nll' needs experts that output probabilities")
+        if global_batch is None:
+            if kind == "mixture_nll":
+                main = losses.mixture_nll(out.output, y_B)
+            else:
+                main = losses.logits_cross_entropy(out.output.float(), y_B, double_softmax=kind == "double_softmax")
+        elif kind == "mixture_nll":  # sums, not means: a rank may hold no sample of a batch
+            picked_B = out.output.gather(1, y_B.long().unsqueeze(1)).squeeze(1)
+            main = -torch.log(picked_B + 1e-7).sum() / global_batch  # mixture_nll's eps
         else:
-            main = losses.logits_cross_entropy(out.output.float(), y_B, double_softmax=kind == "double_softmax")
+            logits_BC = out.output.float()
+            if kind == "double_softmax":
+                logits_BC = torch.softmax(logits_BC, dim=1)
+            main = F.cross_entropy(logits_BC, y_B.long(), reduction="sum") / global_batch
         parts = {"nll": main, **out.aux_losses}
         return main + sum(out.aux_losses.values(), torch.zeros((), device=main.device)), parts
 
-    def train_step(self, x: torch.Tensor, y_B: torch.Tensor) -> tuple[dict[str, float], Any, bool]:
+    def _global_values(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss parts of the global batch: the ranks' shares summed (one small all-reduce)."""
+        names = list(parts)
+        values = torch.stack([parts[k].detach().float() for k in names])
+        if self.ctx.distributed:
+            dist.all_reduce(values)
+        return dict(zip(names, values.tolist()))
+
+    def _global_batch_size(self, batches: TensorBatches, index: int) -> int | None:
+        """Size of global batch ``index`` (None in a single process: the local batch is it)."""
+        if not self.ctx.distributed:
+            return None
+        return min(batches.batch_size, len(batches.split) - index * batches.batch_size)
+
+    def train_step(self, x: torch.Tensor, y_B: torch.Tensor,
+                   global_batch: int | None = None) -> tuple[dict[str, float], Any, bool]:
         """Forward, loss, backward, step. Returns the loss parts, the forward output, and
         whether early stopping fired (checked on this step's loss before the update, as
-        Chen et al.'s loop does)."""
+        Chen et al.'s loop does). With several ranks ``global_batch`` is the size of the
+        global batch this rank's ``x`` is a share of; the returned values are global."""
         self.model.train()
         with self.accelerator.autocast():
             out = self.model(x)
-            loss, parts = self.compute_loss(out, y_B)
+            loss, parts = self.compute_loss(out, y_B, global_batch)
         t = self.cfg.train
-        value = float(loss.detach())
+        if self.ctx.distributed:
+            values = self._global_values({"loss": loss, **parts})
+            value = values["loss"]  # the same on every rank: early stopping stays in step
+        else:
+            value = float(loss.detach())
         if t.early_stop_rise or t.early_stop_loss:
             if self.state.epoch >= t.early_stop_after and (
                     (t.early_stop_rise and value > self.state.min_loss + t.early_stop_rise)
                     or (t.early_stop_loss and value <= t.early_stop_loss)):
                 return {"loss": value}, out, True
             self.state.min_loss = min(self.state.min_loss, value)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.optimizer.step()
+        if self.engine is not None:
+            # DeepSpeed averages gradients over the N ranks; our loss is a share (module doc
+            # of moe_dist.parallel.deepspeed_engine): N * share makes the average a sum.
+            self.engine.backward(loss * self.ctx.world_size)
+            self.engine.step()  # also zeroes the gradients
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ctx.distributed:
+                loss.backward()
+                self.reduce_gradients()
+            else:
+                self.accelerator.backward(loss)
+            self.optimizer.step()
         self.state.step += 1
+        if self.ctx.distributed:
+            return values, out, False
         return {"loss": value, **{k: float(v.detach()) for k, v in parts.items()}}, out, False
 
     def train_epoch(self) -> dict[str, Any]:
@@ -220,12 +349,15 @@ class Trainer:
         augment_gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         batches = self.train_batches.batches(epoch)
         stopped = False
-        for x, y_B, idx_B in batches:
+        routing = {"routed": 0, "dropped": 0, "expert_rows": 0, "padded_rows": 0}
+        for index, (x, y_B, idx_B) in enumerate(batches):
             if self.data.augment == "cifar":
                 x = cifar_augment(x, augment_gen)
-            parts, out, stopped = self.train_step(x, y_B)
+            parts, out, stopped = self.train_step(x, y_B, self._global_batch_size(self.train_batches, index))
             if stopped:
                 break
+            for k in routing:
+                routing[k] += out.routing_stats.get(k, 0)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             num_batches += 1
@@ -238,10 +370,21 @@ class Trainer:
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.4f}", refresh=False)
+        if self.ctx.distributed:  # one all-reduce of this epoch's counts
+            flat = torch.cat([torch.tensor([correct, seen, *routing.values()], dtype=torch.float64),
+                              counts_KE.flatten().cpu().double()])
+            dist.all_reduce(flat)
+            correct, seen = int(flat[0]), int(flat[1])
+            routing = dict(zip(routing, (int(v) for v in flat[2:6])))
+            counts_KE = flat[6:].view_as(counts_KE).long().to(counts_KE.device)
         # Mean batch loss, as the paper reports its training loss (paper-spec A.6).
         record: dict[str, Any] = {f"train_{k}": v / max(num_batches, 1) for k, v in sums.items()}
+        if self.cfg.moe.capacity_factor > 0 and routing["routed"]:
+            # pairs over capacity, and rows of the padded expert batches that carry no sample
+            record["drop_rate"] = routing["dropped"] / routing["routed"]
+            record["padding_ratio"] = 1.0 - routing["expert_rows"] / max(routing["padded_rows"], 1)
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
-        if self.num_clusters and seen:
+        if self.num_clusters and self.is_moe and seen:
             record["dispatch_entropy"] = dispatch_entropy(counts_KE.cpu())
         if stopped:
             self.state.stopped_early = epoch
@@ -260,17 +403,25 @@ class Trainer:
     def _evaluate(self, split: Split | None) -> dict[str, Any]:
         self.model.eval()
         batches = self.eval_batches if split is None else TensorBatches(
-            split, self.cfg.train.eval_batch_size, shuffle=False, seed=0)
+            split, self.cfg.train.eval_batch_size, shuffle=False, seed=0,
+            rank=self.ctx.rank, world_size=self.ctx.world_size)
         acc = EvalAccumulator(self.num_experts, self.data.num_classes, self.num_clusters)
-        for x, y_B, idx_B in batches.batches(0):
+        for index, (x, y_B, idx_B) in enumerate(batches.batches(0)):
+            global_batch = self._global_batch_size(batches, index)
             with self.accelerator.autocast():
                 out = self.model(x)
-                loss, _ = self.compute_loss(out, y_B)
-            clusters = batches.split.cluster[idx_B] if self.num_clusters else None
+                loss, _ = self.compute_loss(out, y_B, global_batch)
+            # cluster counts are per expert: a single model (no routing) has none
+            routed = out.expert_index is not None
+            clusters = batches.split.cluster[idx_B] if self.num_clusters and routed else None
             top_pred = out.top_expert_output.argmax(1) if out.top_expert_output is not None else None
+            # per-sample losses summed: a share of the global batch's loss times its size
             acc.update(y_B, out.output.float(), out.gate_probs,
                        out.expert_index[:, 0] if out.expert_index is not None else None,
-                       top_pred, clusters, float(loss) * len(y_B))
+                       top_pred, clusters, float(loss) * (global_batch or len(y_B)))
+        if self.ctx.distributed:  # exact metrics: every count summed over ranks, once
+            for t in acc.state_tensors():
+                dist.all_reduce(t)
         return acc.compute()
 
     # ----------------------------------------------------------------------------- schedule
@@ -281,7 +432,7 @@ class Trainer:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "epoch":
                 name = k[len("train_"):] if k.startswith("train_") else k
-                tag = "moe/" + name if name in ("dispatch_entropy",) else f"train/{name}"
+                tag = "moe/" + name if name in ("dispatch_entropy", "drop_rate", "padding_ratio") else f"train/{name}"
                 w.add_scalar(tag, v, epoch)
         w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch)
         if metrics is None:
@@ -333,7 +484,17 @@ class Trainer:
                 self._checkpoint()
         if self.bar is not None:
             self.bar.close()
-        return self.finish(metrics)
+        try:
+            return self.finish(metrics)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the process group if this trainer joined it (design.md: a gloo run that
+        skips destroy_process_group aborts at exit about one time in ten)."""
+        if self._owns_process_group:
+            destroy_distributed()
+            self._owns_process_group = False
 
     def finish(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         """Final evaluation on the whole test and training sets; writes metrics.json."""
@@ -352,7 +513,7 @@ class Trainer:
                     "samples_per_expert", "experts_used"):
             if key in metrics:
                 result[key] = metrics[key]
-        if self.num_clusters:
+        if self.num_clusters and self.is_moe:
             trained = [h for h in history if "dispatch_entropy" in h]
             result["dispatch_entropy"] = trained[-1]["dispatch_entropy"] if trained else None
             result["test_dispatch_entropy"] = metrics.get("dispatch_entropy")
@@ -364,7 +525,9 @@ class Trainer:
             "step_seconds": self.state.wall_seconds / max(self.state.step, 1),
             "peak_memory_mb": peak_memory_mb(self.device),
             "hardware": hardware_description(self.device),
-            "num_processes": self.accelerator.num_processes,
+            "num_processes": self.ctx.world_size,
+            "engine": self.cfg.engine,
+            "ep_size": self.ctx.ep_size,
             "torch": torch.__version__,
             "history": history,
         })

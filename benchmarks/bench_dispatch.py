@@ -1,0 +1,285 @@
+"""Benchmark the expert-parallel top-k dispatch against DeepSpeed's MoE layer.
+
+Two gloo processes (one thread each), expert parallelism over both (ep_size 2), a
+token-level layer: E = 8 FFN experts (hidden 256, FFN 1024), top-2, 4096 tokens per rank.
+
+* ``ours``: ``moe_dist.models.MoE`` (routing topk) with ``ExpertParallelDispatch``:
+  index-based, variable-split all-to-all of the routed rows only, dropless.
+* ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same weights and routing, dropless
+  (``drop_tokens=False``: its capacity becomes the largest expert count), and
+  ``deepspeed-cf1``: its default capacity factor 1.0 (tokens over capacity dropped).
+* ``dense``: the same expert FLOPs (each rank's experts on as many rows as the routing gives
+  them, in one batched computation) with no routing, no gate and no communication, each
+  process on its own: the *dispatch overhead ratio* of a layer is its step time over this
+  one. It runs interleaved with the layers, under the same load.
+
+Reported: forward+backward step time (median over steps, the slower rank's time per step),
+tokens/s over both ranks, the overhead ratio; bytes each rank sends to the other per step
+(all-to-all payloads, forward and backward, measured by wrapping
+``torch.distributed.all_to_all_single``) against the minimum the routing requires (each
+token's hidden vector once to each *other* rank holding one of its experts, and the result
+back, forward and backward); and the step time of ``ours`` (and DeepSpeed) as the number of
+experts grows at fixed k (E = 4 ... 64, all sizes interleaved step by step), with t(E=64)/t(E=4).
+
+Run: ``python benchmarks/bench_dispatch.py`` (about four minutes on 2 busy CPU cores);
+``--quick`` for a smoke run; ``--json FILE`` to save the numbers. Needs DeepSpeed for its
+rows (``pip install -e ".[deepspeed]"``); without it only ours and dense are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+try:
+    import moe_dist  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HIDDEN, FFN, K, EP = 256, 1024, 2, 2
+
+
+def build_layers(num_experts: int, with_deepspeed: bool):
+    """Our layer and (optionally) DeepSpeed's, with the same gate and expert weights."""
+    from moe_dist.models import MoE
+    from moe_dist.models.ffn import FFNExpert, FFNExpertBank
+    from moe_dist.parallel import ParallelContext, parallelize
+
+    torch.manual_seed(0)
+    ours = MoE(FFNExpertBank.create(num_experts, hidden_size=HIDDEN, ffn_size=FFN),
+               torch.nn.Linear(HIDDEN, num_experts, bias=False), routing="topk", top_k=K, output_kind="logits")
+    ctx = ParallelContext.create(EP, num_experts)
+    parallelize(ours, ctx)
+    layers = {"ours": ours}
+    if with_deepspeed:
+        import deepspeed
+
+        for name, drop, cf in (("deepspeed", False, 1.0), ("deepspeed-cf1", True, 1.0)):
+            layer = deepspeed.moe.layer.MoE(hidden_size=HIDDEN, expert=FFNExpert(HIDDEN, FFN),
+                                            num_experts=num_experts, ep_size=EP, k=K, drop_tokens=drop,
+                                            capacity_factor=cf, eval_capacity_factor=cf, use_rts=False,
+                                            min_capacity=0, top2_2nd_expert_sampling=False)
+            layer.set_deepspeed_parallelism()
+            with torch.no_grad():
+                layer.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
+                for mine, expert in zip(ours.experts.to_modules(), layer.deepspeed_moe.experts.deepspeed_experts):
+                    expert.load_state_dict(mine.state_dict())
+            layers[name] = layer
+    return layers, ctx
+
+
+class DenseExperts(torch.nn.Module):
+    """This rank's experts on ``rows`` rows in total, no routing: ``[L, rows / L, HIDDEN]``."""
+
+    def __init__(self, num_local: int, rows: int):
+        super().__init__()
+        from moe_dist.models.ffn import FFNExpertBank
+
+        torch.manual_seed(0)
+        self.bank = FFNExpertBank.create(num_local, hidden_size=HIDDEN, ffn_size=FFN)
+        self.rows = rows
+
+    def forward(self, x):
+        L = self.bank.num_experts
+        n = self.rows // L
+        x_LND = x.repeat(math.ceil(self.rows / x.shape[0]), 1)[: L * n].view(L, n, -1)
+        return self.bank(x_LND, shared=False)[0]
+
+
+def layer_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor):
+    xi = x.requires_grad_(True) if not x.requires_grad else x
+    out = layer(xi)
+    if name == "dense":
+        (out * cotangent.repeat(math.ceil(out.numel() / cotangent.numel()), 1).view(-1)[: out.numel()]
+         .view_as(out)).sum().backward()
+        layer.zero_grad(set_to_none=True)
+        return out
+    y = out.output if name == "ours" else out[0]
+    (y * cotangent).sum().backward()
+    layer.zero_grad(set_to_none=True)
+    xi.grad = None
+    return out
+
+
+class ByteCounter:
+    """Wraps dist.all_to_all_single: bytes this rank sends to *other* ranks."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._orig = dist.all_to_all_single
+
+    def __enter__(self):
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            n = dist.get_world_size(group)
+            me = dist.get_rank(group)
+            rows = input.shape[0] if input.dim() else 1
+            splits = input_split_sizes or [rows // n] * n
+            row_bytes = input.numel() * input.element_size() // max(rows, 1)
+            self.bytes += (sum(splits) - splits[me]) * row_bytes
+            return self._orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+        dist.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self._orig
+
+
+def timed_steps(layers: dict, x, cotangent, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time of each layer; sides alternate; each step's time is the slower rank's."""
+    times = {name: [] for name in layers}
+    for step in range(warmup + steps):
+        for name, layer in layers.items():
+            dist.barrier()
+            start = time.perf_counter()
+            layer_step(name, layer, x.clone(), cotangent)
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step >= warmup:
+                times[name].append(float(elapsed))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    with_ds = args.deepspeed
+    if with_ds:
+        from moe_dist.parallel.deepspeed_engine import import_deepspeed
+
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(out_path).parent / "torch_extensions"))
+        import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    result: dict = {"tokens_per_rank": args.tokens, "hidden": HIDDEN, "ffn": FFN, "k": K, "ep_size": EP,
+                    "threads_per_rank": 1}
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(args.tokens, HIDDEN, generator=g)
+    cot = torch.randn(args.tokens, HIDDEN, generator=g)
+
+    # ---- main comparison, E = 8
+    layers, ctx = build_layers(8, with_ds)
+    with torch.no_grad():  # routing balance and the minimum bytes of this routing
+        stats = layers["ours"](x).routing_stats
+    t = timed_steps({**layers, "dense": DenseExperts(8 // EP, stats["expert_rows"])}, x, cot,
+                    args.steps, args.warmup)
+    t_dense = t.pop("dense")
+    if rank == 0:
+        result["step_seconds"] = t
+        result["tokens_per_second"] = {n: EP * args.tokens / v for n, v in t.items()}
+        result["dense_step_seconds"] = t_dense
+        result["overhead_ratio"] = {n: v / t_dense for n, v in t.items()}
+
+    # ---- bytes per step (forward + backward), this rank to the other
+    sent = {}
+    for name, layer in layers.items():
+        with ByteCounter() as counter:
+            layer_step(name, layer, x.clone(), cot)
+        sent[name] = counter.bytes
+    row_bytes = HIDDEN * 4
+    minimum = stats["min_remote_rows"] * row_bytes * 2 * 2  # there and back, forward and backward
+    totals = torch.tensor([float(sent[n]) for n in layers] + [float(minimum)])
+    dist.all_reduce(totals)
+    if rank == 0:
+        names = list(layers)
+        result["bytes_sent_per_step"] = {n: totals[i].item() / world for i, n in enumerate(names)}
+        result["bytes_minimum_per_step"] = totals[-1].item() / world
+        result["bytes_ratio_to_minimum"] = {n: totals[i].item() / totals[-1].item() for i, n in enumerate(names)}
+        result["routed_rows_per_rank_ours"] = stats["routed"]
+        result["padding_ratio_ours"] = 1 - stats["expert_rows"] / stats["padded_rows"]
+    del layers
+
+    # ---- step time vs number of experts, fixed k (all sizes interleaved, like the sides)
+    swept = {}
+    for E in args.experts:
+        layers, _ = build_layers(E, with_ds)
+        layers.pop("deepspeed-cf1", None)
+        swept.update({(E, n): layer for n, layer in layers.items()})
+    names = {key: key[1] for key in swept}
+    times = {key: [] for key in swept}
+    for step in range(1 + args.steps):
+        for key, layer in swept.items():
+            dist.barrier()
+            start = time.perf_counter()
+            layer_step(names[key], layer, x.clone(), cot)
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step:
+                times[key].append(float(elapsed))
+    sweep = {E: {n: statistics.median(times[(E, n)]) for (E2, n) in swept if E2 == E} for E in args.experts}
+    if rank == 0:
+        result["experts_sweep_step_seconds"] = {str(E): v for E, v in sweep.items()}
+        first, last = args.experts[0], args.experts[-1]
+        result["t_last_over_t_first"] = {n: sweep[last][n] / sweep[first][n] for n in sweep[first]}
+        Path(out_path).write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(r: dict, experts: list[int]) -> str:
+    lines = [f"E = 8, k = {r['k']}, hidden {r['hidden']}, FFN {r['ffn']}, {r['tokens_per_rank']} tokens per rank, "
+             f"ep_size {r['ep_size']}, 2 gloo processes x 1 thread",
+             f"{'layer':<15} {'step s':>8} {'tokens/s':>10} {'overhead':>9} {'MB sent':>8} {'/ minimum':>9}"]
+    for n, t in r["step_seconds"].items():
+        lines.append(f"{n:<15} {t:>8.3f} {r['tokens_per_second'][n]:>10.0f} {r['overhead_ratio'][n]:>9.2f} "
+                     f"{r['bytes_sent_per_step'][n] / 2**20:>8.2f} {r['bytes_ratio_to_minimum'][n]:>9.2f}")
+    lines.append(f"{'dense':<15} {r['dense_step_seconds']:>8.3f}  (the same expert FLOPs per process, no dispatch)")
+    lines.append(f"minimum bytes per step per rank: {r['bytes_minimum_per_step'] / 2**20:.2f} MB; "
+                 f"our padding ratio {r['padding_ratio_ours']:.3f}")
+    lines.append("step seconds vs number of experts (k fixed):")
+    sweep = r["experts_sweep_step_seconds"]
+    names = list(next(iter(sweep.values())))
+    lines.append(f"{'E':>4} " + " ".join(f"{n:>10}" for n in names))
+    for E in experts:
+        lines.append(f"{E:>4} " + " ".join(f"{sweep[str(E)][n]:>10.3f}" for n in names))
+    lines.append(f"t(E={experts[-1]})/t(E={experts[0]}): "
+                 + ", ".join(f"{n} {v:.2f}" for n, v in r["t_last_over_t_first"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 2 steps")
+    parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false")
+    parser.add_argument("--json", default="", help="also write the numbers to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.steps, args.warmup, args.experts = 512, 2, 1, [4, 16]
+    if args.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            print("DeepSpeed not installed: measuring ours and dense only")
+            args.deepspeed = False
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(worker, args=(2, port, args, str(out)), nprocs=2, start_method="spawn")
+        result = json.loads(out.read_text())
+    print(report(result, args.experts))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Collectives with autograd, over process groups, for tensors whose row counts differ by rank.
+
+Gradient convention (the one the whole package relies on): every rank's loss is its *share*
+of the global loss, ``L = sum_r L_r``, and each collective's backward is its exact adjoint:
+
+* ``all_reduce_sum``: y_r = sum_s x_s on every rank, so dL/dx_s = sum_r dL/dy_r: the
+  backward is again an all-reduce (as in ``torch.distributed.nn``);
+* ``all_gather_rows``: y_r = cat_s x_s, so dL/dx_s = sum_r (dL/dy_r)[rows of s]: a
+  reduce-scatter, done here with one all-to-all and a local sum (gloo has no reduce_scatter);
+* ``all_to_all_rows``: a permutation of rows across ranks; the backward sends the gradients
+  back along the reverse splits.
+
+A parameter replicated on several ranks then gets ``dL/dtheta = sum_r dL/dtheta_r``: the
+gradient reduction *sums* (``moe_dist.parallel.grads``). Every collective here is called by
+every rank of its group, with zero rows if need be, so no rank can wait forever.
+
+``group=None`` is the default (world) group.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_reduce_sum", "all_reduce_max", "all_gather_rows", "all_to_all_rows",
+           "all_to_all_counts", "group_size"]
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the group's ranks; differentiable (backward: all-reduce of the gradients)."""
+    if not x.requires_grad:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+    return _AllReduceSum.apply(x, group)
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Elementwise maximum over the group's ranks (no gradient)."""
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def _gather_padded(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """all_gather of row blocks of different lengths: pad each to the longest, gather, strip."""
+    longest = max(sizes)
+    padded = x.new_zeros((longest,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...], index: int, group):
+        ctx.sizes, ctx.index, ctx.group = sizes, index, group
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad_G: torch.Tensor):
+        n = ctx.sizes[ctx.index]
+        # rank s receives every rank's gradient for its own rows and sums them
+        recv = _all_to_all(grad_G, [n] * len(ctx.sizes), ctx.sizes, ctx.group)
+        grad = recv.view(len(ctx.sizes), n, *grad_G.shape[1:]).sum(0)
+        return grad, None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], index: int,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate the row blocks of all ranks of ``group`` in rank order.
+
+    ``sizes[i]`` is the row count of the group's i-th rank and ``index`` this rank's position
+    in the group. Differentiable when ``x`` requires grad (backward: reduce-scatter).
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if x.shape[0] != sizes[index]:
+        raise ValueError(f"this rank has {x.shape[0]} rows but sizes[{index}] = {sizes[index]}")
+    if not x.requires_grad:
+        return _gather_padded(x, sizes, group)
+    return _AllGatherRows.apply(x, sizes, index, group)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: tuple[int, ...], in_splits: tuple[int, ...], group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Send rows ``in_splits[j]`` (consecutive, in order) to rank j of the group; receive
+    ``out_splits[j]`` rows from rank j, concatenated in rank order. Differentiable."""
+    out_splits = tuple(int(s) for s in out_splits)
+    in_splits = tuple(int(s) for s in in_splits)
+    if not x.requires_grad:
+        return _all_to_all(x, out_splits, in_splits, group)
+    return _AllToAllRows.apply(x, out_splits, in_splits, group)
+
+
+def all_to_all_counts(counts_PE: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Exchange per-destination count rows: row j of ``counts_PE`` goes to rank j; the result's
+    row j is what rank j sent to this rank. Shape ``[P, ...]`` in and out, P = group size."""
+    counts_PE = counts_PE.contiguous()
+    out = torch.empty_like(counts_PE)
+    dist.all_to_all_single(out, counts_PE, group=group)
+    return out

@@ -1,0 +1,114 @@
+"""Expert-parallel and expert-data-parallel process groups (design.md, choice 3).
+
+Every rank holds a distinct share of the global batch (data parallelism over the whole
+world). The world is cut into blocks of ``ep_size`` consecutive ranks, the expert-parallel
+(EP) groups: the ranks of one block share the E experts, ``E / ep_size`` each, rank
+``ep_rank`` of a block holding global experts ``ep_rank * E_local .. (ep_rank + 1) * E_local - 1``.
+Ranks with the same ``ep_rank`` in different blocks hold the same experts: they form the
+expert-data-parallel (EDP) groups, over which expert gradients are summed. Consecutive
+blocks keep the all-to-all inside a node when ``ep_size`` divides the processes per node.
+
+World 4, ep_size 2: EP groups {0, 1}, {2, 3}; EDP groups {0, 2}, {1, 3}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from moe_dist.errors import ConfigError
+
+__all__ = ["ParallelContext", "check_layout"]
+
+
+def check_layout(world_size: int, ep_size: int, num_experts: int | None) -> None:
+    """Raise ConfigError unless ``ep_size`` divides the world size and the expert count."""
+    if ep_size < 1:
+        raise ConfigError(f"parallel.ep_size={ep_size} must be a positive integer")
+    if world_size % ep_size:
+        raise ConfigError(f"parallel.ep_size={ep_size} does not divide the world size {world_size}: "
+                          f"launch a multiple of {ep_size} processes")
+    if num_experts is not None and num_experts % ep_size:
+        raise ConfigError(f"moe.num_experts={num_experts} is not divisible by parallel.ep_size={ep_size}")
+
+
+@dataclass
+class ParallelContext:
+    """This rank's place in the data-, expert- and expert-data-parallel layout.
+
+    Build it with :meth:`create` (all ranks, same arguments, after the default process group
+    exists) or :meth:`local` (one process). Groups of one rank are ``None``: nothing to
+    communicate.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    ep_size: int = 1
+    ep_group: dist.ProcessGroup | None = None
+    """The ranks that share the experts (None when ep_size == 1)."""
+    edp_group: dist.ProcessGroup | None = None
+    """The ranks holding the same experts (None when world_size == ep_size)."""
+    ep_ranks: list[int] = field(default_factory=lambda: [0])
+    edp_ranks: list[int] = field(default_factory=lambda: [0])
+
+    @classmethod
+    def local(cls) -> ParallelContext:
+        return cls()
+
+    @classmethod
+    def create(cls, ep_size: int = 1, num_experts: int | None = None) -> ParallelContext:
+        """Build the groups of the current default process group (a single process: local)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            check_layout(1, ep_size, num_experts)
+            return cls.local()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        check_layout(world, ep_size, num_experts)
+        ctx = cls(rank=rank, world_size=world, ep_size=ep_size)
+        # new_group is collective over the whole world: every rank creates every group, in
+        # the same order, and keeps its own.
+        if ep_size > 1:
+            for start in range(0, world, ep_size):
+                ranks = list(range(start, start + ep_size))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    ctx.ep_group, ctx.ep_ranks = group, ranks
+        else:
+            ctx.ep_ranks = [rank]
+        if world > ep_size:
+            for offset in range(ep_size):
+                ranks = list(range(offset, world, ep_size))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    ctx.edp_group, ctx.edp_ranks = group, ranks
+        else:
+            ctx.edp_ranks = [rank]
+        return ctx
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_rank(self) -> int:
+        """Position in the EP group: which block of experts this rank holds."""
+        return self.rank % self.ep_size
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The data-parallel group: the whole world (None: the default group)."""
+        return None
+
+    def local_experts(self, num_experts: int) -> range:
+        """Global ids of the experts this rank holds."""
+        check_layout(self.world_size, self.ep_size, num_experts)
+        per_rank = num_experts // self.ep_size
+        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}, ep_size {self.ep_size} "
+                f"(EP group {self.ep_ranks}, expert-data-parallel group {self.edp_ranks})")
