@@ -23,6 +23,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+"$PY" -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$constraints"
 pip_q -c "$constraints" -e ".[$EXTRAS]"
 "$PY" -c "import torch, moe_dist; print(f'moe_dist ready in $VENV (torch {torch.__version__})')"
