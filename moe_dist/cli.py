@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if payload is None:
         raise MoEDistError(f"{run_dir}/checkpoints has no checkpoint to evaluate")
     trainer = Trainer(cfg)
-    trainer.accelerator.unwrap_model(trainer.model).load_state_dict(payload["model"])
+    trainer.load_model_state(payload["model"])
     metrics = trainer.evaluate(trainer.train_split if args.split == "train" else None)
     if args.json:
         print(json.dumps(metrics, indent=1))
