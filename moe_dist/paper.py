@@ -52,6 +52,28 @@ _SYNTHETIC = {
 }
 
 
+#: results/*_final_pretrained_results.csv (paper-spec A.6): means of test error, final train loss,
+#: I(E;Y), H_s and H_u (the column order of moe_dist.experiments.pretrained.COLUMNS).
+PRETRAINED_GATE: dict[str, dict[str, tuple[float, ...]]] = {
+    "mnist10k": {
+        "scratch": (0.09, 0.13, 1.51, 0.24, 1.91),
+        "scratch_same_wts": (0.09, 0.13, 1.54, 0.24, 1.91),
+        "scratch_rand_wts": (0.12, 0.19, 1.56, 0.24, 1.91),
+        "pretrained_gate": (0.08, 0.05, 2.32, 0.11, 2.32),
+        "prechosen_same_wts": (0.08, 0.04, 2.32, 0.11, 2.32),
+        "prechosen_rand_wts": (0.08, 0.05, 2.32, 0.11, 2.32),
+    },
+    "fmnist_mnist": {
+        "scratch": (0.10, 0.18, 1.75, 0.13, 1.73),
+        "scratch_same_wts": (0.11, 0.18, 1.77, 0.13, 1.81),
+        "scratch_rand_wts": (0.14, 0.28, 1.77, 0.13, 1.82),
+        "pretrained_gate": (0.10, 0.14, 2.58, 0.21, 2.38),
+        "prechosen_same_wts": (0.10, 0.13, 2.58, 0.21, 2.37),
+        "prechosen_rand_wts": (0.10, 0.13, 2.58, 0.21, 2.50),
+    },
+}
+
+
 def published(name: str) -> dict[str, float]:
     """The paper's numbers for an experiment name such as ``fmnist/vanilla_ls`` or
     ``synthetic/s1_moe_nonlinear``; empty when the paper has none."""

@@ -47,6 +47,7 @@ from moe_dist.data import Dataset, load_dataset
 from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments.distill import (PART_PREFIXES, is_complete, latest_weights, model_state,
                                           reject_overrides, tensors_identical, with_values)
+from moe_dist.paper import PRETRAINED_GATE
 from moe_dist.train.checkpoint import save_checkpoint
 
 CONFIG_DIR = REPO_ROOT / "configs" / "section4"
@@ -91,25 +92,6 @@ OWNED_KEYS = ("name", "run_dir", "seed", "model.kind", "train.init_from", "train
 #: Summary columns: metrics.json key, heading (paper-spec A.6 reporting).
 COLUMNS = (("test_error", "test err"), ("final_train_loss", "train loss"),
            ("mutual_information", "I(E;Y)"), ("sample_entropy", "H_s"), ("usage_entropy", "H_u"))
-#: results/*_final_pretrained_results.csv (paper-spec A.6): means, in COLUMNS order.
-PAPER: dict[str, dict[str, tuple[float, ...]]] = {
-    "mnist10k": {
-        "scratch": (0.09, 0.13, 1.51, 0.24, 1.91),
-        "scratch_same_wts": (0.09, 0.13, 1.54, 0.24, 1.91),
-        "scratch_rand_wts": (0.12, 0.19, 1.56, 0.24, 1.91),
-        "pretrained_gate": (0.08, 0.05, 2.32, 0.11, 2.32),
-        "prechosen_same_wts": (0.08, 0.04, 2.32, 0.11, 2.32),
-        "prechosen_rand_wts": (0.08, 0.05, 2.32, 0.11, 2.32),
-    },
-    "fmnist_mnist": {
-        "scratch": (0.10, 0.18, 1.75, 0.13, 1.73),
-        "scratch_same_wts": (0.11, 0.18, 1.77, 0.13, 1.81),
-        "scratch_rand_wts": (0.14, 0.28, 1.77, 0.13, 1.82),
-        "pretrained_gate": (0.10, 0.14, 2.58, 0.21, 2.38),
-        "prechosen_same_wts": (0.10, 0.13, 2.58, 0.21, 2.37),
-        "prechosen_rand_wts": (0.10, 0.13, 2.58, 0.21, 2.50),
-    },
-}
 DATA_NOTES = {
     "mnist10k": "MNIST here is the mnist10k split (8,000 train / 2,000 test images of the real MNIST "
                 "test set), not the paper's first 10,000 / 2,000 of MNIST train / test.",
@@ -274,7 +256,7 @@ class PretrainedGateStudy:
         for stage in STAGES:
             metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in runs.get(stage, [])]
             row: dict[str, Any] = {"stage": stage, "runs": len(metrics)}
-            for (key, _), paper in zip(COLUMNS, PAPER[self.dataset][stage]):
+            for (key, _), paper in zip(COLUMNS, PRETRAINED_GATE[self.dataset][stage]):
                 values = [m[key] for m in metrics if m.get(key) is not None]
                 row[key] = sum(values) / len(values) if values else None
                 row[f"paper_{key}"] = paper
