@@ -93,4 +93,5 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, loss_cfg: LossConfig
                noise_std=moe_cfg.noise_std, eval_noise=moe_cfg.eval_noise,
                temperature=moe_cfg.temperature, importance_weight=loss_cfg.importance_weight,
                ls_beta=loss_cfg.ls_beta, ls_gamma=loss_cfg.ls_gamma,
-               ls_variant=loss_cfg.ls_variant, ls_squared=loss_cfg.ls_squared)
+               ls_variant=loss_cfg.ls_variant, ls_squared=loss_cfg.ls_squared,
+               capacity_factor=moe_cfg.capacity_factor)

@@ -49,7 +49,7 @@ from moe_dist.metrics import EvalAccumulator, dispatch_entropy
 from moe_dist.models import build_model
 from moe_dist.parallel import (GradientReducer, ParallelContext, destroy_distributed, full_model_state,
                                full_optimizer_state, init_distributed, load_full_model_state,
-                               load_full_optimizer_state, moe_modules, parallelize)
+                               load_full_optimizer_state, parallelize)
 from moe_dist.parallel.deepspeed_engine import build_engine, deepspeed_context, init_deepspeed
 from moe_dist.plots import selection_heatmap
 from moe_dist.train.checkpoint import load_checkpoint, save_checkpoint
@@ -156,8 +156,6 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.moe, cfg.loss, self.data.num_classes, self.data.input_shape)
-        for _, moe in moe_modules(model):
-            moe.capacity_factor = cfg.moe.capacity_factor
         if cfg.train.init_from:
             self._init_from(model, cfg.train.init_from)
         # Every rank built all E experts from the same seed; keep this rank's (expert e has
