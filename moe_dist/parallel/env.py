@@ -147,7 +147,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
     """Join the job's default process group if there is more than one process.
 
     A no-op for a single process and when a group already exists (accelerate or DeepSpeed
-    created it). ``backend`` defaults to nccl with CUDA, else gloo.
+    created it). ``backend`` defaults to nccl (CUDA tensors) + gloo (CPU tensors) with CUDA, else gloo.
     """
     info = world_info_from_env()
     if not info.distributed or dist.is_initialized():
@@ -158,8 +158,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
         return info
     _export_rendezvous(info, os.environ)  # type: ignore[arg-type]
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        # NCCL for CUDA tensors (dispatch, gradients); gloo for the few CPU tensors the
+        # trainer reduces (epoch counts), which an NCCL-only group rejects.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=timedelta(seconds=timeout_s))

@@ -207,9 +207,10 @@ class Trainer:
         model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
 
     def _resume(self) -> None:
-        # accelerate names the CPU "cpu:0" in multi-process runs, which torch.load rejects
-        where = "cpu" if self.device.type == "cpu" else self.device
-        payload = load_checkpoint(self.ckpt_dir, map_location=where)
+        # Loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors
+        # (torch.set_rng_state rejects a CUDA tensor), and load_state_dict copies weights and
+        # optimizer moments to their parameters' device.
+        payload = load_checkpoint(self.ckpt_dir, map_location="cpu")
         if payload is None:
             return
         saved = from_dict(payload["config"])

@@ -1,0 +1,60 @@
+"""The CUDA path: device placement, resumption and bf16 autocast on a GPU.
+
+Skipped where torch sees no CUDA device (CI); run on a GPU machine with
+``python -m pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CONFIGS, tiny_mnist
+from moe_dist.config import load_config
+from moe_dist.train.checkpoint import load_checkpoint
+from moe_dist.train.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MNIST_VANILLA = CONFIGS / "mnist" / "vanilla.yaml"
+
+
+def train(run_dir, root, *extra):
+    return Trainer(load_config(MNIST_VANILLA, tiny_mnist(run_dir, root, "train.device=cuda", *extra))).fit()
+
+
+def test_training_runs_on_the_gpu(tmp_path, data_root):
+    cfg = load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "run", data_root, "train.device=cuda"))
+    trainer = Trainer(cfg)
+    assert trainer.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in trainer.module.parameters())
+    result = trainer.fit()
+    assert result["hardware"] == torch.cuda.get_device_name(trainer.device)
+    assert result["peak_memory_mb"] > 0
+    assert result["test_error"] < 0.5
+
+
+def test_interrupted_run_resumes_bit_identically_on_the_gpu(tmp_path, data_root):
+    # The checkpoint's RNG states are CPU tensors; resuming on CUDA must restore them as such.
+    train(tmp_path / "straight", data_root)
+    train(tmp_path / "resumed", data_root, "train.epochs=1")
+    train(tmp_path / "resumed", data_root)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_bf16_keeps_the_gate_in_float32_and_tracks_fp32(tmp_path, data_root):
+    fp32 = train(tmp_path / "fp32", data_root, "train.epochs=3")
+    cfg = load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "bf16", data_root, "train.device=cuda",
+                                                "train.mixed_precision=bf16", "train.epochs=3"))
+    trainer = Trainer(cfg)
+    x = trainer.train_split.x[:64]
+    with trainer.accelerator.autocast():
+        out = trainer.model(x)
+    assert out.gate_probs.dtype == torch.float32
+    assert out.output.dtype == torch.float32
+    bf16 = trainer.fit()
+    for a, b in zip(fp32["history"], bf16["history"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * abs(a["train_loss"]) + 0.02
