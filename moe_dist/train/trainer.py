@@ -186,6 +186,7 @@ class Trainer:
         self.num_clusters = int(self.train_split.cluster.max()) + 1 if self.train_split.cluster is not None else 0
         self.writer: SummaryWriter | None = None
         self.bar: tqdm | None = None
+        self.step_seconds_by_rank: list[float] = []  # the last epoch's mean step time of every rank
 
     # ----------------------------------------------------------------------------- set-up
     def _init_from(self, model: torch.nn.Module, run_dir: str) -> None:
@@ -386,7 +387,7 @@ class Trainer:
             record["drop_rate"] = routing["dropped"] / routing["routed"]
             record["padding_ratio"] = 1.0 - routing["expert_rows"] / max(routing["padded_rows"], 1)
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
-        record["step_seconds_by_rank"] = self._step_seconds_by_rank(step_seconds / max(num_batches, 1))
+        self.step_seconds_by_rank = self._step_seconds_by_rank(step_seconds / max(num_batches, 1))
         if self.num_clusters and self.is_moe and seen:
             record["dispatch_entropy"] = dispatch_entropy(counts_KE.cpu())
         if stopped:
@@ -450,7 +451,7 @@ class Trainer:
                 tag = "moe/" + name if name in ("dispatch_entropy", "drop_rate", "padding_ratio") else f"train/{name}"
                 w.add_scalar(tag, v, epoch)
         w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch)
-        by_rank = record.get("step_seconds_by_rank") or []
+        by_rank = self.step_seconds_by_rank  # not in the history: timings differ between runs
         for rank, seconds in enumerate(by_rank):
             w.add_scalar(f"perf/step_seconds/rank{rank}", seconds, epoch)
         if by_rank:
