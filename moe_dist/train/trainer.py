@@ -430,7 +430,8 @@ class Trainer:
 
     def _step_seconds_by_rank(self, mean_step_seconds: float) -> list[float]:
         """Every rank's mean step time this epoch (one small all-gather), for the main rank's
-        ``perf/step_seconds/*``: a slow rank shows even though all ranks wait for it."""
+        ``perf/step_seconds/*``. Ranks wait for each other in the collectives, so the times
+        differ by the work outside them (optimizer step, data)."""
         if not self.ctx.distributed:
             return [mean_step_seconds]
         mine = torch.tensor([mean_step_seconds], dtype=torch.float64)
