@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The papers' procedures register their own subcommands (moe_dist/experiments/*.py).
     for module in EXPERIMENT_COMMANDS:
         importlib.import_module(f"moe_dist.experiments.{module}").register(sub)
+    importlib.import_module("moe_dist.train.board").register(sub)  # moe-dist tensorboard
     return parser
 
 

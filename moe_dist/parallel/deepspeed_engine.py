@@ -33,7 +33,14 @@ from moe_dist.parallel.groups import ParallelContext, check_layout
 from moe_dist.parallel.model import moe_modules
 
 __all__ = ["import_deepspeed", "init_deepspeed", "deepspeed_context", "mark_expert_parameters",
-           "build_engine", "expert_group_name"]
+           "build_engine", "expert_group_name", "check_zero_stage"]
+
+
+def check_zero_stage(zero_stage: int) -> None:
+    """ZeRO 0-2 only: DeepSpeed's MoE support stops before ZeRO-3 (design.md)."""
+    if zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1 or 2 "
+                          "(DeepSpeed's MoE does not support ZeRO-3)")
 
 
 def import_deepspeed():
@@ -143,9 +150,7 @@ def build_engine(model: nn.Module, build_optimizer: Callable[..., torch.optim.Op
     """``deepspeed.initialize`` with a client torch optimizer (no FusedAdam JIT) whose expert
     parameters sit in their own groups. ``build_optimizer(split_groups=...)`` builds it.
     Returns the engine and the client optimizer (for the LR schedule and checkpoints)."""
-    if zero_stage not in (0, 1, 2):
-        raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1 or 2 "
-                          "(DeepSpeed's MoE does not support ZeRO-3)")
+    check_zero_stage(zero_stage)
     deepspeed = import_deepspeed()
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 

@@ -38,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 from tqdm.auto import tqdm
 
 from moe_dist import losses
@@ -185,6 +186,7 @@ class Trainer:
         self.num_clusters = int(self.train_split.cluster.max()) + 1 if self.train_split.cluster is not None else 0
         self.writer: SummaryWriter | None = None
         self.bar: tqdm | None = None
+        self.step_seconds_by_rank: list[float] = []  # the last epoch's mean step time of every rank
 
     # ----------------------------------------------------------------------------- set-up
     def _init_from(self, model: torch.nn.Module, run_dir: str) -> None:
@@ -349,10 +351,13 @@ class Trainer:
         batches = self.train_batches.batches(epoch)
         stopped = False
         routing = {"routed": 0, "dropped": 0, "expert_rows": 0, "padded_rows": 0}
+        step_seconds = 0.0
         for index, (x, y_B, idx_B) in enumerate(batches):
             if self.data.augment == "cifar":
                 x = cifar_augment(x, augment_gen)
+            step_start = time.perf_counter()
             parts, out, stopped = self.train_step(x, y_B, self._global_batch_size(self.train_batches, index))
+            step_seconds += time.perf_counter() - step_start
             if stopped:
                 break
             for k in routing:
@@ -383,6 +388,7 @@ class Trainer:
             record["drop_rate"] = routing["dropped"] / routing["routed"]
             record["padding_ratio"] = 1.0 - routing["expert_rows"] / max(routing["padded_rows"], 1)
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
+        self.step_seconds_by_rank = self._step_seconds_by_rank(step_seconds / max(num_batches, 1))
         if self.num_clusters and self.is_moe and seen:
             record["dispatch_entropy"] = dispatch_entropy(counts_KE.cpu())
         if stopped:
@@ -423,6 +429,19 @@ class Trainer:
                 dist.all_reduce(t)
         return acc.compute()
 
+    def _step_seconds_by_rank(self, mean_step_seconds: float) -> list[float]:
+        """Every rank's mean step time this epoch (one small all-gather), for the main rank's
+        ``perf/step_seconds/*``. Ranks wait for each other in the collectives, so the times
+        differ by the work outside them (optimizer step, data)."""
+        if not self.ctx.distributed:
+            return [mean_step_seconds]
+        mine = torch.tensor([mean_step_seconds], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            mine = mine.to(self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, mine)
+        return [float(t) for t in gathered]
+
     # ----------------------------------------------------------------------------- schedule
     def _log(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
         if self.writer is None:
@@ -434,6 +453,12 @@ class Trainer:
                 tag = "moe/" + name if name in ("dispatch_entropy", "drop_rate", "padding_ratio") else f"train/{name}"
                 w.add_scalar(tag, v, epoch)
         w.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch)
+        by_rank = self.step_seconds_by_rank  # not in the history: timings differ between runs
+        for rank, seconds in enumerate(by_rank):
+            w.add_scalar(f"perf/step_seconds/rank{rank}", seconds, epoch)
+        if by_rank:
+            w.add_scalar("perf/step_seconds/max", max(by_rank), epoch)
+            w.add_scalar("perf/step_seconds/mean", sum(by_rank) / len(by_rank), epoch)
         if metrics is None:
             return
         w.add_scalar("eval/error", metrics["error"], epoch)
@@ -538,6 +563,10 @@ class Trainer:
                 scalars = {f"hparam/{k}": result[k] for k in
                            ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy")
                            if isinstance(result.get(k), (int, float))}
-                self.writer.add_hparams(hparams, scalars, run_name=".")
+                # into the run's one event stream (add_hparams would open a second file)
+                for summary in hparams_summary(hparams, scalars):
+                    self.writer.file_writer.add_summary(summary)
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value)
                 self.writer.close()
         return result
