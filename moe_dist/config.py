@@ -160,6 +160,9 @@ class TrainConfig:
     """auto (CUDA when present) | cpu | cuda."""
     mixed_precision: str = "no"
     """no | bf16 | fp16 autocast; the gate and its losses stay in float32."""
+    deterministic: bool = False
+    """CUDA: deterministic kernels only (torch.use_deterministic_algorithms), so a run and its
+    resumption are bit-identical on a GPU as they are on the CPU; slower."""
     progress: bool = True
     """Show a progress bar on the main process."""
     num_threads: int = 0
@@ -213,6 +216,10 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check every value and the relations between them; raise ConfigError on the first fault."""
+    # YAML reads a bare `no` (accelerate's name for full precision) as false, which a str
+    # field stores as "False": `train.mixed_precision=no` must mean "no".
+    if cfg.train.mixed_precision in ("False", "false"):
+        cfg.train.mixed_precision = "no"
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

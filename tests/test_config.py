@@ -23,6 +23,15 @@ def test_overrides_apply_in_order():
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.train.epochs, cfg.seed) == (8, 2, 3, 7)
 
 
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    # `no` is a YAML boolean; the override and a config file must both mean full precision.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["moe.experts=3"], "unknown key 'moe.experts'"),
     (["bogus=1"], "unknown key 'bogus'"),

@@ -31,14 +31,20 @@ def test_training_runs_on_the_gpu(tmp_path, data_root):
     result = trainer.fit()
     assert result["hardware"] == torch.cuda.get_device_name(trainer.device)
     assert result["peak_memory_mb"] > 0
-    assert result["test_error"] < 0.5
+    # the same seed on the CPU follows the same curve (kernels differ only in rounding)
+    cpu = Trainer(load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "cpu", data_root, "train.device=cpu"))).fit()
+    for a, b in zip(result["history"], cpu["history"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-2 * a["train_loss"], (a, b)
+    assert abs(result["test_error"] - cpu["test_error"]) <= 0.01
 
 
 def test_interrupted_run_resumes_bit_identically_on_the_gpu(tmp_path, data_root):
     # The checkpoint's RNG states are CPU tensors; resuming on CUDA must restore them as such.
-    train(tmp_path / "straight", data_root)
-    train(tmp_path / "resumed", data_root, "train.epochs=1")
-    train(tmp_path / "resumed", data_root)
+    # GPU kernels with atomics (convolution backward, scatter-add) differ run to run unless
+    # deterministic algorithms are asked for.
+    train(tmp_path / "straight", data_root, "train.deterministic=true")
+    train(tmp_path / "resumed", data_root, "train.deterministic=true", "train.epochs=1")
+    train(tmp_path / "resumed", data_root, "train.deterministic=true")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints")["model"]
     for name in a:

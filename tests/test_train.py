@@ -74,9 +74,10 @@ def test_eval_command_reproduces_final_metrics(tmp_path, data_root, capsys):
 ], ids=["synthetic-noisy-topk", "mnist-attentive-ls"])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, data_root, config, make):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    full = train(config, make(straight, data_root))
-    train(config, make(resumed, data_root) + ["train.epochs=2"])  # "interrupted" after epoch 2
-    again = train(config, make(resumed, data_root))  # restarted: resumes without extra flags
+    cpu = ["train.device=cpu"]  # bit-identical on a GPU needs train.deterministic (test_gpu.py)
+    full = train(config, make(straight, data_root) + cpu)
+    train(config, make(resumed, data_root) + cpu + ["train.epochs=2"])  # "interrupted" after epoch 2
+    again = train(config, make(resumed, data_root) + cpu)  # restarted: resumes without extra flags
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()
     for name in a:
@@ -151,3 +152,13 @@ def test_single_model_on_cluster_data_has_no_routing_metrics(tmp_path):
     assert 0.0 <= metrics["test_error"] <= 1.0
     assert "dispatch_entropy" not in metrics and "mutual_information" not in metrics
     assert all("dispatch_entropy" not in h for h in metrics["history"])
+
+
+def test_trainers_with_different_precisions_share_a_process(tmp_path):
+    # accelerate's process-wide state would refuse the second precision (a study or a test
+    # that builds a bf16 trainer after a float32 one).
+    fp32 = train(SYNTHETIC_MOE, tiny_synthetic(tmp_path / "fp32", "train.epochs=2"))
+    bf16 = train(SYNTHETIC_MOE, tiny_synthetic(tmp_path / "bf16", "train.epochs=2", "train.mixed_precision=bf16"))
+    assert load_config(tmp_path / "bf16" / "config.yaml").train.mixed_precision == "bf16"
+    for a, b in zip(fp32["history"], bf16["history"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.1 * a["train_loss"] + 0.02

@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from tqdm.auto import tqdm
@@ -111,6 +112,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.deterministic:
+            # cuBLAS reads this when it creates its handle, i.e. at the first matrix product
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is available")
@@ -125,6 +131,9 @@ class Trainer:
                                   "gate too); use train.mixed_precision=no or engine=accelerate")
             init_deepspeed(cpu)
         self._owns_process_group &= dist.is_initialized()
+        # accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # precision; procedures (study, distill, tests) build several trainers in one process.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
         self.device = self.accelerator.device
         # One process holds every expert whatever parallel.ep_size says: checkpoints do not
