@@ -4,11 +4,12 @@ A shard folder, written by ``moe-dist data shards NAME --out DIR --shard-size N`
 ``train-000000.tar ...``, ``test-000000.tar ...`` (samples in split order, N per shard) and
 ``manifest.json``: the dataset's name, classes, input shape and dtype, the normalisation
 constants that rebuild the in-memory inputs, and per shard its file, first index, sample
-count, byte count and sha256. One sample is two tar members under the key ``%08d`` (its
-index in the split): ``input.npy`` (the image as uint8 [C, H, W], exactly as in the source
-files; synthetic data: the float32 [200] input) and ``meta.json`` (``index``, ``label``
-and, for synthetic data, ``cluster``). Normalising a stored image gives bit for bit the
-tensor `load_dataset` gives.
+count, byte count and sha256. One sample is one tar member, ``%08d.sample.npy`` (key: its index in
+the split): a .npy record with the fields ``input`` (the image as uint8 [C, H, W], exactly
+as in the source files; synthetic data: the float32 [200] input), ``label``, ``index`` and,
+for synthetic data, ``cluster`` (int64). One member rather than one per field halves the
+tar parsing, which dominates reading (benchmarks/bench_pipeline.py). Normalising a stored
+image gives bit for bit the tensor `load_dataset` gives.
 
 Reading (design.md, "Environment facts": shards that split unevenly over ranks give ranks
 different batch counts, which hangs data-parallel training):
@@ -31,7 +32,8 @@ different batch counts, which hangs data-parallel training):
   opened and again each time it is read; the bytes hashed are the bytes parsed. A shard
   that fails is skipped with a `ShardWarning` naming the file and counting the shards and
   samples skipped; tar or decoding errors that still occur are skipped with a counted
-  warning too (webdataset handler). Training streams draw a bounded number of shards, so a
+  warning too (webdataset handler), and a shard read to its end must yield its manifest's
+  sample count (tarfile ends an archive quietly at a truncated header). Training streams draw a bounded number of shards, so a
   stream that runs dry is an error, never a hang.
 
 `webdataset` is imported only here and only when shards are written or read (extra
@@ -114,12 +116,24 @@ def _stored_inputs(x: torch.Tensor, name: str) -> np.ndarray:
     return u8.numpy()
 
 
-def _npy_header(array: np.ndarray) -> bytes:
-    """The .npy header of one sample of `array` (all samples share it)."""
+def _records(inputs: np.ndarray, labels: torch.Tensor, cluster: torch.Tensor | None) -> np.ndarray:
+    """One structured record per sample: input, label, index (and cluster)."""
+    fields = [("input", inputs.dtype.str, inputs.shape[1:]), ("label", "<i8"), ("index", "<i8")]
+    if cluster is not None:
+        fields.append(("cluster", "<i8"))
+    records = np.zeros(len(inputs), dtype=np.dtype(fields))
+    records["input"], records["label"], records["index"] = inputs, labels.numpy(), np.arange(len(inputs))
+    if cluster is not None:
+        records["cluster"] = cluster.numpy()
+    return records
+
+
+def _npy_header(records: np.ndarray) -> bytes:
+    """The .npy header of one record, shape (1,) (all records of a split share it)."""
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array[0]), allow_pickle=False)
+    np.save(buf, records[:1], allow_pickle=False)
     blob = buf.getvalue()
-    return blob[:len(blob) - array[0].nbytes]
+    return blob[:len(blob) - records.itemsize]
 
 
 def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "", setting: str = "s1",
@@ -143,26 +157,21 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
 
     splits: dict[str, Any] = {}
     for split_name, split in (("train", data.train), ("test", data.test)):
-        inputs = _stored_inputs(split.x, name)
-        header = _npy_header(inputs)
-        labels, clusters = split.y.tolist(), (split.cluster.tolist() if split.cluster is not None else None)
+        records = _records(_stored_inputs(split.x, name), split.y, split.cluster)
+        header = _npy_header(records)
         shards = []
-        for number, start in enumerate(range(0, len(labels), shard_size)):
-            stop = min(start + shard_size, len(labels))
+        for number, start in enumerate(range(0, len(records), shard_size)):
+            stop = min(start + shard_size, len(records))
             path = out / f"{split_name}-{number:06d}.tar"
             partial_path = path.with_name(path.name + ".partial")
             with open(partial_path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="moe_dist",
                                                                 group="moe_dist") as writer:
                 for i in range(start, stop):
-                    meta = {"index": i, "label": labels[i]}
-                    if clusters is not None:
-                        meta["cluster"] = clusters[i]
-                    writer.write({"__key__": f"{i:08d}", "input.npy": header + inputs[i].tobytes(),
-                                  "meta.json": json.dumps(meta).encode()})
+                    writer.write({"__key__": f"{i:08d}", "sample.npy": header + records[i].tobytes()})
             os.replace(partial_path, path)
             shards.append({"file": path.name, "first_index": start, "num_samples": stop - start,
                            "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
-        splits[split_name] = {"num_samples": len(labels), "shards": shards}
+        splits[split_name] = {"num_samples": len(records), "shards": shards}
 
     images = name != "synthetic"
     manifest = {
@@ -184,8 +193,9 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
                    "data_seed": (synthetic.SETTINGS[setting].seed if data_seed is None else data_seed)
                    if not images else None,
                    "train_size": train_size, "test_size": test_size},
-        "sample": {"__key__": "index in the split, %08d", "input.npy": "stored input (see input_dtype)",
-                   "meta.json": "index, label" + (", cluster" if not images else "")},
+        "sample": {"__key__": "index in the split, %08d",
+                   "sample.npy": "one record: input (input_dtype, input_shape), label, index"
+                                 + ("" if images else ", cluster") + " (int64)"},
         "splits": splits,
     }
     partial_manifest = out / (MANIFEST_NAME + ".partial")
@@ -241,7 +251,8 @@ def _warn_skipped_shard(info: ShardInfo, reason: str) -> None:
 def _warn_and_continue(exn: Exception) -> bool:
     """webdataset handler: count and report a tar or decoding error, skip, go on."""
     _SKIPPED["errors"] += 1
-    warnings.warn(f"skipped unreadable shard data: {exn}; this process has skipped "
+    what = "; ".join(dict.fromkeys(str(a) for a in exn.args if a is not None)) or type(exn).__name__
+    warnings.warn(f"skipped unreadable shard data: {what}; this process has skipped "
                   f"{_SKIPPED['errors']} tar/sample error(s)", ShardWarning, stacklevel=2)
     return True
 
@@ -316,6 +327,17 @@ class ShardSet:
 # Module-level functions bound with functools.partial: DataLoader workers pickle them.
 
 
+class _ShardBytes(io.BytesIO):
+    """A verified shard in memory; prints as its path, so tar errors name the file."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return str(self.path)
+
+
 def _open_verified(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterator[dict]:
     """url -> in-memory stream of the verified bytes; a failing shard is skipped and counted."""
     for item in src:
@@ -325,20 +347,49 @@ def _open_verified(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterato
         except _ShardFault as fault:
             _warn_skipped_shard(info, str(fault))
             continue
-        yield {"url": item["url"], "stream": io.BytesIO(data)}
+        yield {"url": item["url"], "stream": _ShardBytes(data, info.path)}
 
 
-class _NpyDecoder:
-    """Decodes the .npy members: parses each distinct header once (all samples of a split
-    share one), then views the bytes (np.load per sample costs ~50x more)."""
+def _count_samples(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterator[dict]:
+    """Checks that every shard read to its end yielded its manifest's sample count (one tar
+    member per sample): Python's tarfile ends an archive silently at a truncated header."""
+    url, count = None, 0
 
-    def __init__(self, shape: tuple[int, ...], dtype: str):
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self.headers: dict[bytes, int] = {}
+    def check() -> None:
+        if url is not None and count != shards[url].num_samples:
+            info = shards[url]
+            lost = info.num_samples - count
+            _SKIPPED["samples"] += max(lost, 0)
+            warnings.warn(f"shard {info.path} ended after {count} of {info.num_samples} samples (truncated or "
+                          f"corrupt tar): {lost} samples lost; this process has skipped {_SKIPPED['samples']} "
+                          f"samples", ShardWarning, stacklevel=3)
 
-    def __call__(self, blob: bytes) -> np.ndarray:
+    for item in src:
+        if not item:  # tar_file_expander's end-of-shard marker
+            check()
+            url, count = None, 0
+        elif item["__url__"] != url:  # a new shard (the previous one may have failed mid-way)
+            check()
+            url, count = item["__url__"], 1
+        else:
+            count += 1
+        yield item
+    check()
+
+
+class _RecordDecoder:
+    """Decodes ``sample.npy``: parses each distinct .npy header once (all samples of a split
+    share one) and checks its fields against the manifest, then views the bytes (np.load per
+    sample costs ~50x more). Returns the record's raw bytes, its label, index and cluster."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, has_cluster: bool):
+        fields = [("input", np.dtype(dtype).str, shape), ("label", "<i8"), ("index", "<i8")]
+        self.dtype = np.dtype(fields + ([("cluster", "<i8")] if has_cluster else []))
+        self.headers: set[bytes] = set()
+
+    def __call__(self, blob: bytes) -> tuple[bytes, int, int, int]:
         if blob[:6] != _NPY_MAGIC or len(blob) < 10:
-            raise ValueError("input.npy is not a .npy file")
+            raise ValueError("sample.npy is not a .npy file")
         size_bytes = 2 if blob[6] == 1 else 4
         offset = 8 + size_bytes + int.from_bytes(blob[8:8 + size_bytes], "little")
         header = blob[:offset]
@@ -347,30 +398,32 @@ class _NpyDecoder:
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
             if read_header is None:
-                raise ValueError("input.npy has an unsupported .npy version")
-            shape, fortran, dtype = read_header(f)
-            if tuple(shape) != self.shape or dtype != self.dtype or fortran:
-                raise ValueError(f"input.npy holds {dtype} {shape}, the manifest says {self.dtype} {self.shape}")
-            self.headers[header] = offset
-        if len(blob) - offset != self.dtype.itemsize * math.prod(self.shape):
-            raise ValueError("input.npy has the wrong number of bytes")
-        return np.frombuffer(blob, self.dtype, offset=offset).reshape(self.shape)
+                raise ValueError("sample.npy has an unsupported .npy version")
+            shape, _, dtype = read_header(f)
+            if tuple(shape) != (1,) or dtype != self.dtype:
+                raise ValueError(f"sample.npy holds {dtype} {shape}, the manifest implies {self.dtype} (1,)")
+            self.headers.add(header)
+        payload = blob[offset:]
+        if len(payload) != self.dtype.itemsize:
+            raise ValueError("sample.npy has the wrong number of bytes")
+        record = np.frombuffer(payload, self.dtype)[0]
+        cluster = int(record["cluster"]) if "cluster" in self.dtype.names else -1
+        return payload, int(record["label"]), int(record["index"]), cluster
 
 
 def _decode(src: Iterator[dict], shards: dict[str, ShardInfo], shape: tuple[int, ...], dtype: str,
-            num_classes: int) -> Iterator[tuple]:
-    """Tar samples -> (input array, label, index, cluster) checked against the manifest."""
-    decode_npy = _NpyDecoder(shape, dtype)
+            has_cluster: bool, num_classes: int) -> Iterator[tuple]:
+    """Tar samples -> (record bytes, label, index, cluster), checked against the manifest."""
+    decode = _RecordDecoder(shape, dtype, has_cluster)
     for sample in src:
         try:
             info = shards[sample["__url__"]]
-            meta = json.loads(sample["meta.json"])
-            index, label = int(meta["index"]), int(meta["label"])
+            payload, label, index, cluster = decode(sample["sample.npy"])
             if not info.first_index <= index < info.first_index + info.num_samples:
                 raise ValueError(f"index {index} outside this shard's range")
             if not 0 <= label < num_classes:
                 raise ValueError(f"label {label} outside 0..{num_classes - 1}")
-            yield decode_npy(sample["input.npy"]), label, index, int(meta.get("cluster", -1))
+            yield payload, label, index, cluster
         except Exception as exn:  # a malformed sample, whatever the fault: skip it, counted
             if not _warn_and_continue(ValueError(f"{sample.get('__url__')} sample {sample.get('__key__')}: "
                                                  f"{type(exn).__name__}: {exn}")):
@@ -398,8 +451,9 @@ class _Normalize:
         return x.sub_(self.mean).div_(self.std)
 
 
-def _collate(samples: list[tuple], normalize: _Normalize, has_cluster: bool) -> Chunk:
-    x = normalize(torch.from_numpy(np.stack([s[0] for s in samples])))
+def _collate(samples: list[tuple], normalize: _Normalize, dtype: np.dtype, has_cluster: bool) -> Chunk:
+    inputs = np.frombuffer(b"".join(s[0] for s in samples), dtype)["input"]  # one view for the chunk
+    x = normalize(torch.from_numpy(np.ascontiguousarray(inputs)))
     y = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     index = torch.tensor([s[2] for s in samples], dtype=torch.int64)
     cluster = torch.tensor([s[3] for s in samples], dtype=torch.int64) if has_cluster else None
@@ -523,10 +577,13 @@ def _pipeline_stages(shard_set: ShardSet, split: str, normalization: str) -> tup
     m = shard_set.manifest
     read = [functools.partial(_open_verified, shards=by_url),
             functools.partial(tar_file_expander, handler=_warn_and_continue),
+            functools.partial(_count_samples, shards=by_url),
             functools.partial(group_by_keys, handler=_warn_and_continue),
             functools.partial(_decode, shards=by_url, shape=tuple(m["input_shape"]), dtype=m["input_dtype"],
-                              num_classes=int(m["num_classes"]))]
-    collate = functools.partial(_collate, normalize=_Normalize(m, normalization), has_cluster=bool(m["has_cluster"]))
+                              has_cluster=bool(m["has_cluster"]), num_classes=int(m["num_classes"]))]
+    record = _RecordDecoder(tuple(m["input_shape"]), m["input_dtype"], bool(m["has_cluster"])).dtype
+    collate = functools.partial(_collate, normalize=_Normalize(m, normalization), dtype=record,
+                                has_cluster=bool(m["has_cluster"]))
     return read, [wds.batched(CHUNK, collation_fn=collate, partial=True)]
 
 
