@@ -4,12 +4,12 @@ A shard folder, written by ``moe-dist data shards NAME --out DIR --shard-size N`
 ``train-000000.tar ...``, ``test-000000.tar ...`` (samples in split order, N per shard) and
 ``manifest.json``: the dataset's name, classes, input shape and dtype, the normalisation
 constants that rebuild the in-memory inputs, and per shard its file, first index, sample
-count, byte count and sha256. One sample is one tar member, ``%08d.sample.npy`` (key: its index in
-the split): a .npy record with the fields ``input`` (the image as uint8 [C, H, W], exactly
-as in the source files; synthetic data: the float32 [200] input), ``label``, ``index`` and,
-for synthetic data, ``cluster`` (int64). One member rather than one per field halves the
-tar parsing, which dominates reading (benchmarks/bench_pipeline.py). Normalising a stored
-image gives bit for bit the tensor `load_dataset` gives.
+count, byte count and sha256. One sample is one tar member, ``%08d.sample.npy`` (the key
+is its index in the split): a .npy record with the fields ``input`` (the image as uint8
+[C, H, W], exactly as in the source files; synthetic data: the float32 [200] input),
+``label``, ``index`` and, for synthetic data, ``cluster`` (int64). One member rather than
+one per field halves the tar parsing, which dominates reading (benchmarks/bench_pipeline.py).
+Normalising a stored image gives bit for bit the tensor `load_dataset` gives.
 
 Reading (design.md, "Environment facts": shards that split unevenly over ranks give ranks
 different batch counts, which hangs data-parallel training):
@@ -21,6 +21,8 @@ different batch counts, which hangs data-parallel training):
   DataLoader worker) draws shards and shuffles samples from its own seed, a function of
   (run seed, epoch, rank, worker), so the stream is deterministic and no two readers
   repeat each other. The training process assembles the batches from the workers' chunks.
+  N counts the samples of the shards that pass verification; ranks that disagree on it
+  (node-local copies, one damaged) all stop with an error rather than fall out of step.
 * Exact passes (`read_split`): the shard list split by rank (the rule of
   `webdataset.split_by_node`, with the rank passed explicitly), then by worker
   (`webdataset.split_by_worker`), each shard read once: every sample exactly once across
@@ -33,8 +35,8 @@ different batch counts, which hangs data-parallel training):
   that fails is skipped with a `ShardWarning` naming the file and counting the shards and
   samples skipped; tar or decoding errors that still occur are skipped with a counted
   warning too (webdataset handler), and a shard read to its end must yield its manifest's
-  sample count (tarfile ends an archive quietly at a truncated header). Training streams draw a bounded number of shards, so a
-  stream that runs dry is an error, never a hang.
+  sample count (tarfile ends an archive quietly at a truncated header). Training streams
+  draw a bounded number of shards, so a stream that runs dry is an error, never a hang.
 
 `webdataset` is imported only here and only when shards are written or read (extra
 ``moe_dist[webdataset]``).
@@ -251,9 +253,10 @@ def _warn_skipped_shard(info: ShardInfo, reason: str) -> None:
 def _warn_and_continue(exn: Exception) -> bool:
     """webdataset handler: count and report a tar or decoding error, skip, go on."""
     _SKIPPED["errors"] += 1
-    what = "; ".join(dict.fromkeys(str(a) for a in exn.args if a is not None)) or type(exn).__name__
-    warnings.warn(f"skipped unreadable shard data: {what}; this process has skipped "
-                  f"{_SKIPPED['errors']} tar/sample error(s)", ShardWarning, stacklevel=2)
+    if _SKIPPED["errors"] <= 5 or _SKIPPED["errors"] % 1000 == 0:  # counted, without flooding the log
+        what = "; ".join(dict.fromkeys(str(a) for a in exn.args if a is not None)) or type(exn).__name__
+        warnings.warn(f"skipped unreadable shard data: {what}; this process has skipped "
+                      f"{_SKIPPED['errors']} tar/sample error(s)", ShardWarning, stacklevel=2)
     return True
 
 
@@ -278,7 +281,8 @@ class ShardSet:
                         for s in self.manifest["splits"][split]["shards"]]
                 for split in SPLITS}
         except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{manifest_path}: not a moe_dist shard manifest ({exc}); {_make_shards_hint(root)}") from None
+            raise DataError(f"{manifest_path}: not a moe_dist shard manifest ({exc}); "
+                            f"{_make_shards_hint(root)}") from None
         self.name: str = self.manifest["dataset"]
         self.input_shape = tuple(self.manifest["input_shape"])
         self._good: dict[str, list[ShardInfo]] = {}
@@ -460,14 +464,14 @@ def _collate(samples: list[tuple], normalize: _Normalize, dtype: np.dtype, has_c
     return x, y, index, cluster
 
 
-def _worker_id() -> tuple[int, int]:
+def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    return 0 if info is None else info.id
 
 
 def _stream_seed(rank: int) -> int:
     """ResampledShards' worker_seed: distinct per (rank, DataLoader worker)."""
-    return rank * 65_537 + _worker_id()[0]
+    return rank * 65_537 + _worker_id()
 
 
 def _split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
@@ -479,7 +483,7 @@ def _split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
 def _shuffled(src: Iterator, epoch_seed: int, rank: int) -> Iterator:
     """A shuffle buffer seeded per (run seed, epoch, rank, worker), in the worker."""
     wds = _webdataset()
-    rng = random.Random(wds.utils.make_seed(epoch_seed, rank, _worker_id()[0]))
+    rng = random.Random(wds.utils.make_seed(epoch_seed, rank, _worker_id()))
     return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(src)
 
 
@@ -538,8 +542,7 @@ class ShardSplit(Split):
         if len(good) == len(self.shard_set.shards(self.split_name)):
             return index
         starts = torch.tensor([s.first_index for s in good])
-        before = torch.tensor([s.first_index for s in good]) - torch.tensor(
-            [0] + [s.num_samples for s in good[:-1]]).cumsum(0)  # samples skipped before each shard
+        before = starts - torch.tensor([0] + [s.num_samples for s in good[:-1]]).cumsum(0)  # skipped before each
         shard = torch.searchsorted(starts, index.cpu(), right=True) - 1
         return (index.cpu() - before[shard]).to(index.device)
 
