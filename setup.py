@@ -27,8 +27,9 @@ setup(
         "webdataset": ["webdataset>=0.2.90"],
         "vision": ["torchvision"],
         # deepspeed: the DeepSpeed engine and peer tests (tests/test_parallel.py skip them
-        # without it); a pure-Python sdist that installs in about 30 s and keeps the pinned torch
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "deepspeed>=0.19"],
+        # without it); a pure-Python sdist that installs in about 30 s and keeps the pinned torch.
+        # webdataset: the shard tests (tests/test_shards.py); pure Python, no torch dependency
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "deepspeed>=0.19", "webdataset>=0.2.90"],
     },
     entry_points={"console_scripts": ["moe-dist=moe_dist.cli:main"]},
 )

@@ -81,11 +81,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     from moe_dist.data import load_dataset
     from moe_dist.data.download import download
 
+    if args.action == "shards":
+        return _write_shards(args)
     if args.action == "download":
         download(args.name, args.root)
     data = load_dataset(args.name, args.root)
     print(f"{data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, "
           f"input {tuple(data.input_shape)}")
+    return 0
+
+
+def _write_shards(args: argparse.Namespace) -> int:
+    from moe_dist.data.shards import write_shards
+
+    if not args.out:
+        raise MoEDistError("moe-dist data shards needs --out DIR (the shard folder to write)")
+    manifest = write_shards(args.name, args.out, args.shard_size, root=args.root, setting=args.setting,
+                            data_seed=None if args.data_seed < 0 else args.data_seed,
+                            train_size=args.train_size, test_size=args.test_size)
+    parts = [f"{split} {info['num_samples']} samples in {len(info['shards'])} shards"
+             for split, info in manifest["splits"].items()]
+    print(f"{args.name}: {', '.join(parts)} -> {args.out} (manifest.json); "
+          f"train on them with data.format=webdataset data.root={args.out}")
     return 0
 
 
@@ -101,10 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("data", help="download or inspect a dataset")
-    p.add_argument("action", choices=("download", "info"))
+    p = sub.add_parser("data", help="download or inspect a dataset, or write it to webdataset shards")
+    p.add_argument("action", choices=("download", "info", "shards"))
     p.add_argument("name")
     p.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA or ../shared/data)")
+    shards = p.add_argument_group("shards", "write train-NNNNNN.tar, test-NNNNNN.tar and manifest.json")
+    shards.add_argument("--out", default="", help="shard folder to write")
+    shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    shards.add_argument("--setting", default="s1", help="synthetic only: setting s1..s4")
+    shards.add_argument("--data-seed", type=int, default=-1, help="synthetic only: data seed (-1: the setting's)")
+    shards.add_argument("--train-size", type=int, default=0, help="keep the first N training samples (0: all)")
+    shards.add_argument("--test-size", type=int, default=0, help="keep the first N test samples (0: all)")
     p.set_defaults(func=cmd_data)
     # The papers' procedures register their own subcommands (moe_dist/experiments/*.py).
     for module in EXPERIMENT_COMMANDS:

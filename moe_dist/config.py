@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("mnist", "fashion_mnist", "mnist10k", "cifar100", "fmnist_mnist", "synthetic"),
     "data.normalization": ("paper", "half", "none"),
     "data.setting": ("s1", "s2", "s3", "s4"),
+    "data.format": ("memory", "webdataset"),
     "model.arch": ("mnist", "fmnist", "fmnist_mnist", "cifar100", "patch_cnn"),
     "model.kind": ("moe", "single"),
     "model.expert_activation": ("cubic", "linear"),
@@ -58,6 +59,13 @@ class DataConfig:
     classes: list[int] = field(default_factory=list)
     """Train and test on these classes only, labels unchanged (paper-spec A.6 pretrained
     experts); empty = all classes."""
+    format: str = "memory"
+    """memory (load the dataset's files into tensors) | webdataset (data.root is a folder of tar
+    shards written by `moe-dist data shards`: training streams resampled shards, the test
+    split is read into memory)."""
+    num_workers: int = 0
+    """data.format=webdataset: DataLoader worker processes reading shards; 0 reads in the
+    training process."""
 
 
 @dataclass
@@ -251,6 +259,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("moe.routing='attentive' needs an image architecture, not model.arch='patch_cnn'")
     if cfg.moe.gate_weights == "raw" and cfg.moe.routing != "topk":
         raise ConfigError("moe.gate_weights='raw' is only defined for moe.routing='topk'")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.data.format == "webdataset":
+        if not cfg.data.root:
+            raise ConfigError("data.format='webdataset' needs data.root=DIR, a shard folder "
+                              "(make one with `moe-dist data shards NAME --out DIR --shard-size N`)")
+        for key in ("data.train_size", "data.test_size", "data.classes"):
+            if _get(cfg, key):
+                raise ConfigError(f"{key}={_get(cfg, key)} does not apply to data.format='webdataset': "
+                                  "choose subsets when writing shards (`moe-dist data shards NAME "
+                                  "--train-size N --test-size N`)")
     return cfg
 
 

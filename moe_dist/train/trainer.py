@@ -46,6 +46,7 @@ from moe_dist import losses
 from moe_dist.config import Config, from_dict, save_config, to_dict
 from moe_dist.data import Dataset, Split, TensorBatches, load_dataset
 from moe_dist.data.augment import cifar_augment
+from moe_dist.data.shards import ShardSplit, load_shards
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.metrics import EvalAccumulator, dispatch_entropy
 from moe_dist.models import build_model
@@ -147,6 +148,10 @@ class Trainer:
             raise ConfigError("train.mixed_precision='fp16' is not supported with several processes "
                               "(per-rank loss scaling would desynchronise the ranks); use bf16")
 
+        if dataset is None and cfg.data.format == "webdataset":  # streamed train split, test split in memory
+            dataset = load_shards(cfg.data.root, cfg.data.name, normalization=cfg.data.normalization,
+                                  setting=cfg.data.setting, data_seed=cfg.data.data_seed,
+                                  num_workers=cfg.data.num_workers)
         self.data = dataset if dataset is not None else load_dataset(
             cfg.data.name, cfg.data.root, setting=cfg.data.setting,
             data_seed=None if cfg.data.data_seed < 0 else cfg.data.data_seed,
@@ -163,6 +168,8 @@ class Trainer:
         self.train_batches = TensorBatches(self.train_split, batch, shuffle=True, seed=cfg.seed, **share)
         self.eval_batches = TensorBatches(self.test_split, cfg.train.eval_batch_size, shuffle=False, seed=0,
                                           **share)
+        if isinstance(self.train_split, ShardSplit):  # resampled shards, len(train_batches) per epoch on every rank
+            self.train_batches = self.train_split.batches(batch, seed=cfg.seed, **share)
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.moe, cfg.loss, self.data.num_classes, self.data.input_shape)
