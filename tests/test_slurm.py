@@ -1,0 +1,151 @@
+"""The sbatch scripts of slurm/ on a real SLURM started here (tests/slurm_cluster.py).
+
+Opt-in (``pytest -m slurm``; about 3 minutes on 2 busy cores): a session fixture installs
+slurm-wlm with apt-get when it is missing (root only; skipped with the reason otherwise) and
+starts slurmctld with two slurmd "nodes" on this host. Every job trains on CPU with gloo
+(``CPU=1``): the single-node script with 2 tasks, the multi-node script with one torchrun on
+each of 2 nodes, the array script over a sweep, and a job that is signalled mid-training
+like a preempted one, requeues itself and resumes to the uninterrupted run's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, tiny_synthetic
+from moe_dist.train.checkpoint import load_checkpoint
+from slurm_cluster import LocalSlurm, unavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+REPO = Path(__file__).resolve().parent.parent
+SYNTHETIC_MOE = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
+JOB_ENV = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "CPU": "1", "CONFIG": str(SYNTHETIC_MOE),
+           "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}
+STEPS_PER_EPOCH = 20
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2) as cluster:
+        yield cluster
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    """Seconds of training: 20 steps per epoch, 10 epochs, no early stopping."""
+    return tiny_synthetic(run_dir, "train.batch_size=50", "train.epochs=10", "train.eval_every=5",
+                          "train.early_stop_rise=0", "train.early_stop_loss=0", *extra)
+
+
+def submit(slurm: LocalSlurm, script: str, out: Path, *args: str, options=(), **env: str) -> int:
+    return slurm.sbatch(REPO / "slurm" / script, *args, cwd=REPO, env={**JOB_ENV, **env},
+                        options=["--time=10", "--cpus-per-task=1", f"--output={out}", *options])
+
+
+def finished_ok(slurm: LocalSlurm, job: int, log: Path, timeout: float = 400) -> list[dict]:
+    infos = slurm.wait_finished(job, timeout)
+    text = log.read_text() if log.exists() else "(no output)"
+    for info in infos:
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    return infos
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints")["model"]
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ma, mb = final_model(a), final_model(b)
+    assert ma.keys() == mb.keys()
+    for name in ma:
+        assert torch.equal(ma[name], mb[name]), name
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(slurm, tmp_path_factory):
+    """The single-node script (2 tasks) and the multi-node script (2 nodes x 1 torchrun rank),
+    same run, submitted together (they fit side by side: 2 + 1 + 1 CPUs of 4)."""
+    d = tmp_path_factory.mktemp("two_rank")
+    single = submit(slurm, "train.sbatch", d / "single.out", *overrides(d / "single"),
+                    options=["--ntasks-per-node=2"])
+    multi = submit(slurm, "train_multinode.sbatch", d / "multi.out", *overrides(d / "multi"),
+                   options=["--nodes=2"], NPROC_PER_NODE="1")
+    return {"dir": d, "single": (single, finished_ok(slurm, single, d / "single.out")),
+            "multi": (multi, finished_ok(slurm, multi, d / "multi.out"))}
+
+
+def test_single_node_script_trains_two_ranks(two_rank_runs):
+    d = two_rank_runs["dir"]
+    log = (d / "single.out").read_text()
+    assert "2 ranks" in log and "test accuracy %" in log
+    metrics = json.loads((d / "single" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["steps"] == 10 * STEPS_PER_EPOCH and len(metrics["history"]) == 10
+
+
+def test_multinode_script_runs_one_torchrun_per_node(two_rank_runs, slurm):
+    d = two_rank_runs["dir"]
+    job, [info] = two_rank_runs["multi"]
+    assert info["NumNodes"] == "2"
+    log = (d / "multi.out").read_text()
+    assert any(f"2 x 1 ranks, rendezvous {node}:" in log for node in slurm.nodes), log[-3000:]
+    metrics = json.loads((d / "multi" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    # two ranks on two nodes train exactly like two ranks on one
+    assert_same_model(d / "single", d / "multi")
+
+
+def test_array_job_runs_the_sweep_members(slurm, tmp_path):
+    root = tmp_path / "runs"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "root": str(root), "seeds": [0, 1],
+        "overrides": overrides(tmp_path / "unused", "train.epochs=2")[1:],
+        "members": [{"name": "moe", "config": str(SYNTHETIC_MOE)}]}))
+    job = submit(slurm, "sweep_array.sbatch", tmp_path / "task-%a.out", options=["--array=0-1"],
+                 SWEEP=str(sweep))
+    infos = finished_ok(slurm, job, tmp_path / "task-0.out")
+    assert sorted(i["ArrayTaskId"] for i in infos) == ["0", "1"]
+    for seed in (0, 1):
+        assert json.loads((root / "moe" / f"seed{seed}" / "metrics.json").read_text())["epochs_completed"] == 2
+        assert f"[{seed}] moe/seed{seed} ... done" in (tmp_path / f"task-{seed}.out").read_text()
+    a, b = (final_model(root / "moe" / f"seed{s}") for s in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a), "two seeds, two different runs"
+
+
+def test_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, two_rank_runs, tmp_path):
+    """`scancel --signal=USR1 --batch` is what `--signal=B:USR1@120` and a preemption with
+    preempt_send_user_signal deliver: USR1 to the batch shell. The script passes it to srun,
+    srun to both ranks; they checkpoint mid-epoch and exit 75; the script requeues the job;
+    the requeued job runs the same command, resumes, and ends where the uninterrupted
+    two-rank run of the same config ended."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, "train.sbatch", log, *overrides(run), options=["--ntasks-per-node=2"])
+    pointer = run / "checkpoints" / "latest.json"
+    slurm.wait(job, lambda infos: infos[0]["JobState"] not in ("PENDING", "RUNNING")
+               or (pointer.exists() and json.loads(pointer.read_text())["epoch"] >= 1), timeout=300, poll=0.02)
+    assert slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
+    slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    slurm.wait(job, lambda infos: infos[0]["Restarts"] != "0", timeout=120)
+    [info] = finished_ok(slurm, job, log)
+    assert info["Restarts"] == "1"
+    text = log.read_text()  # both runs (--open-mode=append)
+    assert "SIGUSR1" in text and "preempted by SIGUSR1: stopped after step" in text, text[-4000:]
+    assert "requeueing job" in text and "restart 1" in text
+    resumed = [line for line in text.splitlines() if line.startswith(f"resumed {run} at epoch")]
+    assert resumed and ", batch " in resumed[0], text[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 10 * STEPS_PER_EPOCH
+    assert_same_model(two_rank_runs["dir"] / "single", run)
+    reference = json.loads((two_rank_runs["dir"] / "single" / "metrics.json").read_text())
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in hist]  # noqa: E731
+    assert strip(metrics["history"]) == strip(reference["history"])
