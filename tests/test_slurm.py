@@ -122,25 +122,42 @@ def test_array_job_runs_the_sweep_members(slurm, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a), "two seeds, two different runs"
 
 
-def test_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, two_rank_runs, tmp_path):
-    """`scancel --signal=USR1 --batch` is what `--signal=B:USR1@120` and a preemption with
-    preempt_send_user_signal deliver: USR1 to the batch shell. The script passes it to srun,
-    srun to both ranks; they checkpoint mid-epoch and exit 75; the script requeues the job;
-    the requeued job runs the same command, resumes, and ends where the uninterrupted
-    two-rank run of the same config ended."""
+PREEMPTIONS = {
+    # what `--signal=B:USR1@120` delivers before the time limit: USR1 to the batch shell only
+    "single-node": ("train.sbatch", ["--ntasks-per-node=2"], {}, "scancel"),
+    "multi-node": ("train_multinode.sbatch", ["--nodes=2"], {"NPROC_PER_NODE": "1"}, "scancel"),
+    # a job of the `high` partition needs the node: SLURM sends the job's --signal at once
+    "partition-preemption": ("train.sbatch", ["--ntasks-per-node=2"], {}, "high-job"),
+}
+
+
+@pytest.mark.parametrize("case", PREEMPTIONS)
+def test_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, two_rank_runs, tmp_path, case):
+    """USR1 reaches the batch shell; the script passes it to the launcher (srun, which hands it
+    to every rank; or srun -> torchrun on each node -> its rank); the ranks agree on a step,
+    checkpoint mid-epoch and exit 75; the script requeues the job; the requeued job runs the
+    same command, resumes, and ends where the uninterrupted two-rank run ended."""
+    script, options, env, how = PREEMPTIONS[case]
     run, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm, "train.sbatch", log, *overrides(run), options=["--ntasks-per-node=2"])
+    job = submit(slurm, script, log, *overrides(run), options=options, **env)
     pointer = run / "checkpoints" / "latest.json"
     slurm.wait(job, lambda infos: infos[0]["JobState"] not in ("PENDING", "RUNNING")
                or (pointer.exists() and json.loads(pointer.read_text())["epoch"] >= 1), timeout=300, poll=0.02)
     assert slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
-    slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    if how == "scancel":
+        slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    else:
+        node = slurm.job(job)["NodeList"]
+        slurm.run("sbatch", "-p", "high", "-w", node, "--ntasks=2", "--cpus-per-task=2", "--time=5",
+                  f"--output={tmp_path / 'high.out'}", "--wrap", "sleep 1", cwd=tmp_path)
     slurm.wait(job, lambda infos: infos[0]["Restarts"] != "0", timeout=120)
     [info] = finished_ok(slurm, job, log)
     assert info["Restarts"] == "1"
     text = log.read_text()  # both runs (--open-mode=append)
     assert "SIGUSR1" in text and "preempted by SIGUSR1: stopped after step" in text, text[-4000:]
     assert "requeueing job" in text and "restart 1" in text
+    if script == "train_multinode.sbatch":  # torchrun passed it on, rather than dying of it
+        assert "closing signal SIGUSR1" in text and "User defined signal" not in text, text[-4000:]
     resumed = [line for line in text.splitlines() if line.startswith(f"resumed {run} at epoch")]
     assert resumed and ", batch " in resumed[0], text[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())

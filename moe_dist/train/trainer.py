@@ -537,16 +537,16 @@ class Trainer:
             self.close()
 
     def _stop_preempted(self, seconds: float) -> None:
-        """Checkpoint the interrupted epoch, wait until every rank is past the checkpoint (a
-        launcher kills the other ranks once one exits), leave, and raise Preempted."""
+        """Checkpoint the interrupted epoch, wait until every rank is past the checkpoint and the
+        event file (a launcher kills the other ranks once one exits), leave, raise Preempted."""
         self.state.wall_seconds += seconds
         self._checkpoint()
+        if self.writer is not None:
+            self.writer.close()
         if self.ctx.distributed:
             dist.barrier()
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
         self.close()
         raise Preempted(self.preemption.agreed_signum, str(self.ckpt_dir), self.state.step)
 
