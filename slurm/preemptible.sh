@@ -6,7 +6,7 @@
 # Settings (environment variables, with defaults):
 #   PYTHON      python with moe_dist installed                  (python)
 #   CONFIG      config file                                     (configs/synthetic/s1_moe_nonlinear.yaml)
-#   OVERRIDES   key=value overrides, space-separated; the script's arguments are added after them
+#   OVERRIDES   key=value overrides, space-separated; the script's arguments come after them
 #   EP_SIZE     parallel.ep_size                                (the config's)
 #   CPU=1       train on CPU with gloo (train.device=cpu)       (0: GPU with NCCL when there is one)
 #   OMP_NUM_THREADS                                             (SLURM_CPUS_PER_TASK, else 1)
@@ -16,7 +16,7 @@
 # SlurmctldParameters=preempt_send_user_signal, at preemption. bash runs a trap only between
 # commands, so the launcher runs in the background while the shell waits on it. The trap
 # passes the signal to the launcher: srun hands it to every task of its step on every node;
-# torchrun to its workers (TORCHELASTIC_SIGNALS_TO_HANDLE); `moe-dist sweep` to its training
+# torchrun to its workers (--signals-to-handle); `moe-dist sweep` to its training
 # process. The ranks finish their step, agree, write a checkpoint and exit with 75. After a
 # SIGUSR1, a launcher that did not succeed gets the job requeued: the same script runs again
 # and the trainer resumes from the checkpoint. SIGTERM (scancel, time limit, preemption
@@ -25,10 +25,10 @@
 
 PYTHON=${PYTHON:-python}
 CONFIG=${CONFIG:-configs/synthetic/s1_moe_nonlinear.yaml}
-read -r -a TRAIN_ARGS <<< "${OVERRIDES:-}"
-TRAIN_ARGS=(--config "$CONFIG" "${TRAIN_ARGS[@]}")
-if [ -n "${EP_SIZE:-}" ]; then TRAIN_ARGS+=("parallel.ep_size=$EP_SIZE"); fi
-if [ "${CPU:-0}" = 1 ]; then TRAIN_ARGS+=(train.device=cpu); fi
+read -r -a OVERRIDE_ARGS <<< "${OVERRIDES:-}"
+if [ -n "${EP_SIZE:-}" ]; then OVERRIDE_ARGS+=("parallel.ep_size=$EP_SIZE"); fi
+if [ "${CPU:-0}" = 1 ]; then OVERRIDE_ARGS+=(train.device=cpu); fi
+TRAIN_ARGS=(--config "$CONFIG" "${OVERRIDE_ARGS[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 _preemptible_pid=
