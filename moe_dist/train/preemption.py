@@ -13,7 +13,9 @@ and ``scancel``. On SIGUSR1 or SIGTERM the trainer
 4. raises :class:`Preempted`; ``moe-dist`` exits with :data:`PREEMPTED_EXIT_CODE`.
 
 The same command run again resumes from that checkpoint with no flags, and ends with the
-parameters an uninterrupted run has. Who requeues: the sbatch scripts (``slurm/``), after
+parameters an uninterrupted run has. While ``fit()`` runs, SIGTERM therefore no longer ends
+the process at once (a rank stuck in a collective needs SIGKILL, which SLURM sends after
+``KillWait``); SIGINT (Ctrl-C) is unchanged. Who requeues: the sbatch scripts (``slurm/``), after
 SIGUSR1 only; which process gets which signal in each launch pattern: README, "SLURM".
 """
 
