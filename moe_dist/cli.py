@@ -138,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Preempted as exc:  # a checkpoint was written: the same command resumes (slurm/)
+        print(f"moe-dist: preempted by {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except MoEDistError as exc:
         print(f"moe-dist: error: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,9 @@ A job whose run folder holds ``metrics.json`` is skipped; a job with a checkpoin
 ``metrics.json`` is started again and the trainer resumes it. Each job's output goes to
 ``sweep.log`` in its run folder (appended); the terminal gets one status line per job.
 ``--index N`` runs only job N (0-based, as ``--list`` numbers them, for a SLURM array);
-the exit status is 1 when any job failed.
+the exit status is 1 when any job failed. SIGUSR1/SIGTERM go on to the running job, which
+checkpoints and stops; the sweep then starts no more jobs and exits with 75 (preempted:
+the same command resumes, ``slurm/sweep_array.sbatch``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from typing import Any
 import yaml
 
 from moe_dist.errors import ConfigError
+from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, SignalForwarder
 
 SWEEP_KEYS = ("root", "seeds", "overrides", "members")
 MEMBER_KEYS = ("name", "config", "overrides", "distill", "grid")
@@ -248,8 +251,9 @@ def _last_line(log: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
-def run_job(job: Job) -> bool:
-    """Run one job (unless done) and print its status line; True unless it failed."""
+def run_job(job: Job, forwarder: SignalForwarder | None = None) -> bool:
+    """Run one job (unless done) and print its status line; True unless it failed. Raises
+    Preempted when the job stopped on a signal (``forwarder`` passes signals on to it)."""
     print(f"[{job.index}] {job.label} ...", end=" ", flush=True)
     if job.status() == "done":
         print(f"skipped (done: {job.run_dir}/metrics.json)", flush=True)
@@ -265,9 +269,12 @@ def run_job(job: Job) -> bool:
         out.write(f"$ {shlex.join(job.command)}\n")
         out.flush()
         # Progress bars only clutter a log file; the status line reports the job.
-        code = subprocess.call(job.command, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "TQDM_DISABLE": "1"})
+        code = (forwarder or SignalForwarder()).call(job.command, stdout=out, stderr=subprocess.STDOUT,
+                                                     env={**os.environ, "TQDM_DISABLE": "1"})
     seconds = time.perf_counter() - start
+    if code == PREEMPTED_EXIT_CODE:
+        print(f"preempted {seconds:.1f}s (checkpoint written) [log: {log}]", flush=True)
+        raise Preempted(forwarder.signum if forwarder else 0, str(job.run_dir))
     if code == 0 and (job.run_dir / "metrics.json").exists():
         print(f"done{' (resumed)' if resumed else ''} {seconds:.1f}s", flush=True)
         return True
@@ -301,7 +308,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for job in jobs:
             print(f"{'# done: ' if job.status() == 'done' else ''}{shlex.join(job.command)}")
         return 0
-    failed = [job for job in jobs if not run_job(job)]
+    failed = []
+    with SignalForwarder() as forwarder:
+        for job in jobs:
+            if forwarder.signum:  # arrived between jobs: start no more
+                raise Preempted(forwarder.signum, str(job.run_dir))
+            if not run_job(job, forwarder):
+                failed.append(job)
     print(f"sweep {sweep.path}: {len(jobs) - len(failed)}/{len(jobs)} jobs done or skipped, "
           f"{len(failed)} failed" + (f": {', '.join(job.label for job in failed)}" if failed else ""))
     return 1 if failed else 0

@@ -1,9 +1,11 @@
 """Atomic, checksummed checkpoints: a crash or kill never corrupts the last good one.
 
-Layout: ``checkpoints/epoch_0007.pt`` files and ``checkpoints/latest.json``, which names the
-newest file with its sha256. A checkpoint is written to a temporary file, fsynced and renamed;
-only then is ``latest.json`` replaced the same way. Loading verifies the sha256 before
-``torch.load(weights_only=True)`` ever sees the bytes.
+Layout: ``checkpoints/epoch_0007.pt`` files (7 epochs done; a run preempted mid-epoch
+writes ``epoch_0007_step_00000123.pt``, which sorts between epochs 7 and 8) and
+``checkpoints/latest.json``, which names the newest file with its sha256. A checkpoint is
+written to a temporary file, fsynced and renamed; only then is ``latest.json`` replaced the
+same way. Loading verifies the sha256 before ``torch.load(weights_only=True)`` ever sees the
+bytes.
 """
 
 from __future__ import annotations
@@ -45,16 +47,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_checkpoint(ckpt_dir: str | Path, epoch: int, payload: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``epoch_{epoch:04d}.pt`` atomically, point latest.json at it, prune old ones."""
+def save_checkpoint(ckpt_dir: str | Path, epoch: int, payload: dict[str, Any], keep: int = 2,
+                    step: int | None = None) -> Path:
+    """Write ``epoch_{epoch:04d}.pt`` (mid-epoch, with ``step``: ``epoch_{epoch:04d}_step_{step:08d}.pt``)
+    atomically, point latest.json at it, prune old ones."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    path = ckpt_dir / f"epoch_{epoch:04d}.pt"
+    path = ckpt_dir / (f"epoch_{epoch:04d}.pt" if step is None else f"epoch_{epoch:04d}_step_{step:08d}.pt")
     _atomic_write(path, data)
     meta = {"file": path.name, "epoch": epoch, "sha256": sha256_bytes(data), "bytes": len(data)}
+    if step is not None:
+        meta["step"] = step
     _atomic_write(ckpt_dir / LATEST, json.dumps(meta, indent=1).encode())
     for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
         if old != path:

@@ -16,6 +16,7 @@ K = clusters (synthetic data).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from moe_dist.parallel.deepspeed_engine import build_engine, deepspeed_context, 
 from moe_dist.plots import selection_heatmap
 from moe_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from moe_dist.train.optim import build_optimizer, build_scheduler
+from moe_dist.train.preemption import Preempted, PreemptionFlag
 
 # Keys that may differ between a run and its resumption: extending a run is allowed.
 RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_threads", "train.eval_every",
@@ -73,6 +75,10 @@ class TrainState:
     stopped_early: int = -1  # epoch at which early stopping fired, -1 if never
     wall_seconds: float = 0.0  # training time summed over all sessions of the run
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A run preempted mid-epoch (moe_dist.train.preemption) resumes epoch `epoch` at batch
+    # `batch` with the running sums of the batches before it (Trainer._keep_partial_epoch).
+    batch: int = 0
+    partial: dict[str, Any] = field(default_factory=dict)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,6 +203,7 @@ class Trainer:
             self.module = self.accelerator.unwrap_model(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.state = TrainState()
+        self.preemption = PreemptionFlag()  # installed while fit() runs
         self.is_moe = cfg.model.kind == "moe"
         self.num_experts = cfg.moe.num_experts if self.is_moe else 0
         self.num_clusters = int(self.train_split.cluster.max()) + 1 if self.train_split.cluster is not None else 0
@@ -248,7 +255,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(payload["rng_cuda"])
         self.state = TrainState(**json.loads(payload["state"]))
         if self.is_main:
-            print(f"resumed {self.run_dir} at epoch {self.state.epoch}")
+            within = f", batch {self.state.batch}" if self.state.batch else ""
+            print(f"resumed {self.run_dir} at epoch {self.state.epoch}{within}")
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load full-layout weights (a checkpoint's ``model``, any ep_size) into this rank's part."""
@@ -274,7 +282,8 @@ class Trainer:
             # JSON keeps the state loadable with weights_only=True (no custom classes, no inf).
             "state": json.dumps(self.state.__dict__),
         }
-        save_checkpoint(self.ckpt_dir, self.state.epoch, payload, keep=self.cfg.train.keep_checkpoints)
+        save_checkpoint(self.ckpt_dir, self.state.epoch, payload, keep=self.cfg.train.keep_checkpoints,
+                        step=self.state.step if self.state.batch else None)
 
     # ----------------------------------------------------------------------------- compute
     def compute_loss(self, out, y_B: torch.Tensor,
@@ -357,23 +366,37 @@ class Trainer:
             return values, out, False
         return {"loss": value, **{k: float(v.detach()) for k, v in parts.items()}}, out, False
 
-    def train_epoch(self) -> dict[str, Any]:
+    def train_epoch(self) -> dict[str, Any] | None:
+        """One epoch's steps and record; None when a signal stopped it mid-epoch (its position
+        and running sums are then in ``self.state``, and the next call continues there)."""
         epoch = self.state.epoch
-        sums: dict[str, float] = {}
-        correct = seen = num_batches = 0
+        # After a preemption: loss sums (global values) on every rank, counts on rank 0 only
+        # (they were summed over ranks when saved).
+        partial, first = self.state.partial, self.state.batch
+        counts = partial.get("counts", {}) if self.ctx.rank == 0 else {}
+        sums: dict[str, float] = dict(partial.get("sums", {}))
+        num_batches = partial.get("num_batches", 0)
+        correct, seen = counts.get("correct", 0), counts.get("seen", 0)
         counts_KE = torch.zeros(self.num_clusters, max(self.num_experts, 1), dtype=torch.long, device=self.device)
+        if counts:
+            counts_KE += torch.tensor(counts["clusters_experts"], dtype=torch.long,
+                                      device=self.device).view_as(counts_KE)
         augment_gen = torch.Generator(device=self.device)
         augment_gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        batches = self.train_batches.batches(epoch)
+        if self.data.augment == "cifar" and first:  # replay the skipped batches' draws
+            for x, _, _ in itertools.islice(self.train_batches.batches(epoch), first):
+                cifar_augment(x, augment_gen)
+        batches = self.train_batches.batches(epoch, first)
         stopped = False
-        routing = {"routed": 0, "dropped": 0, "expert_rows": 0, "padded_rows": 0}
-        step_seconds = 0.0
-        for index, (x, y_B, idx_B) in enumerate(batches):
+        routing = {"routed": 0, "dropped": 0, "expert_rows": 0, "padded_rows": 0, **counts.get("routing", {})}
+        step_seconds, timed_steps = 0.0, 0  # this session's steps only
+        for index, (x, y_B, idx_B) in enumerate(batches, first):
             if self.data.augment == "cifar":
                 x = cifar_augment(x, augment_gen)
             step_start = time.perf_counter()
             parts, out, stopped = self.train_step(x, y_B, self._global_batch_size(self.train_batches, index))
             step_seconds += time.perf_counter() - step_start
+            timed_steps += 1
             if stopped:
                 break
             for k in routing:
@@ -390,6 +413,10 @@ class Trainer:
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.4f}", refresh=False)
+            if self.preemption.agreed(self.ctx.distributed, self.device):
+                self._keep_partial_epoch(index + 1, sums, num_batches, correct, seen, routing, counts_KE)
+                return None
+        self.state.batch, self.state.partial = 0, {}
         if self.ctx.distributed:  # one all-reduce of this epoch's counts
             flat = torch.cat([torch.tensor([correct, seen, *routing.values()], dtype=torch.float64),
                               counts_KE.flatten().cpu().double()])
@@ -404,12 +431,31 @@ class Trainer:
             record["drop_rate"] = routing["dropped"] / routing["routed"]
             record["padding_ratio"] = 1.0 - routing["expert_rows"] / max(routing["padded_rows"], 1)
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
-        self.step_seconds_by_rank = self._step_seconds_by_rank(step_seconds / max(num_batches, 1))
+        self.step_seconds_by_rank = self._step_seconds_by_rank(step_seconds / max(timed_steps, 1))
         if self.num_clusters and self.is_moe and seen:
             record["dispatch_entropy"] = dispatch_entropy(counts_KE.cpu())
         if stopped:
             self.state.stopped_early = epoch
         return record
+
+    def _keep_partial_epoch(self, next_batch: int, sums: dict[str, float], num_batches: int, correct: int,
+                            seen: int, routing: dict[str, int], counts_KE: torch.Tensor) -> None:
+        """Put a preempted epoch's position and running sums into the state (checkpointed), so
+        that the resumed epoch ends with the record an uninterrupted one has. The counts are
+        this rank's: summed over ranks here and restored on rank 0 only, so the epoch-end
+        all-reduce stays exact at any number of processes."""
+        flat = torch.tensor([correct, seen, *routing.values(), *counts_KE.flatten().tolist()],
+                            dtype=torch.float64, device=self.device)
+        if self.ctx.distributed:
+            dist.all_reduce(flat)
+        total = [int(v) for v in flat.tolist()]
+        split = 2 + len(routing)
+        self.state.batch = next_batch
+        self.state.partial = {
+            "sums": dict(sums), "num_batches": num_batches,
+            "counts": {"correct": total[0], "seen": total[1], "routing": dict(zip(routing, total[2:split])),
+                       "clusters_experts": total[split:]},
+        }
 
     def evaluate(self, split: Split | None = None) -> dict[str, Any]:
         """Exact metrics over the whole split (never a last batch): paper-spec A.7.
@@ -499,12 +545,16 @@ class Trainer:
         metrics: dict[str, Any] | None = None
         if cfg.train.progress and self.is_main:
             steps = len(self.train_batches)
-            self.bar = tqdm(total=cfg.train.epochs * steps, initial=self.state.epoch * steps,
+            self.bar = tqdm(total=cfg.train.epochs * steps, initial=self.state.epoch * steps + self.state.batch,
                             desc=cfg.name or self.run_dir.name, mininterval=1.0, leave=False)
+        self.preemption.install()  # SIGUSR1/SIGTERM: stop after the current step (close() restores)
         while self.state.epoch < cfg.train.epochs and self.state.stopped_early < 0:
             epoch = self.state.epoch
             start = time.perf_counter()
-            record = {"epoch": epoch, **self.train_epoch()}
+            trained = self.train_epoch()
+            if trained is None:
+                self._stop_preempted(time.perf_counter() - start)
+            record = {"epoch": epoch, **trained}
             self.scheduler.step()
             record["epoch_seconds"] = time.perf_counter() - start
             self.state.wall_seconds += record["epoch_seconds"]
@@ -529,9 +579,25 @@ class Trainer:
         finally:
             self.close()
 
+    def _stop_preempted(self, seconds: float) -> None:
+        """Checkpoint the interrupted epoch, wait until every rank is past the checkpoint and the
+        event file (a launcher kills the other ranks once one exits), leave, raise Preempted."""
+        self.state.wall_seconds += seconds
+        self._checkpoint()
+        if self.writer is not None:
+            self.writer.close()
+        if self.ctx.distributed:
+            dist.barrier()
+        if self.bar is not None:
+            self.bar.close()
+        self.close()
+        raise Preempted(self.preemption.agreed_signum, str(self.ckpt_dir), self.state.step)
+
     def close(self) -> None:
-        """Leave the process group if this trainer joined it (design.md: a gloo run that
-        skips destroy_process_group aborts at exit about one time in ten)."""
+        """Restore the signal handlers and leave the process group if this trainer joined it
+        (design.md: a gloo run that skips destroy_process_group aborts at exit about one time
+        in ten)."""
+        self.preemption.uninstall()
         if self._owns_process_group:
             destroy_distributed()
             self._owns_process_group = False
