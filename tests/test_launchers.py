@@ -27,7 +27,8 @@ import torch
 
 from moe_dist.errors import ConfigError
 from moe_dist.launch import LaunchPlan, preflight
-from test_parallel import LAUNCH_ENV, assert_same_run, free_port, mnist_overrides
+from procs import free_port
+from test_parallel import LAUNCH_ENV, assert_same_run, mnist_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHERS = REPO / "launchers"

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from moe_dist import losses
 from moe_dist.config import LossConfig, ModelConfig, MoEConfig
@@ -26,6 +24,7 @@ from moe_dist.errors import ConfigError
 from moe_dist.models import build_model
 from moe_dist.parallel import (ParallelContext, check_layout, world_info_from_env)
 from moe_dist.parallel.env import first_slurm_host
+from procs import free_port, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -43,33 +42,6 @@ def _keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn_name: str, world: int, *args) -> None:
-    """Run ``fn_name(rank, world, *args)`` (a function of this module) in ``world`` processes."""
-    mp.start_processes(_entry, args=(world, free_port(), fn_name, args), nprocs=world,
-                       start_method="spawn", join=True)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -240,7 +212,7 @@ def equivalence_runs(tmp_path_factory):
     batches = make_batches()
     references = {routing: single_process_run(routing, batches) for routing in ROUTINGS}
     for world in (2, 4):
-        spawn("equivalence_worker", world, str(out), [ep for w, ep in VALID if w == world])
+        spawn(equivalence_worker, world, str(out), [ep for w, ep in VALID if w == world])
     return out, references
 
 
@@ -447,7 +419,7 @@ def test_ep2_checkpoint_loads_at_ep4(ep2_run, data_root, tmp_path, reference_run
     backup = tmp_path / "backup"
     shutil.copytree(ep2_run, backup)
     try:
-        spawn("ep4_worker", 4, str(ep2_run), str(tmp_path), mnist_overrides(ep2_run, data_root))
+        spawn(ep4_worker, 4, str(ep2_run), str(tmp_path), mnist_overrides(ep2_run, data_root))
     finally:
         shutil.rmtree(ep2_run)
         shutil.copytree(backup, ep2_run)
@@ -606,7 +578,7 @@ def test_deepspeed_engine_and_peer_layer(tmp_path, data_root, ep2_run, reference
     accelerate engine's loss curve on the same seed; and our top-k dispatch equals
     deepspeed.moe.layer.MoE with the same weights where nothing is dropped."""
     pytest.importorskip("deepspeed")
-    spawn("deepspeed_worker", 2, str(tmp_path), mnist_overrides(tmp_path / "unused", data_root))
+    spawn(deepspeed_worker, 2, str(tmp_path), mnist_overrides(tmp_path / "unused", data_root))
     results = json.loads((tmp_path / "deepspeed.json").read_text())
     peer = results["peer"]
     for key in ("output", "input_grad", "gate_grad", "expert_grad"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS, tiny_synthetic
+from procs import free_port
 from moe_dist.config import load_config
 from moe_dist.train.checkpoint import load_checkpoint
 from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, SignalForwarder
@@ -79,12 +79,6 @@ def wait_for_epoch(run_dir: Path, procs: list[subprocess.Popen], epoch: int = 1,
         time.sleep(0.01)
     outputs = finish(procs, timeout=5)
     pytest.fail(f"no epoch-{epoch} checkpoint while training: {[o[-2000:] for _, o in outputs]}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
