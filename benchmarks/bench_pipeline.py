@@ -22,7 +22,10 @@ time includes starting its workers.
 
 Run: ``python benchmarks/bench_pipeline.py`` (writes the shards to a temporary folder
 first; ``--shards DIR`` reuses a folder written by ``moe-dist data shards fashion_mnist
---out DIR``), or ``--quick`` for a smoke run. Threads: torch's default.
+--out DIR``), or ``--quick`` for a smoke run. Threads: torch's default. The shard readers
+work in numpy and never start torch's intra-op threads; on a loaded machine those threads
+slow the ``memory`` side's large gathers many times over (a parallel region waits for
+descheduled threads), so compare sides on an idle machine too.
 """
 
 from __future__ import annotations
