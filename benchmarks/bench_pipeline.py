@@ -11,7 +11,8 @@ inputs, labels and sample indices, in one process (one rank).
   (``data.format=memory``, moe_dist's default): one gather per batch.
 * ``webdataset``: ``ShardBatches`` (``data.format=webdataset``) over shards written by
   ``moe-dist data shards fashion_mnist``: resampled shards, each shard's sha256 checked
-  when read, tar parsing and decoding per sample, batches assembled from chunks.
+  when read, one tar member per chunk of ``--chunk-size`` samples, chunks then samples
+  shuffled in buffers, batches assembled from the readers' blocks.
 
 ``--workers 0,2`` also runs the loader sides with that many worker processes (started
 anew each epoch, as the trainer does). Before timing, every side's first batch is checked
@@ -21,7 +22,10 @@ time includes starting its workers.
 
 Run: ``python benchmarks/bench_pipeline.py`` (writes the shards to a temporary folder
 first; ``--shards DIR`` reuses a folder written by ``moe-dist data shards fashion_mnist
---out DIR``), or ``--quick`` for a smoke run. Threads: torch's default.
+--out DIR``), or ``--quick`` for a smoke run. Threads: torch's default. The shard readers
+work in numpy and never start torch's intra-op threads; on a loaded machine those threads
+slow the ``memory`` side's large gathers many times over (a parallel region waits for
+descheduled threads), so compare sides on an idle machine too.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ except ImportError:  # `python benchmarks/bench_pipeline.py` from a checkout wit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_dist.data import TensorBatches, load_dataset
-from moe_dist.data.shards import ShardSet, ShardSplit, write_shards
+from moe_dist.data.shards import DEFAULT_CHUNK_SIZE, ShardSet, ShardSplit, write_shards
 
 DATASET = "fashion_mnist"
 MEAN, STD = 0.2859, 0.3530  # Fashion-MNIST's Normalize constants (paper-spec A.3)
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,2", help="loader worker counts to run, comma-separated")
     parser.add_argument("--shards", default="", help="existing fashion_mnist shard folder (default: write one)")
     parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument("--chunk-size", type=int, default=0, help="samples per tar member (0: the default)")
     parser.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA or ../shared/data)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -118,10 +123,11 @@ def main() -> None:
         root = Path(args.shards or tmp)
         if not args.shards:
             start = time.perf_counter()
-            write_shards(DATASET, root, args.shard_size, root=args.root)
+            chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
+            write_shards(DATASET, root, args.shard_size, chunk_size=chunk_size, root=args.root)
             size_mb = sum(p.stat().st_size for p in root.glob("*.tar")) / 2**20
-            print(f"wrote {DATASET} shards ({args.shard_size} samples each, {size_mb:.0f} MB) in "
-                  f"{time.perf_counter() - start:.1f} s")
+            print(f"wrote {DATASET} shards ({args.shard_size} samples each in chunks of {chunk_size}, "
+                  f"{size_mb:.0f} MB) in {time.perf_counter() - start:.1f} s")
         sides = make_sides(memory.train, images_u8, root, args.batch, workers)
         check(sides, memory.train.x)
         print(f"{DATASET}: one epoch of {len(memory.train)} training samples, batch {args.batch}, one process; "

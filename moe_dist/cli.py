@@ -96,8 +96,8 @@ def _write_shards(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise MoEDistError("moe-dist data shards needs --out DIR (the shard folder to write)")
-    manifest = write_shards(args.name, args.out, args.shard_size, root=args.root, setting=args.setting,
-                            data_seed=None if args.data_seed < 0 else args.data_seed,
+    manifest = write_shards(args.name, args.out, args.shard_size, chunk_size=args.chunk_size, root=args.root,
+                            setting=args.setting, data_seed=None if args.data_seed < 0 else args.data_seed,
                             train_size=args.train_size, test_size=args.test_size)
     parts = [f"{split} {info['num_samples']} samples in {len(info['shards'])} shards"
              for split, info in manifest["splits"].items()]
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards = p.add_argument_group("shards", "write train-NNNNNN.tar, test-NNNNNN.tar and manifest.json")
     shards.add_argument("--out", default="", help="shard folder to write")
     shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    shards.add_argument("--chunk-size", type=int, default=256,
+                        help="samples per tar member (one record array; readers shuffle chunks, then samples)")
     shards.add_argument("--setting", default="s1", help="synthetic only: setting s1..s4")
     shards.add_argument("--data-seed", type=int, default=-1, help="synthetic only: data seed (-1: the setting's)")
     shards.add_argument("--train-size", type=int, default=0, help="keep the first N training samples (0: all)")

@@ -4,6 +4,7 @@ tensors, resampled training streams, exact passes, corrupt shards, and 2-process
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -12,19 +13,22 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytest.importorskip("webdataset")
+wds = pytest.importorskip("webdataset")
 
 from moe_dist.cli import main as cli_main  # noqa: E402
 from moe_dist.config import load_config  # noqa: E402
 from moe_dist.data import TensorBatches, default_data_root, load_dataset, write_cifar100_fixture  # noqa: E402
 from moe_dist.data import shards as shards_module  # noqa: E402
+from moe_dist.data.registry import _PAPER_STATS, _to_float  # noqa: E402
 from moe_dist.data.shards import (ShardBatches, ShardSet, ShardSplit, ShardWarning, load_shards,  # noqa: E402
                                   read_split, write_shards)
 from moe_dist.errors import ConfigError, DataError  # noqa: E402
@@ -33,15 +37,17 @@ REPO = Path(__file__).resolve().parent.parent
 MNIST_DIR = Path(default_data_root()) / "mnist-t10k"
 needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST test set absent ({MNIST_DIR})")
 
-# Synthetic shards: 1,000 train samples in 8 shards (7 x 128 + 104), 300 test in 3.
+# Synthetic shards: 1,000 train samples in 8 shards (7 x 128 + 104), 300 test in 3; chunks
+# of 32 samples (the last train shard: 32, 32, 32, 8).
 SYN = dict(train_size=1000, test_size=300)
 SYN_SHARD = 128
+SYN_CHUNK = 32
 
 
 @pytest.fixture(scope="module")
 def syn_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("syn_shards")
-    write_shards("synthetic", root, SYN_SHARD, **SYN)
+    write_shards("synthetic", root, SYN_SHARD, chunk_size=SYN_CHUNK, **SYN)
     return root
 
 
@@ -68,6 +74,19 @@ def _indices(chunks) -> torch.Tensor:
     return torch.cat([c[2] for c in chunks]) if chunks else torch.empty(0, dtype=torch.int64)
 
 
+def _members(shard: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def _rewrite_manifest_entry(root: Path, split: str, shard: Path) -> None:
+    """Make the manifest vouch for the shard's current bytes (a shard broken before hashing)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(e for e in manifest["splits"][split]["shards"] if e["file"] == shard.name)
+    entry.update(num_bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -75,16 +94,25 @@ def test_manifest_counts_checksums_and_reproducible(syn_root, tmp_path):
     manifest = json.loads((syn_root / "manifest.json").read_text())
     assert manifest["dataset"] == "synthetic" and manifest["num_classes"] == 2
     assert manifest["input_shape"] == [200] and manifest["input_dtype"] == "float32" and manifest["has_cluster"]
+    assert manifest["version"] == 2 and manifest["chunk_size"] == SYN_CHUNK
     train = manifest["splits"]["train"]
     assert train["num_samples"] == 1000
     assert [s["file"] for s in train["shards"]] == [f"train-{i:06d}.tar" for i in range(8)]
     assert [s["num_samples"] for s in train["shards"]] == [128] * 7 + [104]
     assert [s["first_index"] for s in train["shards"]] == [128 * i for i in range(8)]
+    assert [s["num_chunks"] for s in train["shards"]] == [4] * 8
+    # One member per chunk, keyed by its first sample's index; a shard's last chunk may be short.
+    assert [m.name for m in _members(syn_root / "train-000001.tar")] == [
+        f"{i:08d}.chunk.npy" for i in (128, 160, 192, 224)]
+    with tarfile.open(syn_root / "train-000007.tar") as tar:
+        chunks = [np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar.getmembers()]
+    assert [len(c) for c in chunks] == [32, 32, 32, 8] and chunks[3]["index"].tolist() == list(range(992, 1000))
+    assert chunks[0].dtype.names == ("input", "label", "index", "cluster") and chunks[0]["input"].shape == (32, 200)
     for s in train["shards"] + manifest["splits"]["test"]["shards"]:
         blob = (syn_root / s["file"]).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == s["sha256"] and len(blob) == s["num_bytes"]
     # Fixed tar metadata: writing again gives the same bytes; a new shard size replaces the old shards.
-    again = write_shards("synthetic", tmp_path, SYN_SHARD, **SYN)
+    again = write_shards("synthetic", tmp_path, SYN_SHARD, chunk_size=SYN_CHUNK, **SYN)
     assert again["splits"] == manifest["splits"]
     write_shards("synthetic", tmp_path, 600, **SYN)
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
@@ -93,11 +121,17 @@ def test_manifest_counts_checksums_and_reproducible(syn_root, tmp_path):
 def test_cli_writes_shards(tmp_path, capsys):
     out = tmp_path / "shards"
     assert cli_main(["data", "shards", "synthetic", "--out", str(out), "--shard-size", "400",
-                     "--train-size", "900", "--test-size", "100", "--setting", "s2"]) == 0
+                     "--train-size", "900", "--test-size", "100", "--setting", "s2", "--chunk-size", "150"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [400, 400, 100]
+    assert [s["num_chunks"] for s in manifest["splits"]["train"]["shards"]] == [3, 3, 1]
+    assert manifest["chunk_size"] == 150
     assert manifest["source"]["setting"] == "s2" and manifest["source"]["data_seed"] == 11
     assert "data.format=webdataset" in capsys.readouterr().out
+    assert cli_main(["data", "shards", "synthetic", "--out", str(out), "--train-size", "10", "--test-size", "10"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["chunk_size"] == shards_module.DEFAULT_CHUNK_SIZE
+    assert cli_main(["data", "shards", "synthetic", "--out", str(out), "--chunk-size", "0"]) == 2
+    assert "--chunk-size must be positive" in capsys.readouterr().err
     assert cli_main(["data", "shards", "synthetic"]) == 2
     assert "--out" in capsys.readouterr().err
 
@@ -146,6 +180,37 @@ def test_shards_must_match_the_config(syn_root, tmp_path):
         assert "moe-dist data shards NAME --out" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_normalisation_table_is_bit_exact():
+    """Readers normalise uint8 images by table lookup: every byte value of every channel, for
+    every dataset and normalisation, must give load_dataset's float exactly."""
+    values = torch.arange(256, dtype=torch.uint8)
+    for name, (mean, _) in _PAPER_STATS.items():
+        channels = len(mean)
+        images = values.view(1, 1, 1, 256).expand(2, channels, 3, 256).contiguous()  # [N, C, H, W]
+        manifest = {"input_dtype": "uint8", "input_shape": [channels, 3, 256],
+                    "normalization": {"paper_mean": list(_PAPER_STATS[name][0]),
+                                      "paper_std": list(_PAPER_STATS[name][1])}}
+        for normalization in ("paper", "half", "none"):
+            got = shards_module._Normalize(manifest, normalization)(images.numpy())
+            assert got.dtype == torch.float32 and torch.equal(got, _to_float(images, normalization, name)), \
+                (name, normalization)
+
+
+def test_old_format_folder_asks_for_a_rewrite(syn_root, tmp_path):
+    root = _copy(syn_root, tmp_path / "v1")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["version"] = 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"format version 1 \(one tar member per sample\).*reads version 2.*"
+                                        rf"rewrite them with `moe-dist data shards synthetic --out {root}`") as err:
+        load_shards(str(root), "synthetic")
+    assert "\n" not in str(err.value)
+    manifest["version"] = 3  # a newer writer: not this reader's format
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="not a moe_dist shard manifest .*version 3"):
+        ShardSet(root)
+
+
 def test_missing_webdataset_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "webdataset", None)
     with pytest.raises(DataError, match=r'pip install -e "\.\[webdataset\]"'):
@@ -166,6 +231,50 @@ def test_config_keys():
 
 
 # ----------------------------------------------------------------------------- streams
+
+
+def _chunk_stream(sizes: list[int]):
+    """Records of consecutive indices in chunks of the given sizes (input = index)."""
+    start = 0
+    for n in sizes:
+        index = np.arange(start, start + n, dtype=np.int64)
+        yield index.astype(np.uint8).reshape(n, 1, 1), index % 7, index, None
+        start += n
+
+
+@pytest.mark.parametrize("sizes", [[32] * 40 + [5], [300, 1, 299], [7]])
+def test_sample_shuffle_buffer_is_a_seeded_permutation(sizes):
+    total = sum(sizes)
+    blocks = list(shards_module._mixed(_chunk_stream(sizes), buffer=100, block=64, epoch_seed=3, rank=0))
+    assert [len(b[2]) for b in blocks] == [64] * (total // 64) + ([total % 64] if total % 64 else [])
+    index = np.concatenate([b[2] for b in blocks])
+    assert np.array_equal(np.sort(index), np.arange(total))  # every sample once
+    for x, y, idx, cluster in blocks:  # fields stay together
+        assert np.array_equal(x.reshape(-1), idx.astype(np.uint8)) and np.array_equal(y, idx % 7) and cluster is None
+    again = np.concatenate([b[2] for b in shards_module._mixed(_chunk_stream(sizes), 100, 64, 3, 0)])
+    other = np.concatenate([b[2] for b in shards_module._mixed(_chunk_stream(sizes), 100, 64, 4, 0)])
+    assert np.array_equal(index, again) and (total < 2 or not np.array_equal(index, other))
+    if total > 1000:  # a block is drawn from the buffer (once 164 samples wait: six chunks), not one chunk
+        first = blocks[0][2]
+        assert first.max() < 192 and len(np.unique(first // 32)) >= 5
+        assert len(np.unique(blocks[-2][2] // 32)) >= 5
+
+
+def test_chunk_shuffle_is_seeded_per_reader():
+    def order(epoch_seed: int, rank: int) -> list[int]:
+        return list(shards_module._shuffled_chunks(iter(range(200)), epoch_seed=epoch_seed, rank=rank))
+
+    assert sorted(order(1, 0)) == list(range(200)) and order(1, 0) == order(1, 0)
+    assert len({tuple(order(1, 0)), tuple(order(2, 0)), tuple(order(1, 1)), tuple(range(200))}) == 4
+
+
+def test_training_batches_mix_chunks_and_shards(syn_root):
+    """A batch holds samples of many chunks and several shards, not runs of stored order."""
+    split = ShardSplit(ShardSet(syn_root), "train")
+    for seed in range(3):
+        for _, _, idx in ShardBatches(split, 100, seed=seed).batches(0):
+            assert len((idx // SYN_CHUNK).unique()) >= 8 and len((idx // SYN_SHARD).unique()) >= 3
+            assert ((idx[1:] - idx[:-1]) == 1).sum() < 10  # consecutive indices are rare
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -208,9 +317,9 @@ def test_training_stream_deterministic_and_resumable(syn_root):
 def test_training_stream_workers_draw_different_streams(syn_root, syn_memory):
     split = ShardSplit(ShardSet(syn_root), "train")
     loader = ShardBatches(split, 100, seed=3, num_workers=2)
-    # The epoch's chunks alternate between the workers: worker 0's first chunk, worker 1's, ...
-    chunks = list(loader._stream(epoch=0, total=1000))
-    assert [len(c[1]) for c in chunks] == [shards_module.CHUNK] * 4
+    # The epoch's blocks alternate between the workers: worker 0's first block, worker 1's, ...
+    chunks = list(loader._stream(epoch=0, total=2000))
+    assert [len(c[1]) for c in chunks] == [shards_module.BLOCK] * 4
     per_worker = [torch.cat([c[2] for c in chunks[w::2]]).sort().values for w in range(2)]
     # Workers seeded alike would draw the same shards, hence the same samples.
     assert not torch.equal(per_worker[0], per_worker[1])
@@ -291,30 +400,57 @@ def test_shard_damaged_while_training_is_skipped_never_hangs(syn_root, syn_memor
             list(loader.batches(1))
 
 
-@pytest.mark.parametrize("cut", [40_000, 40_600])  # in a member's header (tarfile ends quietly), in its data
-def test_truncated_tar_with_matching_manifest_is_still_caught(syn_root, tmp_path, cut, monkeypatch):
-    """A shard whose manifest entry was written for already-broken bytes: the tar reader's
-    error or the short sample count is a counted warning, and the in-memory table refuses
-    the short split."""
+@pytest.mark.parametrize("where", ["header", "data"])  # tarfile ends quietly in a header, raises in data
+def test_truncated_tar_with_matching_manifest_is_still_caught(syn_root, tmp_path, where, monkeypatch):
+    """A shard whose manifest entry was written for already-broken bytes, cut in its third
+    chunk: the tar reader's error or the short sample count is a counted warning, and the
+    in-memory table refuses the short split."""
     monkeypatch.setitem(shards_module._SKIPPED, "errors", 0)  # the first errors are always shown
     root = _copy(syn_root, tmp_path / "lying")
     shard = root / "test-000000.tar"
-    shard.write_bytes(shard.read_bytes()[:cut])
-    manifest = json.loads((root / "manifest.json").read_text())
-    entry = manifest["splits"]["test"]["shards"][0]
-    entry.update(num_bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    third = _members(shard)[2]
+    shard.write_bytes(shard.read_bytes()[:third.offset + 100 if where == "header" else third.offset_data + 1000])
+    _rewrite_manifest_entry(root, "test", shard)
     with pytest.warns(ShardWarning) as caught:
         seen = _indices(list(read_split(ShardSet(root), "test")))
     messages = [str(w.message) for w in caught]
-    assert any(re.search(r"test-000000.tar ended after 26 of 128 samples .*: 102 samples lost", m) for m in messages)
-    if cut == 40_600:  # tarfile's own error, with the file's name
+    assert any(re.search(r"test-000000.tar gave 64 of its 128 samples .*: 64 samples lost", m) for m in messages)
+    if where == "data":  # tarfile's own error, with the file's name
         assert any(f"unexpected end of data @ {shard}" in m for m in messages)
-    assert len(seen) == 300 - 102 and len(seen.unique()) == len(seen)
+    assert len(seen) == 300 - 64 and len(seen.unique()) == len(seen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ShardWarning)
         with pytest.raises(DataError, match="indices differ"):
             load_shards(str(root), "synthetic")
+
+
+def test_misplaced_or_repeated_chunks_are_skipped(syn_root, tmp_path, monkeypatch):
+    """A well-formed tar whose chunks are not where the chunk size puts them (a repeated
+    chunk, a key off the chunk grid, a chunk that holds other indices): each is skipped with
+    a counted warning, so an exact pass still gives every sample at most once."""
+    monkeypatch.setitem(shards_module._SKIPPED, "errors", 0)
+    root = _copy(syn_root, tmp_path / "odd")
+    shard = root / "test-000000.tar"
+    with tarfile.open(shard) as tar:
+        blobs = [tar.extractfile(m).read() for m in tar.getmembers()]  # chunks at 0, 32, 64, 96
+    moved = np.load(io.BytesIO(blobs[3]))
+    moved["index"] += 1
+    buf = io.BytesIO()
+    np.save(buf, moved)
+    with open(shard, "wb") as f, wds.TarWriter(f, encoder=False) as writer:
+        for key, blob in (("00000000", blobs[0]), ("00000000", blobs[0]), ("00000010", blobs[1]),
+                          ("00000064", blobs[2]), ("00000096", buf.getvalue())):
+            writer.write({"__key__": key, "chunk.npy": blob})
+    _rewrite_manifest_entry(root, "test", shard)
+    with pytest.warns(ShardWarning) as caught:
+        seen = _indices(list(read_split(ShardSet(root), "test")))
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "member 00000000.chunk.npy: ValueError: a second copy of a chunk" in messages
+    assert "no chunk of this shard (chunk size 32) starts at index 10" in messages
+    assert "its indices are not 96..127" in messages
+    assert re.search(r"gave 64 of its 128 samples .*: 64 samples lost", messages)
+    kept = torch.cat([torch.arange(0, 32), torch.arange(64, 96), torch.arange(128, 300)])
+    assert torch.equal(seen.sort().values, kept)
 
 
 # ----------------------------------------------------------------------------- training

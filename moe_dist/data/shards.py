@@ -1,15 +1,20 @@
 """Datasets as webdataset tar shards: write, verify, stream (`data.format=webdataset`).
 
-A shard folder, written by ``moe-dist data shards NAME --out DIR --shard-size N``, holds
-``train-000000.tar ...``, ``test-000000.tar ...`` (samples in split order, N per shard) and
-``manifest.json``: the dataset's name, classes, input shape and dtype, the normalisation
-constants that rebuild the in-memory inputs, and per shard its file, first index, sample
-count, byte count and sha256. One sample is one tar member, ``%08d.sample.npy`` (the key
-is its index in the split): a .npy record with the fields ``input`` (the image as uint8
-[C, H, W], exactly as in the source files; synthetic data: the float32 [200] input),
-``label``, ``index`` and, for synthetic data, ``cluster`` (int64). One member rather than
-one per field halves the tar parsing, which dominates reading (benchmarks/bench_pipeline.py).
-Normalising a stored image gives bit for bit the tensor `load_dataset` gives.
+A shard folder, written by ``moe-dist data shards NAME --out DIR --shard-size N
+--chunk-size K``, holds ``train-000000.tar ...``, ``test-000000.tar ...`` (samples in split
+order, N per shard) and ``manifest.json``: format version 2, the dataset's name, classes,
+input shape and dtype, the chunk size K, the normalisation constants that rebuild the
+in-memory inputs, and per shard its file, first index, sample count, chunk count, byte count
+and sha256. A tar member is a *chunk* of up to K consecutive samples of one shard (chunks
+start every K samples from the shard's first; the shard's last one may be shorter),
+``%08d.chunk.npy`` (the key is the split index of its first sample): a .npy record array
+with the fields ``input`` (the image as uint8 [C, H, W], exactly as in the source files;
+synthetic data: the float32 [200] input), ``label``, ``index`` and, for synthetic data,
+``cluster`` (int64). Per-sample tar members (format version 1) made tar parsing, decoding
+and per-sample shuffling the cost of reading (about 4,000 samples/s); a chunk is parsed,
+checked and copied with one vectorised operation per field. Normalising a stored image
+gives bit for bit the tensor `load_dataset` gives. A version-1 folder is refused with a
+one-line message to rewrite it.
 
 Reading (design.md, "Environment facts": shards that split unevenly over ranks give ranks
 different batch counts, which hangs data-parallel training):
@@ -18,9 +23,15 @@ different batch counts, which hangs data-parallel training):
   (`webdataset.ResampledShards`) and takes exactly ceil(N / global batch) batches per epoch,
   its share of each global batch sized as `TensorBatches` sizes it, so ranks stay in step
   whatever the shard count. Node and worker splitting of a random stream: each (rank,
-  DataLoader worker) draws shards and shuffles samples from its own seed, a function of
-  (run seed, epoch, rank, worker), so the stream is deterministic and no two readers
-  repeat each other. The training process assembles the batches from the workers' chunks.
+  DataLoader worker) draws shards and shuffles from its own seed, a function of (run seed,
+  epoch, rank, worker), so the stream is deterministic and no two readers repeat each
+  other. Each reader shuffles in two stages: the chunks of the shards it draws in a buffer
+  of CHUNK_SHUFFLE chunks (`webdataset.shuffle`; 64 chunks of 256 samples are 16,384
+  samples, more than a shard of 10,000), then the samples of those chunks in a buffer of
+  max(SAMPLE_SHUFFLE, 8 K) samples, from which each block of BLOCK samples it hands on is
+  drawn uniformly with one random permutation (`_mixed`). A batch thus holds samples of
+  many chunks and, once the reader has passed its first shard, of several shards. The
+  training process assembles the batches from the readers' blocks.
   N counts the samples of the shards that pass verification; ranks that disagree on it
   (node-local copies, one damaged) all stop with an error rather than fall out of step.
 * Exact passes (`read_split`): the shard list split by rank (the rule of
@@ -33,10 +44,11 @@ different batch counts, which hangs data-parallel training):
 * Corruption: every shard is checked against the manifest (size, sha256) when a split is
   opened and again each time it is read; the bytes hashed are the bytes parsed. A shard
   that fails is skipped with a `ShardWarning` naming the file and counting the shards and
-  samples skipped; tar or decoding errors that still occur are skipped with a counted
-  warning too (webdataset handler), and a shard read to its end must yield its manifest's
-  sample count (tarfile ends an archive quietly at a truncated header). Training streams
-  draw a bounded number of shards, so a stream that runs dry is an error, never a hang.
+  samples skipped; tar or decoding errors that still occur skip the chunk with a counted
+  warning too, a chunk must sit where the chunk size puts it and hold the indices its key
+  promises (never twice), and a shard read to its end must yield its manifest's sample
+  count (tarfile ends an archive quietly at a truncated header). Training streams draw a
+  bounded number of shards, so a stream that runs dry is an error, never a hang.
 
 `webdataset` is imported only here and only when shards are written or read (extra
 ``moe_dist[webdataset]``).
@@ -68,19 +80,24 @@ from moe_dist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "moe_dist webdataset shards"
-VERSION = 1
+VERSION = 2  # 1: one tar member per sample (refused: rewrite the shards)
 SPLITS = ("train", "test")
-CHUNK = 256  # samples a reader hands to the training process at a time
-SHUFFLE_BUFFER = 4096  # samples each training stream shuffles over (after shard resampling)
+DEFAULT_CHUNK_SIZE = 256  # samples per tar member (`moe-dist data shards --chunk-size`)
+BLOCK = 512  # samples a training reader hands to the training process at a time
+CHUNK_SHUFFLE = 64  # stored chunks each training reader shuffles over
+SAMPLE_SHUFFLE = 4096  # samples each training reader mixes over (at least 8 chunks' worth)
 _EPOCH_SEED_STRIDE = 1_000_003  # as TensorBatches: keeps (seed, epoch) pairs apart
 _NPY_MAGIC = b"\x93NUMPY"
+_MEMBER = "chunk.npy"
 
 # (inputs float32 [n, ...], labels int64 [n], split indices int64 [n], clusters int64 [n] or None)
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# The same inside a reader, as numpy arrays and with the inputs as stored (uint8 or float32).
+_Records = tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 class ShardWarning(UserWarning):
-    """A shard or sample was skipped (corrupt, truncated, unreadable); the data seen shrank."""
+    """A shard or chunk was skipped (corrupt, truncated, unreadable); the data seen shrank."""
 
 
 def _webdataset():
@@ -118,30 +135,33 @@ def _stored_inputs(x: torch.Tensor, name: str) -> np.ndarray:
     return u8.numpy()
 
 
+def _record_dtype(input_dtype: str, input_shape: tuple[int, ...], has_cluster: bool) -> np.dtype:
+    """One sample of a chunk: input, label, index (and cluster)."""
+    fields = [("input", np.dtype(input_dtype).str, tuple(input_shape)), ("label", "<i8"), ("index", "<i8")]
+    return np.dtype(fields + ([("cluster", "<i8")] if has_cluster else []))
+
+
 def _records(inputs: np.ndarray, labels: torch.Tensor, cluster: torch.Tensor | None) -> np.ndarray:
-    """One structured record per sample: input, label, index (and cluster)."""
-    fields = [("input", inputs.dtype.str, inputs.shape[1:]), ("label", "<i8"), ("index", "<i8")]
-    if cluster is not None:
-        fields.append(("cluster", "<i8"))
-    records = np.zeros(len(inputs), dtype=np.dtype(fields))
+    """The split as one record array, in index order."""
+    records = np.zeros(len(inputs), dtype=_record_dtype(inputs.dtype.str, inputs.shape[1:], cluster is not None))
     records["input"], records["label"], records["index"] = inputs, labels.numpy(), np.arange(len(inputs))
     if cluster is not None:
         records["cluster"] = cluster.numpy()
     return records
 
 
-def _npy_header(records: np.ndarray) -> bytes:
-    """The .npy header of one record, shape (1,) (all records of a split share it)."""
+def _npy(records: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, records[:1], allow_pickle=False)
-    blob = buf.getvalue()
-    return blob[:len(blob) - records.itemsize]
+    np.save(buf, records, allow_pickle=False)
+    return buf.getvalue()
 
 
-def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "", setting: str = "s1",
-                 data_seed: int | None = None, train_size: int = 0, test_size: int = 0) -> dict[str, Any]:
+def write_shards(name: str, out: str | Path, shard_size: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 root: str = "", setting: str = "s1", data_seed: int | None = None, train_size: int = 0,
+                 test_size: int = 0) -> dict[str, Any]:
     """Write dataset `name` (as `load_dataset` reads it from `root`) to tar shards of
-    `shard_size` samples under `out`, then `manifest.json`; return the manifest.
+    `shard_size` samples, in tar members of `chunk_size` samples, under `out`, then
+    `manifest.json`; return the manifest.
 
     Shards are reproducible (fixed tar metadata): writing twice gives the same sha256s.
     The manifest is written last, so an interrupted run leaves a folder readers refuse.
@@ -149,6 +169,8 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
     wds = _webdataset()
     if shard_size <= 0:
         raise DataError(f"--shard-size must be positive, got {shard_size}")
+    if chunk_size <= 0:
+        raise DataError(f"--chunk-size must be positive, got {chunk_size}")
     data = load_dataset(name, root, setting=setting, data_seed=data_seed, train_size=train_size,
                         test_size=test_size, normalization="none")
     out = Path(out)
@@ -160,19 +182,20 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
     splits: dict[str, Any] = {}
     for split_name, split in (("train", data.train), ("test", data.test)):
         records = _records(_stored_inputs(split.x, name), split.y, split.cluster)
-        header = _npy_header(records)
         shards = []
         for number, start in enumerate(range(0, len(records), shard_size)):
             stop = min(start + shard_size, len(records))
             path = out / f"{split_name}-{number:06d}.tar"
             partial_path = path.with_name(path.name + ".partial")
+            firsts = range(start, stop, chunk_size)
             with open(partial_path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="moe_dist",
                                                                 group="moe_dist") as writer:
-                for i in range(start, stop):
-                    writer.write({"__key__": f"{i:08d}", "sample.npy": header + records[i].tobytes()})
+                for first in firsts:
+                    writer.write({"__key__": f"{first:08d}", _MEMBER: _npy(records[first:min(first + chunk_size,
+                                                                                              stop)])})
             os.replace(partial_path, path)
             shards.append({"file": path.name, "first_index": start, "num_samples": stop - start,
-                           "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
+                           "num_chunks": len(firsts), "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
         splits[split_name] = {"num_samples": len(records), "shards": shards}
 
     images = name != "synthetic"
@@ -185,6 +208,7 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
         "input_shape": list(data.input_shape),
         "input_dtype": "uint8" if images else "float32",
         "has_cluster": data.train.cluster is not None,
+        "chunk_size": chunk_size,
         # uint8 images: x / 255, then data.normalization: paper ((x - mean) / std, these
         # constants), half ((x - 0.5) / 0.5) or none; float32 inputs are used as stored.
         "normalization": ({"divisor": 255.0, "paper_mean": list(_PAPER_STATS[name][0]),
@@ -195,9 +219,11 @@ def write_shards(name: str, out: str | Path, shard_size: int, *, root: str = "",
                    "data_seed": (synthetic.SETTINGS[setting].seed if data_seed is None else data_seed)
                    if not images else None,
                    "train_size": train_size, "test_size": test_size},
-        "sample": {"__key__": "index in the split, %08d",
-                   "sample.npy": "one record: input (input_dtype, input_shape), label, index"
-                                 + ("" if images else ", cluster") + " (int64)"},
+        "member": {"__key__": "split index of the chunk's first sample, %08d; chunks start every "
+                              "chunk_size samples from the shard's first_index",
+                   _MEMBER: "up to chunk_size consecutive samples as one .npy record array: input "
+                            "(input_dtype, input_shape), label, index" + ("" if images else ", cluster")
+                            + " (int64)"},
         "splits": splits,
     }
     partial_manifest = out / (MANIFEST_NAME + ".partial")
@@ -218,6 +244,11 @@ class ShardInfo:
     num_samples: int
     num_bytes: int
     sha256: str
+    num_chunks: int
+
+
+class _OldFormat(Exception):
+    """The manifest of an earlier format version (its number)."""
 
 
 class _ShardFault(Exception):
@@ -256,7 +287,7 @@ def _warn_and_continue(exn: Exception) -> bool:
     if _SKIPPED["errors"] <= 5 or _SKIPPED["errors"] % 1000 == 0:  # counted, without flooding the log
         what = "; ".join(dict.fromkeys(str(a) for a in exn.args if a is not None)) or type(exn).__name__
         warnings.warn(f"skipped unreadable shard data: {what}; this process has skipped "
-                      f"{_SKIPPED['errors']} tar/sample error(s)", ShardWarning, stacklevel=2)
+                      f"{_SKIPPED['errors']} tar/chunk error(s)", ShardWarning, stacklevel=2)
     return True
 
 
@@ -273,13 +304,23 @@ class ShardSet:
                             f"{_make_shards_hint(root)}")
         try:
             self.manifest = json.loads(manifest_path.read_text())
-            if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-                raise ValueError(f"format {self.manifest.get('format')!r} version {self.manifest.get('version')}")
+            version = self.manifest.get("version")
+            if self.manifest.get("format") == FORMAT and isinstance(version, int) and version < VERSION:
+                raise _OldFormat(version)
+            if self.manifest.get("format") != FORMAT or version != VERSION:
+                raise ValueError(f"format {self.manifest.get('format')!r} version {version}")
+            self.chunk_size = int(self.manifest["chunk_size"])
+            if self.chunk_size <= 0:
+                raise ValueError(f"chunk_size {self.chunk_size}")
             self._shards = {
                 split: [ShardInfo(self.root / s["file"], int(s["first_index"]), int(s["num_samples"]),
-                                  int(s["num_bytes"]), str(s["sha256"]))
+                                  int(s["num_bytes"]), str(s["sha256"]), int(s["num_chunks"]))
                         for s in self.manifest["splits"][split]["shards"]]
                 for split in SPLITS}
+        except _OldFormat as old:
+            raise DataError(f"{root} holds shards of format version {old.args[0]} (one tar member per sample), "
+                            f"this moe_dist reads version {VERSION} (chunks of samples): rewrite them with "
+                            f"`moe-dist data shards {self.manifest.get('dataset', 'NAME')} --out {root}`") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{manifest_path}: not a moe_dist shard manifest ({exc}); "
                             f"{_make_shards_hint(root)}") from None
@@ -328,7 +369,7 @@ class ShardSet:
 
 
 # ------------------------------------------------------------------------------- pipeline stages
-# Module-level functions bound with functools.partial: DataLoader workers pickle them.
+# Module-level functions and objects bound with functools.partial: DataLoader workers pickle them.
 
 
 class _ShardBytes(io.BytesIO):
@@ -342,8 +383,74 @@ class _ShardBytes(io.BytesIO):
         return str(self.path)
 
 
-def _open_verified(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterator[dict]:
-    """url -> in-memory stream of the verified bytes; a failing shard is skipped and counted."""
+class _ChunkDecoder:
+    """``%08d.chunk.npy`` member -> its fields as arrays, checked against the manifest.
+
+    Each distinct .npy header is parsed once (a split has at most two: full chunks and
+    short ones), then the record array is viewed in place and each field copied out with one
+    operation: no per-sample Python. A chunk must start where the chunk size puts one in its
+    shard, hold exactly the samples up to the next start, and carry their indices.
+    """
+
+    def __init__(self, manifest: dict[str, Any]):
+        self.dtype = _record_dtype(manifest["input_dtype"], tuple(manifest["input_shape"]),
+                                   bool(manifest["has_cluster"]))
+        self.chunk_size = int(manifest["chunk_size"])
+        self.num_classes = int(manifest["num_classes"])
+        self.headers: dict[bytes, tuple[int, ...]] = {}
+
+    def _records_start(self, blob: bytes) -> tuple[int, tuple[int, ...]]:
+        """Where the records start in a .npy blob, and the array's shape."""
+        if blob[:6] != _NPY_MAGIC or len(blob) < 10:
+            raise ValueError("not a .npy file")
+        size_bytes = 2 if blob[6] == 1 else 4
+        start = 8 + size_bytes + int.from_bytes(blob[8:8 + size_bytes], "little")
+        header = blob[:start]
+        shape = self.headers.get(header)
+        if shape is None:
+            f = io.BytesIO(header)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError("unsupported .npy version")
+            shape, fortran_order, dtype = read_header(f)
+            if dtype != self.dtype or fortran_order or len(shape) != 1:
+                raise ValueError(f"holds {dtype} {shape}, the manifest implies {self.dtype} (n,)")
+            self.headers[header] = shape = tuple(shape)
+        return start, shape
+
+    def __call__(self, fname: str, blob: bytes, info: ShardInfo) -> _Records:
+        key, _, ext = fname.partition(".")
+        if ext != _MEMBER or not key.isdigit():
+            raise ValueError(f"not a %08d.{_MEMBER} member")
+        first = int(key)
+        offset = first - info.first_index
+        if not 0 <= offset < info.num_samples or offset % self.chunk_size:
+            raise ValueError(f"no chunk of this shard (chunk size {self.chunk_size}) starts at index {first}")
+        n = min(self.chunk_size, info.num_samples - offset)
+        start, shape = self._records_start(blob)
+        if shape != (n,):
+            raise ValueError(f"holds {shape[0]} samples, its place in the shard implies {n}")
+        if len(blob) - start != n * self.dtype.itemsize:
+            raise ValueError("wrong number of bytes")
+        records = np.frombuffer(blob, self.dtype, count=n, offset=start)
+        index = np.arange(first, first + n, dtype=np.int64)
+        if not np.array_equal(records["index"], index):
+            raise ValueError(f"its indices are not {first}..{first + n - 1}")
+        labels = records["label"]
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"a label outside 0..{self.num_classes - 1}")
+        cluster = records["cluster"].copy() if "cluster" in self.dtype.names else None
+        return records["input"].copy(), labels.copy(), index, cluster
+
+
+def _read_chunks(src: Iterator[dict], shards: dict[str, ShardInfo], decode: _ChunkDecoder) -> Iterator[_Records]:
+    """Shard urls -> their chunks, in shard order (webdataset's tar reader). A shard that
+    fails verification, a tar error and a chunk that fails decoding are skipped with a
+    counted warning; a shard read to its end must give its manifest's sample count (tarfile
+    ends an archive silently at a truncated header)."""
+    from webdataset.tariterators import tar_file_iterator
+
     for item in src:
         info = shards[item["url"]]
         try:
@@ -351,117 +458,40 @@ def _open_verified(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterato
         except _ShardFault as fault:
             _warn_skipped_shard(info, str(fault))
             continue
-        yield {"url": item["url"], "stream": _ShardBytes(data, info.path)}
-
-
-def _count_samples(src: Iterator[dict], shards: dict[str, ShardInfo]) -> Iterator[dict]:
-    """Checks that every shard read to its end yielded its manifest's sample count (one tar
-    member per sample): Python's tarfile ends an archive silently at a truncated header."""
-    url, count = None, 0
-
-    def check() -> None:
-        if url is not None and count != shards[url].num_samples:
-            info = shards[url]
-            lost = info.num_samples - count
-            _SKIPPED["samples"] += max(lost, 0)
-            warnings.warn(f"shard {info.path} ended after {count} of {info.num_samples} samples (truncated or "
-                          f"corrupt tar): {lost} samples lost; this process has skipped {_SKIPPED['samples']} "
-                          f"samples", ShardWarning, stacklevel=3)
-
-    for item in src:
-        if not item:  # tar_file_expander's end-of-shard marker
-            check()
-            url, count = None, 0
-        elif item["__url__"] != url:  # a new shard (the previous one may have failed mid-way)
-            check()
-            url, count = item["__url__"], 1
-        else:
-            count += 1
-        yield item
-    check()
-
-
-class _RecordDecoder:
-    """Decodes ``sample.npy``: parses each distinct .npy header once (all samples of a split
-    share one) and checks its fields against the manifest, then views the bytes (np.load per
-    sample costs ~50x more). Returns the record's raw bytes, its label, index and cluster."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: str, has_cluster: bool):
-        fields = [("input", np.dtype(dtype).str, shape), ("label", "<i8"), ("index", "<i8")]
-        self.dtype = np.dtype(fields + ([("cluster", "<i8")] if has_cluster else []))
-        self.headers: set[bytes] = set()
-
-    def __call__(self, blob: bytes) -> tuple[bytes, int, int, int]:
-        if blob[:6] != _NPY_MAGIC or len(blob) < 10:
-            raise ValueError("sample.npy is not a .npy file")
-        size_bytes = 2 if blob[6] == 1 else 4
-        offset = 8 + size_bytes + int.from_bytes(blob[8:8 + size_bytes], "little")
-        header = blob[:offset]
-        if header not in self.headers:
-            f = io.BytesIO(header)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-            if read_header is None:
-                raise ValueError("sample.npy has an unsupported .npy version")
-            shape, _, dtype = read_header(f)
-            if tuple(shape) != (1,) or dtype != self.dtype:
-                raise ValueError(f"sample.npy holds {dtype} {shape}, the manifest implies {self.dtype} (1,)")
-            self.headers.add(header)
-        payload = blob[offset:]
-        if len(payload) != self.dtype.itemsize:
-            raise ValueError("sample.npy has the wrong number of bytes")
-        record = np.frombuffer(payload, self.dtype)[0]
-        cluster = int(record["cluster"]) if "cluster" in self.dtype.names else -1
-        return payload, int(record["label"]), int(record["index"]), cluster
-
-
-def _decode(src: Iterator[dict], shards: dict[str, ShardInfo], shape: tuple[int, ...], dtype: str,
-            has_cluster: bool, num_classes: int) -> Iterator[tuple]:
-    """Tar samples -> (record bytes, label, index, cluster), checked against the manifest."""
-    decode = _RecordDecoder(shape, dtype, has_cluster)
-    for sample in src:
+        firsts: set[int] = set()
+        count = 0
         try:
-            info = shards[sample["__url__"]]
-            payload, label, index, cluster = decode(sample["sample.npy"])
-            if not info.first_index <= index < info.first_index + info.num_samples:
-                raise ValueError(f"index {index} outside this shard's range")
-            if not 0 <= label < num_classes:
-                raise ValueError(f"label {label} outside 0..{num_classes - 1}")
-            yield payload, label, index, cluster
-        except Exception as exn:  # a malformed sample, whatever the fault: skip it, counted
-            if not _warn_and_continue(ValueError(f"{sample.get('__url__')} sample {sample.get('__key__')}: "
-                                                 f"{type(exn).__name__}: {exn}")):
-                return
+            for member in tar_file_iterator(_ShardBytes(data, info.path), handler=_warn_and_continue):
+                try:
+                    chunk = decode(member["fname"], member["data"], info)
+                    if int(chunk[2][0]) in firsts:
+                        raise ValueError("a second copy of a chunk")
+                except Exception as exn:  # a malformed chunk, whatever the fault: skip it, counted
+                    _warn_and_continue(ValueError(f"{info.path} member {member['fname']}: "
+                                                  f"{type(exn).__name__}: {exn}"))
+                    continue
+                firsts.add(int(chunk[2][0]))
+                count += len(chunk[1])
+                yield chunk
+        except Exception as exn:  # the tar stream itself broke
+            _warn_and_continue(ValueError(f"{type(exn).__name__}: {exn} @ {info.path}"))
+        if count != info.num_samples:
+            lost = info.num_samples - count
+            _SKIPPED["samples"] += lost
+            warnings.warn(f"shard {info.path} gave {count} of its {info.num_samples} samples (truncated or "
+                          f"corrupt): {lost} samples lost; this process has skipped {_SKIPPED['samples']} "
+                          f"samples", ShardWarning, stacklevel=2)
 
 
-class _Normalize:
-    """Stored inputs -> model inputs, with the exact operations of `load_dataset`."""
-
-    def __init__(self, manifest: dict[str, Any], normalization: str):
-        self.scale = manifest["input_dtype"] == "uint8"
-        self.normalization = normalization
-        stats = manifest["normalization"]
-        self.mean = torch.tensor(stats["paper_mean"], dtype=torch.float32).view(-1, 1, 1) if self.scale else None
-        self.std = torch.tensor(stats["paper_std"], dtype=torch.float32).view(-1, 1, 1) if self.scale else None
-
-    def __call__(self, stored: torch.Tensor) -> torch.Tensor:
-        if not self.scale:
-            return stored
-        x = stored.float().div_(255.0)
-        if self.normalization == "none":
-            return x
-        if self.normalization == "half":
-            return x.sub_(0.5).div_(0.5)
-        return x.sub_(self.mean).div_(self.std)
-
-
-def _collate(samples: list[tuple], normalize: _Normalize, dtype: np.dtype, has_cluster: bool) -> Chunk:
-    inputs = np.frombuffer(b"".join(s[0] for s in samples), dtype)["input"]  # one view for the chunk
-    x = normalize(torch.from_numpy(np.ascontiguousarray(inputs)))
-    y = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    index = torch.tensor([s[2] for s in samples], dtype=torch.int64)
-    cluster = torch.tensor([s[3] for s in samples], dtype=torch.int64) if has_cluster else None
-    return x, y, index, cluster
+def _take_samples(src: Iterator[_Records], n: int) -> Iterator[_Records]:
+    """The first `n` samples of the stream (the last chunk cut); reads no chunk beyond them."""
+    for chunk in src if n > 0 else ():
+        if len(chunk[1]) > n:
+            chunk = tuple(None if t is None else t[:n] for t in chunk)
+        n -= len(chunk[1])
+        yield chunk
+        if n <= 0:
+            return
 
 
 def _worker_id() -> int:
@@ -474,21 +504,107 @@ def _stream_seed(rank: int) -> int:
     return rank * 65_537 + _worker_id()
 
 
+def _reader_seed(epoch_seed: int, rank: int, stage: int) -> int:
+    """A shuffle stage's seed, per (run seed, epoch, rank, worker, stage), in the worker."""
+    return _webdataset().utils.make_seed(epoch_seed, rank, _worker_id(), stage)
+
+
+def _shuffled_chunks(src: Iterator[_Records], epoch_seed: int, rank: int) -> Iterator[_Records]:
+    """Chunks shuffled in a buffer of CHUNK_SHUFFLE (webdataset's shuffle)."""
+    rng = random.Random(_reader_seed(epoch_seed, rank, 0))
+    return _webdataset().shuffle(CHUNK_SHUFFLE, initial=CHUNK_SHUFFLE, rng=rng)(src)
+
+
+def _mixed(src: Iterator[_Records], buffer: int, block: int, epoch_seed: int, rank: int) -> Iterator[_Records]:
+    """Samples shuffled in a buffer, vectorised: once `buffer` + `block` samples wait, a
+    block of `block` of them, drawn uniformly (one random permutation), is handed on.
+
+    The samples are appended to a storage of twice that size by slice copies and leave by
+    one gather per block; when the storage is full, the waiting samples are gathered to its
+    front: each sample is copied about three times, never by a per-sample operation. At the
+    end the rest leave in random order.
+    """
+    rng = np.random.default_rng(_reader_seed(epoch_seed, rank, 1))
+    capacity = 2 * (buffer + block)
+    storage: list[np.ndarray | None] = []
+    end = 0  # the storage's rows [0, end) are written
+    waiting = np.empty(0, dtype=np.int64)  # rows not handed on yet, in random order
+    for chunk in src:
+        if not storage:
+            storage = [None if a is None else np.empty((capacity, *a.shape[1:]), a.dtype) for a in chunk]
+        pos, n = 0, len(chunk[1])
+        while pos < n:
+            if end == capacity:  # gather the waiting rows to the front of a fresh storage
+                end = len(waiting)
+                storage = [None if a is None else _with_front(a, waiting) for a in storage]
+                waiting = np.arange(end)
+            take = min(capacity - end, n - pos)
+            for stored, a in zip(storage, chunk):
+                if stored is not None:
+                    stored[end:end + take] = a[pos:pos + take]
+            waiting = np.concatenate([waiting, np.arange(end, end + take)])
+            end, pos = end + take, pos + take
+            while len(waiting) >= buffer + block:
+                waiting = rng.permutation(waiting)
+                drawn, waiting = waiting[:block], waiting[block:]
+                yield tuple(None if a is None else a.take(drawn, axis=0) for a in storage)
+    waiting = rng.permutation(waiting)
+    for start in range(0, len(waiting), block):
+        yield tuple(None if a is None else a.take(waiting[start:start + block], axis=0) for a in storage)
+
+
+def _with_front(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A fresh array like `a` whose first len(rows) rows are a[rows]."""
+    fresh = np.empty_like(a)
+    a.take(rows, axis=0, out=fresh[:len(rows)], mode="clip")  # clip: unbuffered out; rows are valid
+    return fresh
+
+
+class _Normalize:
+    """Stored inputs -> model inputs, bit for bit those of `load_dataset`: uint8 images by a
+    lookup in a per-channel table of the 256 byte values, computed once with load_dataset's
+    own operations (x / 255, then the normalisation); float32 inputs as stored. In numpy
+    (single-threaded), like the rest of a reader: torch's intra-op threads cost 20x on a
+    loaded machine (a parallel region waits for descheduled threads)."""
+
+    def __init__(self, manifest: dict[str, Any], normalization: str):
+        self.table = None
+        if manifest["input_dtype"] == "uint8":
+            stats = manifest["normalization"]
+            channels = manifest["input_shape"][0]
+            x = torch.arange(256, dtype=torch.uint8).expand(channels, 256).float().div_(255.0)
+            if normalization == "half":
+                x.sub_(0.5).div_(0.5)
+            elif normalization != "none":
+                mean, std = (torch.tensor(stats[key], dtype=torch.float32).view(-1, 1)
+                             for key in ("paper_mean", "paper_std"))
+                x.sub_(mean).div_(std)
+            self.table = x.numpy()  # [C, 256]
+
+    def __call__(self, stored: np.ndarray) -> torch.Tensor:
+        if self.table is None:
+            return torch.from_numpy(stored)
+        out = np.empty(stored.shape, np.float32)
+        for c, table in enumerate(self.table):
+            table.take(stored[:, c], out=out[:, c], mode="clip")  # clip: unbuffered out; bytes < 256
+        return torch.from_numpy(out)
+
+
+def _normalized(src: Iterator[_Records], normalize: _Normalize) -> Iterator[Chunk]:
+    for x, y, index, cluster in src:
+        yield normalize(x), torch.from_numpy(y), torch.from_numpy(index), (
+            None if cluster is None else torch.from_numpy(cluster))
+
+
 def _split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
     """webdataset.split_by_node's rule with an explicit rank (it reads RANK or the default
     process group, which a test or a forked worker need not have)."""
     return islice(src, rank, None, world_size)
 
 
-def _shuffled(src: Iterator, epoch_seed: int, rank: int) -> Iterator:
-    """A shuffle buffer seeded per (run seed, epoch, rank, worker), in the worker."""
-    wds = _webdataset()
-    rng = random.Random(wds.utils.make_seed(epoch_seed, rank, _worker_id()))
-    return wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(src)
-
-
-def _take(src: Iterator, n: int) -> Iterator:
-    return islice(src, n)
+def _read_stage(shard_set: ShardSet, split: str):
+    return functools.partial(_read_chunks, shards={str(s.path): s for s in shard_set.shards(split)},
+                             decode=_ChunkDecoder(shard_set.manifest))
 
 
 # ------------------------------------------------------------------------------- splits and batches
@@ -571,25 +687,6 @@ class ShardSplit(Split):
                             num_workers=self.num_workers if num_workers is None else num_workers)
 
 
-def _pipeline_stages(shard_set: ShardSet, split: str, normalization: str) -> tuple[list, list]:
-    """The stages after the shard list: (open + expand + decode, collate into chunks)."""
-    wds = _webdataset()
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    by_url = {str(s.path): s for s in shard_set.shards(split)}
-    m = shard_set.manifest
-    read = [functools.partial(_open_verified, shards=by_url),
-            functools.partial(tar_file_expander, handler=_warn_and_continue),
-            functools.partial(_count_samples, shards=by_url),
-            functools.partial(group_by_keys, handler=_warn_and_continue),
-            functools.partial(_decode, shards=by_url, shape=tuple(m["input_shape"]), dtype=m["input_dtype"],
-                              has_cluster=bool(m["has_cluster"]), num_classes=int(m["num_classes"]))]
-    record = _RecordDecoder(tuple(m["input_shape"]), m["input_dtype"], bool(m["has_cluster"])).dtype
-    collate = functools.partial(_collate, normalize=_Normalize(m, normalization), dtype=record,
-                                has_cluster=bool(m["has_cluster"]))
-    return read, [wds.batched(CHUNK, collation_fn=collate, partial=True)]
-
-
 def _iterate(pipeline, num_workers: int) -> Iterator[Chunk]:
     if num_workers == 0:
         return iter(pipeline)
@@ -604,14 +701,15 @@ def _iterate(pipeline, num_workers: int) -> Iterator[Chunk]:
 def read_split(shard_set: ShardSet, split: str, normalization: str = "paper", *, rank: int = 0,
                world_size: int = 1, num_workers: int = 0) -> Iterator[Chunk]:
     """One exact pass, no resampling: the verified shards split by rank, then by worker;
-    together the ranks' passes hold every sample of those shards exactly once. Chunks of up
-    to CHUNK samples, in shard order within one reader (workers interleave)."""
+    together the ranks' passes hold every sample of those shards exactly once. Chunks as
+    stored (up to the manifest's chunk_size samples), in shard order within one reader
+    (workers interleave)."""
     wds = _webdataset()
     urls = [str(s.path) for s in shard_set.good_shards(split)]
-    read, collate = _pipeline_stages(shard_set, split, normalization)
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls),
                                 functools.partial(_split_by_rank, rank=rank, world_size=world_size),
-                                wds.split_by_worker, *read, *collate)
+                                wds.split_by_worker, _read_stage(shard_set, split),
+                                functools.partial(_normalized, normalize=_Normalize(shard_set.manifest, normalization)))
     return _iterate(pipeline, num_workers)
 
 
@@ -621,7 +719,8 @@ class ShardBatches:
     global batches sized as TensorBatches sizes them (the last one may be smaller), each
     rank's share sized by the same contiguous split. Epoch e is a pure function of (seed, e,
     rank, num_workers). Samples are drawn with replacement at the shard level, so one epoch
-    need not visit every sample (webdataset's resampled mode)."""
+    need not visit every sample (webdataset's resampled mode); each reader shuffles chunks,
+    then samples (module docstring) and hands on blocks of BLOCK samples."""
 
     def __init__(self, split: ShardSplit, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
@@ -650,24 +749,27 @@ class ShardBatches:
         return sizes
 
     def _stream(self, epoch: int, total: int) -> Iterator[Chunk]:
-        """At least `total` samples of this rank's stream for `epoch`, in chunks."""
+        """At least `total` samples of this rank's stream for `epoch`, in blocks of BLOCK
+        (DataLoader workers take turns, a block each)."""
         wds = _webdataset()
-        good = self.split.shard_set.good_shards(self.split.split_name)
+        shard_set = self.split.shard_set
+        good = shard_set.good_shards(self.split.split_name)
         workers = max(self.num_workers, 1)
-        # Whole chunks from every worker in turn: each worker's quota covers its turns.
-        per_worker = math.ceil(total / (CHUNK * workers)) * CHUNK
+        # Whole blocks from every worker in turn: each worker's quota covers its turns.
+        per_worker = math.ceil(total / (BLOCK * workers)) * BLOCK
         # Enough shard draws to fill the quota from the smallest shard, twice over (shards
         # that fail while being read are skipped), and never unbounded.
         draws = 2 * math.ceil(per_worker / min(s.num_samples for s in good)) + 8
         epoch_seed = self.seed * _EPOCH_SEED_STRIDE + epoch
-        read, collate = _pipeline_stages(self.split.shard_set, self.split.split_name, self.split.normalization)
         pipeline = wds.DataPipeline(
             wds.ResampledShards([str(s.path) for s in good], nshards=draws, seed=epoch_seed, deterministic=True,
                                 worker_seed=functools.partial(_stream_seed, self.rank)),
-            *read,
-            functools.partial(_take, n=per_worker),  # before the shuffle: no sample decoded in vain
-            functools.partial(_shuffled, epoch_seed=epoch_seed, rank=self.rank),
-            *collate)
+            _read_stage(shard_set, self.split.split_name),
+            functools.partial(_take_samples, n=per_worker),  # before the shuffles: no chunk decoded in vain
+            functools.partial(_shuffled_chunks, epoch_seed=epoch_seed, rank=self.rank),
+            functools.partial(_mixed, buffer=max(SAMPLE_SHUFFLE, 8 * shard_set.chunk_size), block=BLOCK,
+                              epoch_seed=epoch_seed, rank=self.rank),
+            functools.partial(_normalized, normalize=_Normalize(shard_set.manifest, self.split.normalization)))
         return _iterate(pipeline, self.num_workers)
 
     def batches(self, epoch: int,
@@ -689,7 +791,9 @@ class ShardBatches:
                                     f"see the warnings)")
                 pending.append(chunk)
                 have += len(chunk[1])
-            if pending:
+            if len(pending) == 1:
+                x, y, index = pending[0][:3]
+            elif pending:
                 x, y, index = (torch.cat([c[i] for c in pending]) for i in range(3))
             else:  # an empty share (a global batch smaller than world_size)
                 x, y, index = self._empty_x, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
