@@ -10,7 +10,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 wds = pytest.importorskip("webdataset")
 
 from moe_dist.cli import main as cli_main  # noqa: E402
+from procs import free_port, spawn  # noqa: E402
 from moe_dist.config import load_config  # noqa: E402
 from moe_dist.data import TensorBatches, default_data_root, load_dataset, write_cifar100_fixture  # noqa: E402
 from moe_dist.data import shards as shards_module  # noqa: E402
@@ -473,26 +472,6 @@ def test_trainer_on_synthetic_shards(syn_root, tmp_path):
 # ----------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def two_rank_worker(rank: int, world: int, root: str, damaged_root: str, out_dir: str) -> None:
     split = ShardSplit(ShardSet(root), "train")
     loader = ShardBatches(split, 96, seed=0, rank=rank, world_size=world, num_workers=2)
@@ -515,8 +494,7 @@ def two_rank_worker(rank: int, world: int, root: str, damaged_root: str, out_dir
 def test_two_ranks_same_batches_and_exact_pass_once(syn_root, tmp_path):
     damaged = _copy(syn_root, tmp_path / "damaged")
     _damage(damaged)
-    mp.start_processes(_entry, args=(2, _free_port(), "two_rank_worker", (str(syn_root), str(damaged), str(tmp_path))),
-                       nprocs=2, start_method="spawn", join=True)
+    spawn(two_rank_worker, 2, str(syn_root), str(damaged), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["len"] == ranks[1]["len"] == math.ceil(1000 / 96)
     for epoch in range(2):
@@ -539,7 +517,7 @@ def test_torchrun_trains_on_mnist10k_shards(tmp_path, data_root):
     config = tmp_path / "defaults.yaml"
     config.write_text("# every key at its default; the test's overrides follow\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "moe_dist.cli", "train", "--config", str(config), f"run_dir={run}",
+           str(free_port()), "-m", "moe_dist.cli", "train", "--config", str(config), f"run_dir={run}",
            "data.name=mnist10k", "data.format=webdataset", f"data.root={shards}", "data.num_workers=1",
            "model.arch=mnist", "moe.num_experts=4", "train.batch_size=128", "train.epochs=1",
            "train.progress=false", "train.num_threads=1"]
