@@ -36,8 +36,14 @@ def slurm(tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2) as cluster:
+    try:  # daemons that cannot start in this environment (CI containers): a skip with the reason
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2).start()
+    except RuntimeError as exc:
+        pytest.skip(f"the local SLURM cluster did not start here: {exc}")
+    try:
         yield cluster
+    finally:
+        cluster.stop()
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:
