@@ -107,7 +107,18 @@ def peak_memory_mb(device: torch.device) -> float:
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else its architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} CPU"
 
 
 class Trainer:
