@@ -8,6 +8,9 @@ exit status 2. Checked: the numbers (processes, machines, node rank, port), the 
 launcher on a machine without enough GPUs), the accelerate config file, the training config
 with its overrides (unknown keys, bad values), ``parallel.ep_size`` against the world size and
 the expert count, and for ``engine=deepspeed`` the ZeRO stage and that DeepSpeed is installed.
+
+Also :func:`moe_dist_command`: the command line that starts ``moe-dist`` on N local
+processes, for the procedures that start training processes themselves (sweep, study).
 """
 
 from __future__ import annotations
@@ -20,10 +23,27 @@ from pathlib import Path
 
 from moe_dist.errors import ConfigError, MoEDistError
 
-__all__ = ["LaunchPlan", "preflight", "main"]
+__all__ = ["LaunchPlan", "preflight", "main", "moe_dist_command", "TORCHRUN_SIGNALS"]
 
 LAUNCHERS = ("accelerate", "torchrun")
 DEVICES = ("cuda", "cpu")
+#: torchrun's default list plus SIGUSR1: without it torchrun (torch >= 2.9) dies of the SLURM
+#: warning signal and leaves its ranks running; with it, it passes the signal on to them.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def moe_dist_command(nproc: int = 1) -> tuple[str, ...]:
+    """``python -m moe_dist.cli`` in one process, or under torchrun on ``nproc`` processes of
+    this machine. ``--standalone`` gives each launch its own rendezvous on a free port, so
+    concurrent sweeps never share one; the ranks read RANK/WORLD_SIZE (moe_dist.parallel.env)
+    and the trainer picks gloo on CPU, NCCL on GPUs. torchrun passes SIGUSR1/SIGTERM on to the
+    ranks, then waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s (default 30) before killing them."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be a positive integer")
+    if nproc == 1:
+        return (sys.executable, "-m", "moe_dist.cli")
+    return (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "moe_dist.cli")
 
 
 @dataclass(frozen=True)

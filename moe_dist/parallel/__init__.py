@@ -12,8 +12,8 @@
 """
 
 from moe_dist.parallel.dispatch import BatchLayout, ExpertParallelDispatch, LocalDispatch
-from moe_dist.parallel.env import (WorldInfo, destroy_distributed, init_distributed, is_main,
-                                   world_info_from_env)
+from moe_dist.parallel.env import (WorldInfo, barrier, destroy_distributed, init_distributed, is_main,
+                                   process_group, world_info_from_env)
 from moe_dist.parallel.grads import GradientReducer, all_reduce_gradients
 from moe_dist.parallel.groups import ParallelContext, check_layout
 from moe_dist.parallel.model import moe_modules, parallelize, split_parameters
@@ -23,6 +23,7 @@ from moe_dist.parallel.state import (full_model_state, full_optimizer_state, loa
 __all__ = [
     "BatchLayout", "LocalDispatch", "ExpertParallelDispatch",
     "WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed", "is_main",
+    "process_group", "barrier",
     "GradientReducer", "all_reduce_gradients",
     "ParallelContext", "check_layout",
     "moe_modules", "parallelize", "split_parameters",

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from moe_dist.errors import ConfigError
 
 __all__ = ["WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed",
-           "is_main", "first_slurm_host"]
+           "process_group", "barrier", "is_main", "first_slurm_host"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,30 @@ def destroy_distributed() -> None:
     (design.md, environment facts)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(backend: str | None = None) -> Iterator[WorldInfo]:
+    """Hold the launcher's process group for a procedure that builds several trainers in one
+    process (distill, the studies). Each Trainer then finds the group and leaves it alone, so
+    it is joined once and left once: under torchrun (2.13, gloo) a group destroyed and
+    initialised again in the same processes fails about one time in two (a reset connection
+    or a hang in the next collective). A no-op in a single process and when a group exists."""
+    created = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(backend)
+    created &= dist.is_initialized()
+    try:
+        yield info
+    finally:
+        if created:
+            destroy_distributed()
+
+
+def barrier() -> None:
+    """Wait until every rank is here (a no-op in one process): after rank 0 wrote a file the
+    others read."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def is_main() -> bool:

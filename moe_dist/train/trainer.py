@@ -97,6 +97,17 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
+def runs_on_cpu(cfg: Config) -> bool:
+    """Whether ``cfg`` trains on the CPU (its processes then join a gloo group)."""
+    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+
+
+def process_group_backend(cfg: Config) -> str | None:
+    """The backend a run of ``cfg`` joins the launcher's group with: gloo on CPU, else
+    init_distributed's default (NCCL for CUDA tensors, gloo for CPU ones)."""
+    return "gloo" if runs_on_cpu(cfg) else None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or on CPU the process's peak resident set size."""
     if device.type == "cuda":
@@ -135,13 +146,13 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+        cpu = runs_on_cpu(cfg)
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is available")
         # Joins the launcher's process group (torchrun, accelerate, SLURM) before accelerate
         # looks for one; a no-op in a single process. fit() leaves a group it created.
         self._owns_process_group = not dist.is_initialized()
-        init_distributed("gloo" if cpu else None)
+        init_distributed(process_group_backend(cfg))
         self.use_deepspeed = cfg.engine == "deepspeed"
         if self.use_deepspeed:
             if cfg.train.mixed_precision != "no":
@@ -662,4 +673,8 @@ class Trainer:
                 for tag, value in scalars.items():
                     self.writer.add_scalar(tag, value)
                 self.writer.close()
+        if self.ctx.distributed:
+            # fit() returns on every rank once the run folder is complete: a procedure's next
+            # step (is_complete, latest_weights, a table) reads it on every rank.
+            dist.barrier()
         return result
