@@ -9,6 +9,11 @@ frozen and no regulariser is applied. The distilled gate can then route conditio
 the run is re-evaluated in top-k mode, where only k of the E experts run per sample,
 which is the compute saving the paper argues for.
 
+Under a launcher (``torchrun --nproc_per_node N -m moe_dist.cli distill ...``) every rank
+runs the procedure: the process group is held for its whole length (the distillation and the
+top-k evaluations are separate trainers), evaluation counts are summed over ranks and only
+rank 0 writes; the results equal a single process's (MNIST-family architectures, no BatchNorm).
+
 Also holds small helpers the other procedures (pretrained.py, study.py) share: reading a
 run's latest weights, comparing a model part between checkpoints, comma-separated CLI lists.
 """
@@ -128,9 +133,11 @@ def tensors_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], na
 
 
 def model_state(trainer: Any) -> dict[str, torch.Tensor]:
-    """A CPU copy of a Trainer's current model state dict (what its next checkpoint would hold)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """A CPU copy of a Trainer's current model state dict, every expert included (what its
+    next checkpoint would hold). Collective when experts are sharded: call it on every rank."""
+    from moe_dist.parallel import full_model_state
+
+    return {k: v.detach().cpu().clone() for k, v in full_model_state(trainer.module, trainer.ctx).items()}
 
 
 def is_complete(cfg: Config) -> bool:
@@ -203,26 +210,28 @@ def conditional_evaluation(trainer: Any, weights: dict[str, torch.Tensor], k: in
     warms up, so ``eval_seconds`` compares with the (warm) dense evaluation.
     """
     import torch
+    import torch.distributed as dist
 
     from moe_dist.train.trainer import Trainer
 
     cfg = with_values(trainer.cfg, {"moe.routing": "topk", "moe.top_k": k, "moe.noise": "none",
                                     "train.init_from": ""})
     topk = Trainer(cfg, dataset=trainer.data)
-    model = topk.accelerator.unwrap_model(topk.model)
-    model.load_state_dict(weights)
-    model.eval()
-    pairs_E = torch.zeros(model.num_experts, dtype=torch.long)
+    topk.load_model_state(weights)  # full layout: this rank's experts when they are sharded
+    topk.model.eval()
+    pairs_E = torch.zeros(topk.num_experts, dtype=torch.long)
     with torch.no_grad():
-        for x, _, _ in topk.eval_batches.batches(0):
+        for x, _, _ in topk.eval_batches.batches(0):  # with several ranks, this rank's share
             pairs_E += topk.model(x).samples_per_expert.cpu()
+    if topk.ctx.distributed:
+        dist.all_reduce(pairs_E)
     start = time.perf_counter()
     metrics = topk.evaluate()
     seconds = time.perf_counter() - start
     num_samples = len(topk.test_split)
     return {
         "test_error": metrics["error"],
-        "expert_flops_fraction": int(pairs_E.sum()) / (num_samples * model.num_experts),
+        "expert_flops_fraction": int(pairs_E.sum()) / (num_samples * topk.num_experts),
         "routed_pairs_per_expert": pairs_E.tolist(),
         "mutual_information": metrics["mutual_information"],
         "usage_entropy": metrics["usage_entropy"],
@@ -235,26 +244,28 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
     """Train the distilled gate, evaluate it densely and with top-k routing for each k, check
     that the experts stayed frozen, and add ``conditional`` and ``experts_unchanged`` to the
     run's metrics.json. Returns the run's config and its updated metrics."""
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.parallel import process_group
+    from moe_dist.train.trainer import Trainer, process_group_backend
 
     cfg = distill_config(source_run, config, overrides)
     for k in ks:
         if not 1 <= k <= cfg.moe.num_experts:
             raise ConfigError(f"distill: --k {k} must be between 1 and moe.num_experts={cfg.moe.num_experts}")
-    trainer = Trainer(cfg)
-    metrics = trainer.fit()
-    weights = latest_weights(cfg.run_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    unchanged = tensors_identical(latest_weights(source_run), weights, part_parameter_names(model, "experts"))
+    with process_group(process_group_backend(cfg)):
+        trainer = Trainer(cfg)
+        metrics = trainer.fit()
+        weights = latest_weights(cfg.run_dir)
+        unchanged = tensors_identical(latest_weights(source_run), weights,
+                                      part_parameter_names(trainer.module, "experts"))
 
-    start = time.perf_counter()
-    trainer.evaluate()  # warm: fit() has just evaluated this model
-    dense_seconds = time.perf_counter() - start
-    conditional: dict[str, Any] = {f"top{k}": conditional_evaluation(trainer, weights, k) for k in ks}
-    conditional["dense_eval_seconds"] = dense_seconds
-    metrics.update(conditional=conditional, experts_unchanged=unchanged)
-    if trainer.is_main:
-        (Path(cfg.run_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        start = time.perf_counter()
+        trainer.evaluate()  # warm: fit() has just evaluated this model
+        dense_seconds = time.perf_counter() - start
+        conditional: dict[str, Any] = {f"top{k}": conditional_evaluation(trainer, weights, k) for k in ks}
+        conditional["dense_eval_seconds"] = dense_seconds
+        metrics.update(conditional=conditional, experts_unchanged=unchanged)
+        if trainer.is_main:
+            (Path(cfg.run_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not unchanged:
         raise MoEDistError(f"distill: the experts of {cfg.run_dir} differ from those of {source_run} "
                            "although train.freeze=[experts]")
@@ -263,8 +274,11 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from moe_dist.cli import format_summary
+    from moe_dist.parallel import is_main
 
     cfg, metrics = distill(args.source_run, args.config, args.k, args.overrides)
+    if not is_main():
+        return 0
     print(f"\n{cfg.name}: {cfg.run_dir} (experts unchanged: {metrics['experts_unchanged']})")
     print(format_summary(cfg.name, metrics))
     conditional = metrics["conditional"]

@@ -29,6 +29,10 @@ from the scratch run's initial experts; the procedure rebuilds the scratch model
 this before training. The pretrained experts were separate single models, so their initial
 weights are stacked into an assembled checkpoint instead. Frozen parts are checked to be
 bit-identical to their source after every stage.
+
+Under a launcher (``torchrun --nproc_per_node N -m moe_dist.cli study pretrained-gate ...
+parallel.ep_size=N``) every rank runs the whole flow with one process group held throughout;
+rank 0 writes the assembled checkpoints and the summary, the others wait for them.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments.distill import (PART_PREFIXES, is_complete, latest_weights, model_state,
                                           reject_overrides, tensors_identical, with_values)
 from moe_dist.paper import PRETRAINED_GATE
+from moe_dist.parallel import barrier, is_main, process_group
 from moe_dist.train.checkpoint import save_checkpoint
 
 CONFIG_DIR = REPO_ROOT / "configs" / "section4"
@@ -143,9 +148,12 @@ def _initial_weights(cfg: Config, data: Dataset) -> dict[str, torch.Tensor]:
 
 
 def _write_assembled(folder: Path, state: dict[str, torch.Tensor], sources: dict[str, Any]) -> Path:
-    """A checkpoint-only folder that ``train.init_from`` reads; assembled.json says what it holds."""
-    save_checkpoint(folder / "checkpoints", 0, {"model": state}, keep=1)
-    (folder / "assembled.json").write_text(json.dumps(sources, indent=1))
+    """A checkpoint-only folder that ``train.init_from`` reads; assembled.json says what it
+    holds. Rank 0 writes it; every rank returns once it is there."""
+    if is_main():
+        save_checkpoint(folder / "checkpoints", 0, {"model": state}, keep=1)
+        (folder / "assembled.json").write_text(json.dumps(sources, indent=1))
+    barrier()
     return folder
 
 
@@ -261,12 +269,13 @@ class PretrainedGateStudy:
                 row[key] = sum(values) / len(values) if values else None
                 row[f"paper_{key}"] = paper
             rows.append(row)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (self.root / "summary.md").write_text(self._markdown(rows))
+        if is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / "summary.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            (self.root / "summary.md").write_text(self._markdown(rows))
         return rows
 
     def _markdown(self, rows: list[dict[str, Any]]) -> str:
@@ -299,12 +308,15 @@ def run_pretrained_gate_study(dataset: str, splits: Mapping[int, Sequence[Sequen
     skipping complete runs; returns the summary rows (also written under ``root/dataset``).
     ``splits`` maps a split number (its folder name) to its class pairs, one per expert.
     ``overrides`` apply to every stage; a pretrained expert's ``data.classes`` is its pair."""
+    from moe_dist.train.trainer import process_group_backend
+
     study = PretrainedGateStudy(dataset, root, overrides)
     runs: dict[str, list[Path]] = {stage: [] for stage in STAGES}
-    for seed in seeds:
-        for stage, run in study.scratch(seed).items():
-            runs[stage].append(run)
-        for split, pairs in splits.items():
-            for stage, run in study.prechosen(split, pairs, seed).items():
+    with process_group(process_group_backend(study.scratch_cfg)):
+        for seed in seeds:
+            for stage, run in study.scratch(seed).items():
                 runs[stage].append(run)
+            for split, pairs in splits.items():
+                for stage, run in study.prechosen(split, pairs, seed).items():
+                    runs[stage].append(run)
     return study.summarize(runs)

@@ -3,9 +3,17 @@
 * ``study experts`` (paper-spec A.10, figures 6-7): how many experts a regulariser uses as E
   grows. The paper's claim: L_cv (importance) spreads samples over all E experts, L_s routes
   to only as many experts as the task needs. Each (E, regulariser, seed) is a separate
-  ``moe-dist train`` process, so its ``peak_memory_mb`` is its own. Every run trains for the
-  config's ``train.epochs`` (the paper's E = 15 L_cv model had only 10 epochs, A.10).
+  ``moe-dist train`` process, so its ``peak_memory_mb`` is its own; ``--nproc N`` starts
+  each under torchrun on N processes (with ``parallel.ep_size=`` among the overrides: the
+  experts sharded). Every run trains for the config's ``train.epochs`` (the paper's E = 15
+  L_cv model had only 10 epochs, A.10).
 * ``study pretrained-gate`` (paper-spec A.6, Table 1): see moe_dist/experiments/pretrained.py.
+
+Both also run under a launcher, ``torchrun --nproc_per_node N -m moe_dist.cli study ...
+parallel.ep_size=N``: every rank then trains each run in-process, one process group held for
+the whole study (moe_dist.parallel.process_group), and only rank 0 writes the tables and the
+figure, which equal a single process's. Run in-process, ``peak_memory_mb`` is the highest
+of the process so far (it only grows along the study); use ``--nproc`` to measure it per run.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ from typing import Any
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments.distill import IntermixedParser, comma_ints, is_complete, reject_overrides
+from moe_dist.launch import moe_dist_command
 
 #: The regularisers of the paper's plotted models (A.10): the model files of figures 6-7
 #: name w = 1.0 and beta = 1e-5, gamma = 1e-4 (the training cells' 1e-6 / 1e-1 were not plotted).
@@ -42,9 +50,9 @@ def experts_run_dir(root: Path, regularizer: str, num_experts: int, seed: int) -
     return root / f"{regularizer}_e{num_experts}" / f"seed{seed}"
 
 
-def train_process(config: str | Path, overrides: Sequence[str]) -> None:
-    """One ``moe-dist train`` in its own process; its peak memory is then its own."""
-    cmd = [sys.executable, "-m", "moe_dist.cli", "train", "--config", str(config), *overrides]
+def train_process(config: str | Path, overrides: Sequence[str], nproc: int = 1) -> None:
+    """One ``moe-dist train`` in its own process(es): its peak memory is then its own."""
+    cmd = [*moe_dist_command(nproc), "train", "--config", str(config), *overrides]
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         raise MoEDistError(f"study run failed (exit {result.returncode}): {' '.join(cmd)}")
@@ -52,22 +60,40 @@ def train_process(config: str | Path, overrides: Sequence[str]) -> None:
 
 def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] = ("lcv", "ls"),
                       seeds: Sequence[int] = (0,), root: str | Path = "runs/study_experts",
-                      overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+                      overrides: Sequence[str] = (), nproc: int = 1) -> list[dict[str, Any]]:
     """Train every (E, regulariser, seed) not yet complete, then write study.md, study.csv
-    and study.png under ``root``. Returns the table rows (means over seeds)."""
-    unknown = [r for r in regularizers if r not in REGULARIZERS]
+    and study.png under ``root``. Returns the table rows (means over seeds).
+
+    Each run is its own process, or ``nproc`` under torchrun; started by a launcher itself
+    (several ranks), the study trains every run in-process on the launcher's ranks."""
+    from moe_dist.parallel import is_main, process_group, world_info_from_env
+    from moe_dist.train.trainer import Trainer, process_group_backend
+
+    unknown = [r for r in regularizers if r not in REGULARIZERS] or ([] if regularizers else [""])
     if unknown:
         raise ConfigError(f"--regularizers {unknown[0]!r} is not one of: {', '.join(REGULARIZERS)}")
     reject_overrides(overrides, OWNED_KEYS, "use --experts, --regularizers, --seeds and --root")
+    launched = world_info_from_env().distributed
+    if nproc < 1 or (launched and nproc != 1):
+        raise ConfigError(f"--nproc {nproc}: must be a positive integer, and is left out under a launcher "
+                          "(the study then trains on the launcher's ranks)")
     root = Path(root)
+    runs_args = {}  # every config checked before anything trains
     for regularizer in regularizers:
         for E in experts:
             for seed in seeds:
                 run_dir = experts_run_dir(root, regularizer, E, seed)
                 args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
                         f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
-                if not is_complete(load_config(config, args)):
-                    train_process(config, args)
+                runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
+    with process_group(process_group_backend(next(iter(runs_args.values()))[0])):
+        for cfg, args in runs_args.values():
+            if is_complete(cfg):
+                continue
+            if launched:
+                Trainer(cfg).fit()
+            else:
+                train_process(config, args, nproc)
     runs = {(r, E): [json.loads((experts_run_dir(root, r, E, s) / "metrics.json").read_text()) for s in seeds]
             for r in regularizers for E in experts}
     rows = []
@@ -77,6 +103,8 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
             values = [m[key] for m in metrics if m.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
         rows.append(row)
+    if not is_main():
+        return rows
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "study.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -152,7 +180,12 @@ def experts_figure(tables: dict[tuple[str, int], list[list[int]]], rows: list[di
 # ---------------------------------------------------------------------------------- CLI
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    rows = run_experts_study(args.config, args.experts, args.regularizers, args.seeds, args.root, args.overrides)
+    from moe_dist.parallel import is_main
+
+    rows = run_experts_study(args.config, args.experts, args.regularizers, args.seeds, args.root, args.overrides,
+                             args.nproc)
+    if not is_main():
+        return 0
     print((Path(args.root) / "study.md").read_text())
     print(f"{len(rows)} rows: {args.root}/study.md, study.csv, study.png")
     return 0
@@ -160,6 +193,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 def cmd_pretrained_gate(args: argparse.Namespace) -> int:
     from moe_dist.experiments.pretrained import SPLITS, run_pretrained_gate_study
+    from moe_dist.parallel import is_main
 
     if args.dataset not in SPLITS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of: {', '.join(SPLITS)}")
@@ -169,6 +203,8 @@ def cmd_pretrained_gate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--splits {k}: {args.dataset} has splits 0..{len(available) - 1}")
     run_pretrained_gate_study(args.dataset, {k: available[k] for k in args.splits}, args.seeds, args.root,
                               args.overrides)
+    if not is_main():
+        return 0
     print((Path(args.root) / args.dataset / "summary.md").read_text())
     return 0
 
@@ -185,6 +221,9 @@ def register(subparsers: Any) -> None:
                    help=f"any of {','.join(REGULARIZERS)} (default lcv,ls)")
     p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")
     p.add_argument("--root", default="runs/study_experts", help="folder of the runs and the report")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start each run under torchrun on N processes (default 1: one process); "
+                        "add parallel.ep_size=N to shard the experts")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
     p.set_defaults(func=cmd_experts)
 
