@@ -12,6 +12,7 @@ Sweep file (YAML; relative paths are relative to the working directory)::
     root: runs/fmnist          # run folders: {root}/{member}/seed{seed};
                                # grid members: {root}/{member}/{point}/seed{seed}
     seeds: [0, 1, 2]           # optional, default [0]; --seeds replaces it
+    nproc: 1                   # optional, default 1: processes per job; --nproc replaces it
     overrides: []              # optional; applied to every member
     members:
       - name: vanilla                      # folder name, unique, no '/'
@@ -38,13 +39,25 @@ Overrides are applied in this order: the file's ``overrides``, the member's, the
 point's, the command line's, then ``run_dir=`` and ``seed=`` (so the folder layout holds).
 ``config`` and override strings may contain ``{root}`` and ``{seed}``.
 
+Several processes per job (expert parallelism): with ``--nproc N`` (or ``nproc: N``) > 1 each
+job runs under ``python -m torch.distributed.run --standalone --nproc_per_node N
+--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m moe_dist.cli ...``: ``--standalone``
+gives every job its own rendezvous on a free port (concurrent sweeps do not collide), and
+the signal list makes torchrun pass SIGUSR1 on to the ranks instead of dying of it (torch >=
+2.9). ``parallel.ep_size`` comes from the config and the overrides as for any run, e.g.
+``moe-dist sweep FILE --nproc 2 parallel.ep_size=2``; a layout that cannot work (ep_size not
+dividing N or the experts) fails the job with the trainer's one-line error. The ranks of an
+MNIST-family or synthetic job follow the single-process run (README, "Several processes"),
+distill members included. ``--dry-run`` prints the torchrun commands.
+
 A job whose run folder holds ``metrics.json`` is skipped; a job with a checkpoint but no
 ``metrics.json`` is started again and the trainer resumes it. Each job's output goes to
 ``sweep.log`` in its run folder (appended); the terminal gets one status line per job.
 ``--index N`` runs only job N (0-based, as ``--list`` numbers them, for a SLURM array);
-the exit status is 1 when any job failed. SIGUSR1/SIGTERM go on to the running job, which
-checkpoints and stops; the sweep then starts no more jobs and exits with 75 (preempted:
-the same command resumes, ``slurm/sweep_array.sbatch``).
+the exit status is 1 when any job failed. SIGUSR1/SIGTERM go on to the running job (to
+torchrun, which passes them to the ranks and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s, 100
+unless set, before killing them), which checkpoints and stops; the sweep then starts no more
+jobs and exits with 75 (preempted: the same command resumes, ``slurm/sweep_array.sbatch``).
 """
 
 from __future__ import annotations
@@ -54,7 +67,6 @@ import itertools
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +75,13 @@ from typing import Any
 import yaml
 
 from moe_dist.errors import ConfigError
+from moe_dist.launch import moe_dist_command
 from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, SignalForwarder
 
-SWEEP_KEYS = ("root", "seeds", "overrides", "members")
+SWEEP_KEYS = ("root", "seeds", "nproc", "overrides", "members")
 MEMBER_KEYS = ("name", "config", "overrides", "distill", "grid")
 LOG_NAME = "sweep.log"
+ERROR_PREFIX, PREEMPTED_PREFIX = "moe-dist: error:", "moe-dist: preempted by"  # what moe_dist.cli prints
 
 
 @dataclass(frozen=True)
@@ -88,11 +102,13 @@ class Sweep:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     members: tuple[Member, ...]
+    nproc: int = 1  # processes per job
 
 
 @dataclass(frozen=True)
 class Job:
-    """One subprocess: a member at one grid point and seed, with its run folder and command."""
+    """One subprocess (torchrun for several processes): a member at one grid point and seed,
+    with its run folder and command."""
 
     index: int
     member: str
@@ -101,6 +117,7 @@ class Job:
     run_dir: Path
     command: tuple[str, ...]
     source: Path | None  # the run a distill job starts from
+    nproc: int = 1
 
     @property
     def label(self) -> str:
@@ -126,6 +143,12 @@ def _seed_list(value: Any, where: str) -> tuple[int, ...]:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
         raise ConfigError(f"{where} must be a non-empty list of non-negative integers, not {value!r}")
     return tuple(value)
+
+
+def _nproc(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer (processes per job), not {value!r}")
+    return value
 
 
 def _grid(value: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -189,7 +212,8 @@ def load_sweep(path: str | Path) -> Sweep:
         member = _member(entry, position, members, str(path))
         members[member.name] = member
     return Sweep(path, data["root"], _seed_list(data.get("seeds", [0]), f"{path}: seeds"),
-                 _string_list(data.get("overrides", []), f"{path}: overrides"), tuple(members.values()))
+                 _string_list(data.get("overrides", []), f"{path}: overrides"), tuple(members.values()),
+                 _nproc(data.get("nproc", 1), f"{path}: nproc"))
 
 
 def _points(member: Member, by_name: dict[str, Member]) -> list[tuple[str, str, list[str]]]:
@@ -212,8 +236,11 @@ def _fill(text: str, root: str, seed: int) -> str:
 
 
 def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, ...] = (),
-           overrides: tuple[str, ...] = ()) -> list[Job]:
-    """The numbered jobs of a sweep, in run order; checks --only names and config files first."""
+           overrides: tuple[str, ...] = (), nproc: int | None = None) -> list[Job]:
+    """The numbered jobs of a sweep, in run order; checks --only names and config files first.
+    ``nproc`` (default: the file's) > 1 runs every job under torchrun on that many processes."""
+    nproc = _nproc(sweep.nproc if nproc is None else nproc, "--nproc")
+    cli = moe_dist_command(nproc)
     names = [m.name for m in sweep.members]
     for name in only:
         if name not in names:
@@ -232,7 +259,6 @@ def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, 
                 args = [_fill(o, sweep.root, seed) for o in (*sweep.overrides, *member.overrides)]
                 args += [*point_overrides, *(_fill(o, sweep.root, seed) for o in overrides),
                          f"run_dir={run_dir}", f"seed={seed}"]
-                cli = (sys.executable, "-m", "moe_dist.cli")
                 source = None
                 if member.distill:
                     source = Path(sweep.root, member.distill, source_point, f"seed{seed}")
@@ -241,14 +267,24 @@ def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, 
                     command = (*cli, "distill", "--config", config, str(source), *args)
                 else:
                     command = (*cli, "train", "--config", config, *args)
-                jobs.append(Job(len(jobs), member.name, point, seed, run_dir, command, source))
+                jobs.append(Job(len(jobs), member.name, point, seed, run_dir, command, source, nproc))
     return jobs
 
 
-def _last_line(log: Path) -> str:
-    """The job's last output line: the CLI's one-line error when it failed."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][-300:] if lines else "no output"
+def _job_output(log: Path, start: int) -> list[str]:
+    """The non-empty lines this session of the job appended to its log (from byte ``start``)."""
+    with log.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _error_line(lines: list[str]) -> str:
+    """The CLI's one-line error when the job printed one (under torchrun, every rank prints
+    it, and torchrun's failure report follows), else the job's last output line."""
+    # Two ranks' lines may run together in the log: keep the last error of a line.
+    errors = [line[line.rfind(ERROR_PREFIX):] for line in lines if ERROR_PREFIX in line]
+    return (errors or lines or ["no output"])[-1][-300:]
 
 
 def run_job(job: Job, forwarder: SignalForwarder | None = None) -> bool:
@@ -264,21 +300,28 @@ def run_job(job: Job, forwarder: SignalForwarder | None = None) -> bool:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     log = job.run_dir / LOG_NAME
     resumed = job.status() == "resumable"
+    log_start = log.stat().st_size if log.exists() else 0
+    # Progress bars only clutter a log file; the status line reports the job. torchrun waits
+    # this long for its ranks' checkpoint after a signal (slurm/train_multinode.sbatch).
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "100")
     start = time.perf_counter()
     with log.open("a") as out:
         out.write(f"$ {shlex.join(job.command)}\n")
         out.flush()
-        # Progress bars only clutter a log file; the status line reports the job.
-        code = (forwarder or SignalForwarder()).call(job.command, stdout=out, stderr=subprocess.STDOUT,
-                                                     env={**os.environ, "TQDM_DISABLE": "1"})
+        code = (forwarder or SignalForwarder()).call(job.command, stdout=out, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
-    if code == PREEMPTED_EXIT_CODE:
+    output = _job_output(log, log_start)
+    # The ranks exit with 75; torchrun, having been signalled itself, exits with 1 after them.
+    preempted = code == PREEMPTED_EXIT_CODE or (
+        code != 0 and job.nproc > 1 and any(PREEMPTED_PREFIX in line for line in output))
+    if preempted:
         print(f"preempted {seconds:.1f}s (checkpoint written) [log: {log}]", flush=True)
         raise Preempted(forwarder.signum if forwarder else 0, str(job.run_dir))
     if code == 0 and (job.run_dir / "metrics.json").exists():
         print(f"done{' (resumed)' if resumed else ''} {seconds:.1f}s", flush=True)
         return True
-    print(f"failed (exit {code}) {seconds:.1f}s: {_last_line(log)} [log: {log}]", flush=True)
+    print(f"failed (exit {code}) {seconds:.1f}s: {_error_line(output)} [log: {log}]", flush=True)
     return False
 
 
@@ -295,14 +338,15 @@ def _seeds_arg(text: str) -> tuple[int, ...]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
     only = tuple(n for n in (args.only or "").split(",") if n)
-    jobs = expand(sweep, _seeds_arg(args.seeds) if args.seeds else None, only, tuple(args.overrides))
+    jobs = expand(sweep, _seeds_arg(args.seeds) if args.seeds else None, only, tuple(args.overrides), args.nproc)
     if args.index is not None:
         if not 0 <= args.index < len(jobs):
             raise ConfigError(f"--index {args.index} is out of range: {len(jobs)} jobs, 0..{len(jobs) - 1}")
         jobs = [jobs[args.index]]
     if args.list:
         for job in jobs:
-            print(f"{job.index:>4}  {job.status():<9}  {job.label:<40}  {job.run_dir}")
+            procs = f"  ({job.nproc} processes)" if job.nproc > 1 else ""
+            print(f"{job.index:>4}  {job.status():<9}  {job.label:<40}  {job.run_dir}{procs}")
         return 0
     if args.dry_run:
         for job in jobs:
@@ -323,12 +367,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a sweep file's members over seeds and grid points",
                               usage="moe-dist sweep SWEEP_FILE [--seeds S[,S]] [--only NAME[,NAME]] [--index N] "
-                                    "[--list | --dry-run] [key=value ...]",
+                                    "[--nproc N] [--list | --dry-run] [key=value ...]",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_file", help="YAML sweep file (format above)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the file's seeds")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these members")
     p.add_argument("--index", type=int, default=None, metavar="N", help="run only job N of the list (0-based)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="processes per job, under torchrun when > 1 (default: the file's nproc, else 1); "
+                        "add parallel.ep_size=N to shard the experts")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="print the numbered jobs, run folders and status")
     mode.add_argument("--dry-run", action="store_true", help="print the commands without running them")
