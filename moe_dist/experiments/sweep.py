@@ -48,7 +48,7 @@ the signal list makes torchrun pass SIGUSR1 on to the ranks instead of dying of 
 ``moe-dist sweep FILE --nproc 2 parallel.ep_size=2``; a layout that cannot work (ep_size not
 dividing N or the experts) fails the job with the trainer's one-line error. The ranks of an
 MNIST-family or synthetic job follow the single-process run (README, "Several processes"),
-distill members included. ``--dry-run`` prints the torchrun commands.
+distill members included. ``--dry-run`` prints the torchrun commands, ``--list`` marks such jobs.
 
 A job whose run folder holds ``metrics.json`` is skipped; a job with a checkpoint but no
 ``metrics.json`` is started again and the trainer resumes it. Each job's output goes to
