@@ -248,7 +248,7 @@ def validate(cfg: Config) -> Config:
         for name in _get(cfg, key):
             if name not in FREEZABLE:
                 raise ConfigError(f"{key} entry {name!r} is not one of: {', '.join(FREEZABLE)}")
-    if cfg.moe.num_experts % cfg.parallel.ep_size:
+    if cfg.model.kind == "moe" and cfg.moe.num_experts % cfg.parallel.ep_size:  # a single model has no experts
         raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by "
                           f"parallel.ep_size={cfg.parallel.ep_size}")
     patch = cfg.model.arch == "patch_cnn"

@@ -66,3 +66,11 @@ def test_cli_prints_one_line_error_and_exits_2(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("moe-dist: error: moe.routing='bogus'") and "\n" not in err
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_single_model_takes_any_ep_size():
+    # no experts to divide: a sweep with --nproc 2 parallel.ep_size=2 may hold single models
+    cfg = load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=2"])
+    assert cfg.parallel.ep_size == 2 and cfg.model.kind == "single"
+    with pytest.raises(ConfigError, match="not divisible by parallel.ep_size=2"):
+        load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=2", "model.kind=moe"])
