@@ -152,24 +152,33 @@ def test_two_ranks_stop_at_the_same_step_when_one_gets_the_signal(tmp_path):
     assert_same_final_state(straight, preempted)
 
 
-@pytest.mark.slow  # about 20 s
-def test_sweep_passes_the_signal_to_its_job_and_exits_preempted(tmp_path):
-    """`moe-dist sweep --index 0` (what a SLURM array task runs) forwards SIGUSR1 to the
-    training process; rerun, it resumes that job to the uninterrupted result."""
+def preempt_and_resume_sweep(tmp_path: Path, *args: str) -> tuple[Path, str]:
+    """A one-job sweep (`moe-dist sweep FILE --index 0 ARGS`, what a SLURM array task runs)
+    signalled with SIGUSR1 mid-training must report the job preempted, exit 75 and leave a
+    mid-epoch checkpoint; run again, it resumes the job to its end. Returns the run folder
+    and the first sweep's output."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"root": str(tmp_path / "runs"), "members": [
         {"name": "moe", "config": str(SYNTHETIC_MOE), "overrides": overrides(tmp_path / "unused")[1:]}]}))
-    cmd = [sys.executable, "-m", "moe_dist.cli", "sweep", str(sweep), "--index", "0"]
+    cmd = [sys.executable, "-m", "moe_dist.cli", "sweep", str(sweep), "--index", "0", *args]
     run_dir = tmp_path / "runs" / "moe" / "seed0"
     proc = start(cmd)
     wait_for_epoch(run_dir, [proc])
     proc.send_signal(signal.SIGUSR1)
-    [(code, out)] = finish([proc])
-    assert code == PREEMPTED_EXIT_CODE, out
-    assert "[0] moe/seed0 ... preempted" in out
+    [(code, first)] = finish([proc])
+    assert code == PREEMPTED_EXIT_CODE, first
+    assert "[0] moe/seed0 ... preempted" in first
     assert_preempted_mid_epoch(run_dir)
     [(code, out)] = finish([start(cmd)])
     assert code == 0 and "done (resumed)" in out, out
+    return run_dir, first
+
+
+@pytest.mark.slow  # about 20 s
+def test_sweep_passes_the_signal_to_its_job_and_exits_preempted(tmp_path):
+    """The sweep forwards SIGUSR1 to its training process; resumed, the job ends bit for bit
+    where an uninterrupted run ends."""
+    run_dir, _ = preempt_and_resume_sweep(tmp_path)
     straight = tmp_path / "straight"
     Trainer(load_config(SYNTHETIC_MOE, overrides(straight, "seed=0"))).fit()
     assert_same_final_state(straight, run_dir)

@@ -25,7 +25,6 @@ from moe_dist.experiments import study
 from moe_dist.experiments.pretrained import STAGES, run_pretrained_gate_study
 from moe_dist.experiments.study import REGULARIZERS, experts_run_dir
 from moe_dist.launch import TORCHRUN_SIGNALS
-from moe_dist.train.preemption import PREEMPTED_EXIT_CODE
 from moe_dist.train.trainer import Trainer
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
@@ -130,26 +129,11 @@ def test_sweep_nproc2_passes_sigusr1_through_torchrun_to_the_ranks(tmp_path):
     """torchrun dies of SIGUSR1 unless told to handle it: here it passes the signal to both
     ranks, they checkpoint mid-epoch and exit 75, the sweep reports the job preempted and
     exits 75; run again, it resumes to the single-process result."""
-    from test_preemption import SYNTHETIC_MOE, assert_preempted_mid_epoch, finish, overrides, start, wait_for_epoch
+    from test_preemption import SYNTHETIC_MOE, overrides, preempt_and_resume_sweep
 
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"root": str(tmp_path / "runs"), "members": [
-        {"name": "moe", "config": str(SYNTHETIC_MOE), "overrides": overrides(tmp_path / "unused")[1:]}]}))
-    cmd = [sys.executable, "-m", "moe_dist.cli", "sweep", str(sweep), "--index", "0", "--nproc", "2",
-           "parallel.ep_size=2"]
-    run_dir = tmp_path / "runs" / "moe" / "seed0"
-    proc = start(cmd)
-    wait_for_epoch(run_dir, [proc])
-    proc.send_signal(signal.SIGUSR1)
-    [(code, out)] = finish([proc])
-    assert code == PREEMPTED_EXIT_CODE, out
-    assert "[0] moe/seed0 ... preempted" in out
+    run_dir, _ = preempt_and_resume_sweep(tmp_path, "--nproc", "2", "parallel.ep_size=2")
     log = (run_dir / "sweep.log").read_text()
     assert log.count("moe-dist: preempted by SIGUSR1: stopped after step") == 2, log[-3000:]  # both ranks
-    assert_preempted_mid_epoch(run_dir)
-
-    [(code, out)] = finish([start(cmd)])
-    assert code == 0 and "done (resumed)" in out, out
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert (resumed["num_processes"], resumed["ep_size"]) == (2, 2)
     straight = Trainer(load_config(SYNTHETIC_MOE, overrides(tmp_path / "straight", "seed=0"))).fit()
