@@ -15,6 +15,7 @@ from conftest import CONFIGS
 from moe_dist.cli import main
 from moe_dist.config import load_config, save_config
 from moe_dist.errors import ConfigError
+from moe_dist.experiments import report
 from moe_dist.experiments.report import write_report
 from moe_dist.experiments.sweep import expand, load_sweep
 
@@ -280,6 +281,18 @@ def test_report_groups_distillations_by_source_configuration(tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     assert [(r["params"], r["n"]) for r in rows] == [("from src/importance_weight=0.2", "2"),
                                                      ("from src/importance_weight=0.4", "2")]
+
+
+def test_report_groups_runs_made_before_a_config_key_existed_with_new_ones(tmp_path):
+    # a config.yaml written before train.deterministic existed holds the default's run
+    fake_run(tmp_path / "vanilla" / "seed0", "fmnist/vanilla", 0, 0.11, 0.04)
+    fake_run(tmp_path / "vanilla" / "seed1", "fmnist/vanilla", 1, 0.12, 0.05)
+    old = tmp_path / "vanilla" / "seed0" / "config.yaml"
+    config = yaml.safe_load(old.read_text())
+    del config["train"]["deterministic"]
+    old.write_text(yaml.safe_dump(config))
+    [group] = report.group_runs(report.find_runs([str(tmp_path)]))
+    assert group.params == () and len(group.runs) == 2
 
 
 def test_report_without_runs_is_a_one_line_error(tmp_path, capsys):

@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from moe_dist.config import Config, to_dict
 from moe_dist.errors import MoEDistError
 from moe_dist.paper import published
 
@@ -146,6 +147,9 @@ def _param_text(key: str, value: Any) -> str:
     return f"{key.rsplit('.', 1)[-1]}={shown}"
 
 
+DEFAULTS = _flatten(to_dict(Config()))
+
+
 def find_runs(paths: list[str]) -> list[Run]:
     """Every folder with config.yaml and metrics.json at or below the given paths."""
     found: dict[Path, Run] = {}
@@ -162,7 +166,9 @@ def find_runs(paths: list[str]) -> list[Run]:
                 config = yaml.safe_load((folder / "config.yaml").read_text())
             except (json.JSONDecodeError, yaml.YAMLError) as exc:
                 raise MoEDistError(f"{folder}: unreadable run files: {' '.join(str(exc).split())}") from None
-            found[folder.resolve()] = Run(folder, _flatten(config or {}), metrics)
+            # Keys added to the config after a run was made take their defaults, the values
+            # the run effectively had, so old and new runs of one configuration group together.
+            found[folder.resolve()] = Run(folder, {**DEFAULTS, **_flatten(config or {})}, metrics)
     if not found:
         raise MoEDistError(f"no run folders (config.yaml + metrics.json) under {', '.join(paths)}")
     return sorted(found.values(), key=lambda r: str(r.path))
