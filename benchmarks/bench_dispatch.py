@@ -249,6 +249,20 @@ def report(r: dict, experts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def run_two_ranks(worker, args: argparse.Namespace) -> dict:
+    """Run ``worker(rank, 2, port, args, out_path)`` in 2 spawned processes; rank 0 writes
+    its result as JSON to ``out_path``, returned here."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(worker, args=(2, port, args, str(out)), nprocs=2, start_method="spawn")
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
@@ -267,15 +281,7 @@ def main() -> None:
         except ImportError:
             print("DeepSpeed not installed: measuring ours and dense only")
             args.deepspeed = False
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(worker, args=(2, port, args, str(out)), nprocs=2, start_method="spawn")
-        result = json.loads(out.read_text())
+    result = run_two_ranks(worker, args)
     print(report(result, args.experts))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -27,16 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:
@@ -44,7 +41,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_dispatch import FFN, HIDDEN, K, ByteCounter  # noqa: E402
+from bench_dispatch import FFN, HIDDEN, K, ByteCounter, run_two_ranks  # noqa: E402
 
 EXPERTS_PER_PROCESS = 4
 
@@ -161,13 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.steps, args.warmup = 512, 2, 1
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(worker, args=(2, port, args, str(out)), nprocs=2, start_method="spawn")
-        result = json.loads(out.read_text())
+    result = run_two_ranks(worker, args)
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
