@@ -1,5 +1,7 @@
 """The one place that knows about ranks (design.md, choices 3-6).
 
+* ``comm``: the named collectives the rest of moe_dist asks for (``all_reduce``, ...);
+  no-ops in one process.
 * ``env``: process discovery (torchrun, accelerate, deepspeed, SLURM, MPI variables),
   joining and leaving the process group, ``is_main()``.
 * ``groups``: :class:`ParallelContext`, the expert-parallel and expert-data-parallel groups.
@@ -11,6 +13,8 @@
 * ``state``: checkpoints in the single-process layout, loadable at any ep_size.
 """
 
+from moe_dist.parallel.comm import (agree_max_int, all_gather_floats, all_reduce, is_distributed, rank,
+                                    same_on_every_rank, world_size)
 from moe_dist.parallel.dispatch import BatchLayout, ExpertParallelDispatch, LocalDispatch
 from moe_dist.parallel.env import (WorldInfo, barrier, destroy_distributed, init_distributed, is_main,
                                    process_group, world_info_from_env)
@@ -21,6 +25,8 @@ from moe_dist.parallel.state import (full_model_state, full_optimizer_state, loa
                                      load_full_optimizer_state, slice_model_state)
 
 __all__ = [
+    "agree_max_int", "all_gather_floats", "all_reduce", "is_distributed", "rank", "same_on_every_rank",
+    "world_size",
     "BatchLayout", "LocalDispatch", "ExpertParallelDispatch",
     "WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed", "is_main",
     "process_group", "barrier",
