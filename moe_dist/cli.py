@@ -8,13 +8,13 @@ import json
 import sys
 from pathlib import Path
 
+from moe_dist.config import CONFIGS
 from moe_dist.errors import MoEDistError
+from moe_dist.fields import summary_fields
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic" / "s1_moe_nonlinear.yaml"
+DEFAULT_CONFIG = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
 EXPERIMENT_COMMANDS: tuple[str, ...] = ("sweep", "report", "distill", "study")  # modules with register(subparsers)
-SUMMARY_KEYS = ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy",
-                "experts_used", "dispatch_entropy", "wall_seconds")
+SUMMARY_KEYS = summary_fields()  # the rows of format_summary (moe_dist/fields.py)
 
 
 def format_summary(name: str, metrics: dict) -> str:
@@ -34,7 +34,7 @@ def format_summary(name: str, metrics: dict) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moe_dist.config import load_config
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
     config = args.config
     if config is None:
@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                "(install moe_dist from a checkout with `pip install -e .`)")
         config = DEFAULT_CONFIG
     cfg = load_config(config, args.overrides)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     metrics = trainer.fit()
     if trainer.is_main:
         print(f"\n{cfg.name or Path(config).stem}: {cfg.run_dir}")
@@ -52,27 +52,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moe_dist.config import from_dict
-    from moe_dist.train.checkpoint import load_checkpoint
-    from moe_dist.train.trainer import Trainer
-    import yaml
+    from moe_dist.rundir import RunDir
+    from moe_dist.train.build import evaluate_run
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise MoEDistError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    cfg.train.progress = False
-    payload = load_checkpoint(run_dir / "checkpoints")
-    if payload is None:
-        raise MoEDistError(f"{run_dir}/checkpoints has no checkpoint to evaluate")
-    trainer = Trainer(cfg)
-    trainer.load_model_state(payload["model"])
-    metrics = trainer.evaluate(trainer.train_split if args.split == "train" else None)
+    run = RunDir(args.run_dir)
+    cfg, metrics = evaluate_run(run, args.split)
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:
         shown = {("test_error" if k == "error" else k): v for k, v in metrics.items()}
-        print(f"{cfg.name or run_dir.name} ({args.split} set, {metrics['num_samples']} samples)")
+        print(f"{cfg.name or run.path.name} ({args.split} set, {metrics['num_samples']} samples)")
         print(format_summary(cfg.name, shown))
     return 0
 

@@ -8,6 +8,7 @@ cross-field checks (``top_k`` <= experts, positive sizes, known dataset names).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from moe_dist.errors import ConfigError
+
+#: The config files shipped in the checkout (``pip install -e .`` keeps them beside the package).
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # Allowed values of the string-valued keys; ``validate`` checks every one of them.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -36,8 +40,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.normalized_gd_scope": ("expert", "tensor"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "engine": ("accelerate", "deepspeed"),
+    "engine": ("moe_dist", "deepspeed"),
 }
+
+# Values renamed since runs were written: a saved config.yaml still says the old one.
+# ``engine: accelerate`` was the name of what is now ``moe_dist`` (accelerate did the
+# single-process mixed precision, never the multi-process gradient sums).
+RENAMED_VALUES: dict[str, dict[str, str]] = {"engine": {"accelerate": "moe_dist"}}
+
+# Keys that may differ between a run and its resumption: extending a run is allowed, and
+# checkpoints are independent of the expert layout (parallel.ep_size).
+RESUMABLE_CHANGES = frozenset({"train.epochs", "train.progress", "train.num_threads", "train.eval_every",
+                               "parallel.ep_size"})
 
 
 @dataclass
@@ -194,8 +208,11 @@ class Config:
     """Run folder: config.yaml, metrics.json, TensorBoard events, checkpoints/."""
     seed: int = 0
     """Seed of initialisation, shuffling, augmentation and routing noise."""
-    engine: str = "accelerate"
-    """accelerate | deepspeed."""
+    engine: str = "moe_dist"
+    """How a loss becomes an update. moe_dist: one process uses accelerate's mixed precision
+    (autocast, fp16 loss scaling); several processes sum gradients with moe_dist's own
+    reduction over the expert-parallel layout (no DDP, no accelerate). deepspeed: DeepSpeed's
+    engine (ZeRO 0-2) reduces and steps. Old run folders' ``accelerate`` reads as moe_dist."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -204,22 +221,42 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-POSITIVE_INTS = ("moe.num_experts", "moe.top_k", "train.epochs", "train.eval_every",
+POSITIVE_INTS = ("moe.num_experts", "train.epochs", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "parallel.ep_size")
 NON_NEGATIVE = ("data.train_size", "data.test_size", "model.width", "train.batch_size",
                 "train.lr_decay_every", "train.gate_lr", "train.weight_decay", "train.momentum",
                 "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma", "train.early_stop_rise",
                 "train.early_stop_loss", "train.early_stop_after", "train.num_threads",
-                "moe.capacity_factor", "parallel.zero_stage")
+                "moe.capacity_factor", "parallel.zero_stage", "data.num_workers")
 POSITIVE_FLOATS = ("train.lr", "moe.temperature", "model.expert_init_scale", "train.lr_decay_factor")
 FREEZABLE = ("experts", "gate")
 
 
 def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(dotted)(cfg)
+
+
+# The rules a model built without a config (tests, library use) must obey too: its modules
+# call these, so each rule is written once.
+
+def check_choice(key: str, value: Any) -> None:
+    """``value`` is one of ``CHOICES[key]``."""
+    if value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(CHOICES[key])}")
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """1 <= moe.top_k <= moe.num_experts."""
+    if top_k < 1:
+        raise ConfigError(f"moe.top_k={top_k} must be a positive integer")
+    if top_k > num_experts:
+        raise ConfigError(f"moe.top_k={top_k} exceeds moe.num_experts={num_experts}")
+
+
+def check_routing_fits_arch(routing: str, arch: str) -> None:
+    """Attentive routing reads the experts' hidden states, which the patch_cnn experts lack."""
+    if routing == "attentive" and arch == "patch_cnn":
+        raise ConfigError("moe.routing='attentive' needs an image architecture, not model.arch='patch_cnn'")
 
 
 def validate(cfg: Config) -> Config:
@@ -228,10 +265,9 @@ def validate(cfg: Config) -> Config:
     # field stores as "False": `train.mixed_precision=no` must mean "no".
     if cfg.train.mixed_precision in ("False", "false"):
         cfg.train.mixed_precision = "no"
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    cfg.engine = RENAMED_VALUES["engine"].get(cfg.engine, cfg.engine)
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
     for key in POSITIVE_INTS:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be a positive integer")
@@ -241,9 +277,7 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE_FLOATS:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
-    if cfg.moe.top_k > cfg.moe.num_experts:
-        raise ConfigError(
-            f"moe.top_k={cfg.moe.top_k} exceeds moe.num_experts={cfg.moe.num_experts}")
+    check_top_k(cfg.moe.top_k, cfg.moe.num_experts)
     for key in ("train.freeze", "train.init_parts"):
         for name in _get(cfg, key):
             if name not in FREEZABLE:
@@ -255,12 +289,10 @@ def validate(cfg: Config) -> Config:
     if (cfg.data.name == "synthetic") != patch:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit data.name={cfg.data.name!r} "
                           "(patch_cnn goes with synthetic, the CNN architectures with images)")
-    if patch and cfg.model.kind == "moe" and cfg.moe.routing == "attentive":
-        raise ConfigError("moe.routing='attentive' needs an image architecture, not model.arch='patch_cnn'")
+    if cfg.model.kind == "moe":
+        check_routing_fits_arch(cfg.moe.routing, cfg.model.arch)
     if cfg.moe.gate_weights == "raw" and cfg.moe.routing != "topk":
         raise ConfigError("moe.gate_weights='raw' is only defined for moe.routing='topk'")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if cfg.data.format == "webdataset":
         if not cfg.data.root:
             raise ConfigError("data.format='webdataset' needs data.root=DIR, a shard folder "
@@ -323,12 +355,66 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with renamed values (``RENAMED_VALUES``) given their current names."""
+    data = dict(data)
+    for key, renames in RENAMED_VALUES.items():
+        if data.get(key) in renames:
+            data[key] = renames[data[key]]
+    return data
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def check_resumable(saved: Config, cfg: Config, where: str, finished: bool = False) -> None:
+    """Refuse to continue ``saved``'s run with ``cfg`` when they differ beyond RESUMABLE_CHANGES."""
+    diff = [k for k in config_differences(saved, cfg) if k not in RESUMABLE_CHANGES]
+    if diff:
+        what = "a finished run" if finished else "a run"
+        raise ConfigError(f"{where} holds {what} with a different config ({', '.join(diff)}); "
+                          "use a new run_dir or the same settings to resume")
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from a resolved dict (config.yaml, a checkpoint); unknown keys are errors."""
-    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(upgrade_saved(data)), "saved config")
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, Config)
     return validate(cfg)
+
+
+_ABSENT = object()  # what OmegaConf.select returns for a key the schema does not have
+
+
+def set_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set to typed values (``{"train.freeze": ["gate"]}``:
+    no quoting, as ``key=value`` overrides would need), type-checked by the schema; not validated."""
+    node = OmegaConf.structured(cfg)
+    for dotted, value in values.items():
+        if OmegaConf.select(node, dotted, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        try:
+            OmegaConf.update(node, dotted, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad value for {dotted!r}: {_one_line(exc).split(' full_key')[0]}") from None
+    updated = OmegaConf.to_object(node)
+    assert isinstance(updated, Config)
+    return updated
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

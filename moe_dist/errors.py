@@ -5,8 +5,10 @@ class MoEDistError(Exception):
     """Base class: the CLI prints these as a single line and exits with status 2."""
 
 
-class ConfigError(MoEDistError):
-    """An invalid configuration: unknown key, bad value, inconsistent sizes."""
+class ConfigError(MoEDistError, ValueError):
+    """An invalid configuration: unknown key, bad value, inconsistent sizes. Also a
+    ValueError: modules built without a config (MoE, NormalizedGD, PatchExpert) raise it for
+    the config's rules (moe_dist.config.check_*), where they raised ValueError before."""
 
 
 class DataError(MoEDistError):

@@ -22,10 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_dist.config import CHOICES, check_choice
+
 __all__ = [
     "SIMILARITY_VARIANTS",
     "mixture_nll",
+    "mixture_nll_sum",
     "logits_cross_entropy",
+    "logits_cross_entropy_sum",
+    "task_loss",
+    "model_loss",
     "importance_loss",
     "importance_loss_from_importance",
     "DISTANCE_METHODS",
@@ -37,8 +43,8 @@ __all__ = [
     "sample_similarity_loss",
 ]
 
-#: Allowed values of ``variant`` in :func:`sample_similarity_loss`.
-SIMILARITY_VARIANTS = ("normalized", "reference")
+#: Allowed values of ``variant`` in :func:`sample_similarity_loss` (config key ``loss.ls_variant``).
+SIMILARITY_VARIANTS = CHOICES["loss.ls_variant"]
 
 
 # --------------------------------------------------------------------------- task losses
@@ -57,8 +63,14 @@ def mixture_nll(probs_BC: torch.Tensor, labels_B: torch.Tensor, eps: float = 1e-
             f"mixture_nll expects probs (B, C) and labels (B,), got {tuple(probs_BC.shape)} "
             f"and {tuple(labels_B.shape)}"
         )
+    return mixture_nll_sum(probs_BC, labels_B, eps) / len(labels_B)
+
+
+def mixture_nll_sum(probs_BC: torch.Tensor, labels_B: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``sum_b -log(probs[b, label_b] + eps)``: the per-sample losses summed (a rank may hold
+    no sample of a batch, so shares are sums; /B gives the mean bit for bit)."""
     picked_B = probs_BC.gather(1, labels_B.long().unsqueeze(1)).squeeze(1)
-    return -torch.log(picked_B + eps).mean()
+    return -torch.log(picked_B + eps).sum()
 
 
 def logits_cross_entropy(
@@ -72,9 +84,46 @@ def logits_cross_entropy(
     published early-stopping threshold (loss <= 0.314, B.3) only makes sense with it. The
     default is the plain cross-entropy the paper describes.
     """
+    return logits_cross_entropy_sum(logits_BC, labels_B, double_softmax) / len(labels_B)
+
+
+def logits_cross_entropy_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor,
+                             double_softmax: bool = False) -> torch.Tensor:
+    """:func:`logits_cross_entropy` summed over the samples instead of averaged."""
     if double_softmax:
         logits_BC = torch.softmax(logits_BC, dim=1)
-    return F.cross_entropy(logits_BC, labels_B.long())
+    return F.cross_entropy(logits_BC, labels_B.long(), reduction="sum")
+
+
+def task_loss(output_BC: torch.Tensor, output_kind: str, labels_B: torch.Tensor, kind: str = "auto",
+              batch_size: int | None = None) -> torch.Tensor:
+    """The task loss of a batch, or of a rank's share of a global batch: the per-sample losses
+    summed over ``labels_B`` and divided by ``batch_size`` (the global batch; default
+    ``len(labels_B)``, the mean). One formula in one process and across ranks, so N ranks'
+    shares sum to the single-process loss.
+
+    ``kind``: mixture_nll (experts that output probabilities, Krishnamurthy et al.),
+    cross_entropy or double_softmax (logits, Chen et al.), auto (by ``output_kind``).
+    """
+    if kind == "auto":
+        kind = "mixture_nll" if output_kind == "probs" else "cross_entropy"
+    if kind == "mixture_nll" and output_kind != "probs":
+        raise ValueError("loss.kind='mixture_nll' needs experts that output probabilities")
+    if kind == "mixture_nll":
+        total = mixture_nll_sum(output_BC, labels_B)
+    else:
+        total = logits_cross_entropy_sum(output_BC.float(), labels_B, double_softmax=kind == "double_softmax")
+    return total / (len(labels_B) if batch_size is None else batch_size)
+
+
+def model_loss(out, labels_B: torch.Tensor, kind: str = "auto",
+               batch_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss a model is trained on, and its parts: the task loss (``nll``, :func:`task_loss`)
+    plus the weighted gate losses of a :class:`~moe_dist.models.moe.MoEOutput`
+    (``out.aux_losses``: L_cv, L_s; under several ranks already this rank's shares)."""
+    main = task_loss(out.output, out.output_kind, labels_B, kind, batch_size)
+    parts = {"nll": main, **out.aux_losses}
+    return main + sum(out.aux_losses.values(), torch.zeros((), device=main.device)), parts
 
 
 # ------------------------------------------------------------------------- L_importance
@@ -274,10 +323,7 @@ def combine_similarity_terms(
 
     ``batch_size`` is the global batch size B (the number of columns of D).
     """
-    if variant not in SIMILARITY_VARIANTS:
-        raise ValueError(
-            f"unknown L_s variant {variant!r}; allowed values: {', '.join(SIMILARITY_VARIANTS)}"
-        )
+    check_choice("loss.ls_variant", variant)  # a ConfigError, which is a ValueError
     pairs = float(batch_size) ** 2
     if variant == "reference":
         return beta * S - gamma * T / pairs
@@ -307,10 +353,7 @@ def sample_similarity_loss(
     ignored); it lets a caller compute D once per batch and reuse it. ``distance_method``
     is passed to :func:`sample_distances`.
     """
-    if variant not in SIMILARITY_VARIANTS:
-        raise ValueError(
-            f"unknown L_s variant {variant!r}; allowed values: {', '.join(SIMILARITY_VARIANTS)}"
-        )
+    check_choice("loss.ls_variant", variant)  # a ConfigError, which is a ValueError
     if dist_BB is None:
         if x_BD is None:
             raise ValueError("sample_similarity_loss needs the inputs x or a distance matrix")

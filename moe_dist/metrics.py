@@ -251,24 +251,33 @@ class EvalAccumulator:
         v["correct"] += correct_B.sum()
         v["loss_sum"] += float(loss_sum)
 
-        E = self.num_experts
         if gate_probs_BE is not None:
-            if gate_probs_BE.shape != (B, E):
-                raise ValueError(
-                    f"gate_probs must have shape ({B}, {E}), got {tuple(gate_probs_BE.shape)}"
-                )
-            probs_BE = gate_probs_BE.detach().to(device=device, dtype=torch.float64)
-            v["num_gated"] += B
-            v["entropy_sum"] += entropy_bits(probs_BE, dim=1).sum()
-            v["gate_sum_E"] += probs_BE.sum(dim=0)
-            v["soft_CE"].index_add_(0, labels_B, probs_BE)
+            probs_BE = self._add_gate(gate_probs_BE, labels_B)
             if expert_index_B is None:
                 expert_index_B = probs_BE.argmax(dim=1)
-        expert_B = self._index(expert_index_B, "expert_index", E, B)
+        expert_B = self._index(expert_index_B, "expert_index", self.num_experts, B)
         if expert_B is None:
             if top_expert_pred_B is not None or clusters_B is not None:
                 raise ValueError("top_expert_pred and clusters need gate_probs or expert_index")
             return
+        self._add_routing(labels_B, expert_B, correct_B, top_expert_pred_B, clusters_B)
+
+    def _add_gate(self, gate_probs_BE: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """A batch's gate probabilities: entropies, usage and the soft selection table."""
+        v, B, E = self._views, len(labels_B), self.num_experts
+        if gate_probs_BE.shape != (B, E):
+            raise ValueError(f"gate_probs must have shape ({B}, {E}), got {tuple(gate_probs_BE.shape)}")
+        probs_BE = gate_probs_BE.detach().to(device=self._buffer.device, dtype=torch.float64)
+        v["num_gated"] += B
+        v["entropy_sum"] += entropy_bits(probs_BE, dim=1).sum()
+        v["gate_sum_E"] += probs_BE.sum(dim=0)
+        v["soft_CE"].index_add_(0, labels_B, probs_BE)
+        return probs_BE
+
+    def _add_routing(self, labels_B: torch.Tensor, expert_B: torch.Tensor, correct_B: torch.Tensor,
+                     top_expert_pred_B: torch.Tensor | None, clusters_B: torch.Tensor | None) -> None:
+        """A batch's selected experts: selection tables, per-expert accuracy, cluster counts."""
+        v, B, E = self._views, len(labels_B), self.num_experts
         v["num_routed"] += B
         v["hard_CE"] += self._pair_counts(labels_B, expert_B, self.num_classes)
         v["expert_correct_E"] += torch.bincount(expert_B, weights=correct_B, minlength=E)

@@ -5,8 +5,13 @@ Keys are experiment names (``Config.name``). Errors are fractions; accuracies pe
 
 from __future__ import annotations
 
-# paper-spec A.9: (train error, test error, family-wide std, I(E;Y), H_s, H_u)
-_TABLE_COLUMNS = ("train_error", "test_error", "std", "mutual_information", "sample_entropy", "usage_entropy")
+from moe_dist.fields import names
+
+# docs/papers.md A.9, the order of the tuples below: (train error, test error, family-wide std,
+# I(E;Y), H_s, H_u). "std" is the paper's std of the test error over all runs of a row's
+# name, no metrics.json field; the others are.
+_TABLE_COLUMNS = (*names("train_error", "test_error"), "std",
+                  *names("mutual_information", "sample_entropy", "usage_entropy"))
 _TABLES = {
     "mnist": {
         "single": (0.097, 0.096, 0.071, None, None, None),
@@ -53,7 +58,7 @@ _SYNTHETIC = {
 
 
 #: results/*_final_pretrained_results.csv (paper-spec A.6): means of test error, final train loss,
-#: I(E;Y), H_s and H_u (the column order of moe_dist.experiments.pretrained.COLUMNS).
+#: I(E;Y), H_s and H_u (the column order of moe_dist.fields.section4_fields()).
 PRETRAINED_GATE: dict[str, dict[str, tuple[float, ...]]] = {
     "mnist10k": {
         "scratch": (0.09, 0.13, 1.51, 0.24, 1.91),
@@ -72,6 +77,10 @@ PRETRAINED_GATE: dict[str, dict[str, tuple[float, ...]]] = {
         "prechosen_rand_wts": (0.10, 0.13, 2.58, 0.21, 2.50),
     },
 }
+
+
+#: Every key ``published`` can return, in the order of report.csv's ``paper_*`` columns.
+PUBLISHED_KEYS = (*_TABLE_COLUMNS, *names("dispatch_entropy"))
 
 
 def published(name: str) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Dataset layer: real IDX data, checksums, CIFAR pickles, combined and synthetic data,
-batching and augmentation. Tests on the shared real data skip only where it is absent."""
+batching and augmentation. Real MNIST comes from tests/data (shipped in the repository);
+only the tests that need the full Fashion-MNIST skip, saying where to put it, when it is absent."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TEST_DATA
 from moe_dist.data import (
     DATASETS,
     Split,
@@ -28,11 +30,17 @@ from moe_dist.data import idx as idx_module
 from moe_dist.data import synthetic
 from moe_dist.errors import DataError
 
-DATA_ROOT = Path(default_data_root())
-MNIST_DIR = DATA_ROOT / "mnist-t10k"
-FASHION_DIR = DATA_ROOT / "fashion-mnist"
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST test set absent ({MNIST_DIR})")
-needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST absent ({FASHION_DIR})")
+DATA_ROOT = str(TEST_DATA)  # the in-repository root: mnist-t10k/ (tests/data/README.md)
+MNIST_DIR = TEST_DATA / "mnist-t10k"
+
+
+@pytest.fixture
+def fmnist_mnist_root(tmp_path_factory, full_data_root) -> str:
+    """A root with the full Fashion-MNIST of `full_data_root` and the in-repository mnist-t10k."""
+    root = tmp_path_factory.mktemp("fmnist_mnist_root")
+    (root / "fashion-mnist").symlink_to(Path(full_data_root) / "fashion-mnist")
+    (root / "mnist-t10k").symlink_to(MNIST_DIR)
+    return str(root)
 
 
 def _copy_mnist_t10k(dest: Path) -> Path:
@@ -65,9 +73,8 @@ def _fake_mnist_train(root: Path, n: int, gz: bool = False) -> None:
 # ---------------------------------------------------------------- real IDX data
 
 
-@needs_mnist
 def test_mnist10k_real_split():
-    ds = load_dataset("mnist10k")
+    ds = load_dataset("mnist10k", DATA_ROOT)
     assert (len(ds.train), len(ds.test)) == (8000, 2000)
     assert ds.train.x.shape == (8000, 1, 28, 28) and ds.train.x.dtype == torch.float32
     assert ds.test.y.dtype == torch.int64 and ds.train.cluster is None
@@ -77,15 +84,14 @@ def test_mnist10k_real_split():
     # MNIST's Normalize constants come from its training set; the test images are close.
     assert abs(ds.train.x.mean().item()) < 0.02 and abs(ds.train.x.std().item() - 1) < 0.02
     # The fixed split: test is the last 2,000 of the file, identical under either normalisation.
-    raw = load_dataset("mnist10k", normalization="none")
+    raw = load_dataset("mnist10k", DATA_ROOT, normalization="none")
     assert torch.equal(raw.test.y, ds.test.y)
     assert raw.train.x.min() == 0 and raw.train.x.max() == 1
-    half = load_dataset("mnist10k", normalization="half", train_size=100, test_size=10)
+    half = load_dataset("mnist10k", DATA_ROOT, normalization="half", train_size=100, test_size=10)
     assert (len(half.train), len(half.test)) == (100, 10)
     assert torch.allclose(half.train.x, (raw.train.x[:100] - 0.5) / 0.5)
 
 
-@needs_mnist
 def test_md5_verified_once_per_file_and_process(tmp_path, monkeypatch):
     _copy_mnist_t10k(tmp_path)
     calls = []
@@ -97,7 +103,6 @@ def test_md5_verified_once_per_file_and_process(tmp_path, monkeypatch):
     assert len(calls) == 2  # and not again
 
 
-@needs_mnist
 def test_md5_mismatch_names_file(tmp_path):
     folder = _copy_mnist_t10k(tmp_path)
     labels = folder / "t10k-labels-idx1-ubyte.gz"
@@ -110,13 +115,12 @@ def test_md5_mismatch_names_file(tmp_path):
     assert "\n" not in str(err.value)
 
 
-@needs_mnist
 def test_raw_idx_accepted_and_verified(tmp_path):
     folder = tmp_path / "MNIST" / "raw"
     folder.mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (folder / name).write_bytes(gzip.decompress((MNIST_DIR / f"{name}.gz").read_bytes()))
-    assert torch.equal(load_dataset("mnist10k", str(tmp_path)).test.y, load_dataset("mnist10k").test.y)
+    assert torch.equal(load_dataset("mnist10k", str(tmp_path)).test.y, load_dataset("mnist10k", DATA_ROOT).test.y)
     images = folder / "t10k-images-idx3-ubyte"
     blob = bytearray(images.read_bytes())
     blob[-1] ^= 0x01
@@ -125,7 +129,6 @@ def test_raw_idx_accepted_and_verified(tmp_path):
         load_dataset("mnist10k", str(tmp_path))
 
 
-@needs_mnist
 def test_truncated_idx_is_data_error(tmp_path):
     data = gzip.decompress((MNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
     for cut in (len(data) - 100, 10, 2):
@@ -141,7 +144,6 @@ def test_truncated_idx_is_data_error(tmp_path):
         load_dataset("mnist10k", str(tmp_path / "loaded"))
 
 
-@needs_mnist
 def test_full_mnist_layout(tmp_path):
     # Raw training files have no published md5 (torchvision lists only the .gz ones), so
     # only their headers are checked; a .gz that is not the release is rejected.
@@ -245,10 +247,8 @@ def test_cifar100_tampered_pickle_never_unpickled(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- combined FMNIST+MNIST
 
 
-@needs_mnist
-@needs_fashion
-def test_fmnist_mnist_class_counts():
-    ds = load_dataset("fmnist_mnist", normalization="half")
+def test_fmnist_mnist_class_counts(fmnist_mnist_root):
+    ds = load_dataset("fmnist_mnist", fmnist_mnist_root, normalization="half")
     assert ds.num_classes == 12 and ds.input_shape == (1, 28, 28)
     assert ds.class_names[:2] == ["T-shirt/top", "Trouser"] and ds.class_names[6:] == list("456789")
     train_counts = torch.bincount(ds.train.y, minlength=12).tolist()
@@ -260,7 +260,7 @@ def test_fmnist_mnist_class_counts():
     if "mnist10k" in ds.notes:
         # The 8,000 mnist10k training images hold fewer than 834 of each digit 4-9, so the
         # helper's procedure takes all of them; the notes record the smaller half.
-        mnist10k = load_dataset("mnist10k")
+        mnist10k = load_dataset("mnist10k", fmnist_mnist_root)
         available = torch.bincount(mnist10k.train.y, minlength=10)[4:].tolist()
         assert train_counts[6:] == [min(834, a) for a in available]
         assert f"MNIST half {sum(train_counts[6:])} train" in ds.notes
@@ -268,12 +268,10 @@ def test_fmnist_mnist_class_counts():
         assert train_counts[6:] == [834] * 5 + [830]
 
 
-@needs_mnist
-@needs_fashion
-def test_fmnist_mnist_prefers_full_mnist(tmp_path):
+def test_fmnist_mnist_prefers_full_mnist(tmp_path, fmnist_mnist_root):
     _copy_mnist_t10k(tmp_path)
     _fake_mnist_train(tmp_path, 9000)  # 900 of each digit: enough for 834 per class
-    (tmp_path / "fashion-mnist").symlink_to(FASHION_DIR)
+    (tmp_path / "fashion-mnist").symlink_to(Path(fmnist_mnist_root) / "fashion-mnist")
     ds = load_dataset("fmnist_mnist", str(tmp_path), normalization="half")
     assert "full MNIST" in ds.notes
     train_counts = torch.bincount(ds.train.y, minlength=12).tolist()
@@ -283,8 +281,8 @@ def test_fmnist_mnist_prefers_full_mnist(tmp_path):
     fake = load_dataset("mnist", str(tmp_path), normalization="half")
     assert torch.equal(ds.train.x[5000:5834], fake.train.x[4::10][:834])
     # The MNIST test half is the first images of each digit among mnist10k's last 2,000.
-    raw = load_dataset("fmnist_mnist", normalization="none")
-    mnist_test = load_dataset("mnist10k", normalization="none").test
+    raw = load_dataset("fmnist_mnist", fmnist_mnist_root, normalization="none")
+    mnist_test = load_dataset("mnist10k", fmnist_mnist_root, normalization="none").test
     first_four = torch.nonzero(mnist_test.y == 4).flatten()[:167]
     assert torch.equal(raw.test.x[1000:1167], mnist_test.x[first_four])
 
@@ -379,7 +377,7 @@ def test_batches_deterministic_and_cover_epoch():
     assert len(loader) == 11 and len(TensorBatches(split, 10, True, 4, drop_last=True)) == 10
     first = [idx for _, _, idx in loader.batches(epoch=2)]
     again = [idx for _, _, idx in TensorBatches(split, 10, shuffle=True, seed=4).batches(epoch=2)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(first) == len(again) == 11 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert torch.equal(torch.cat(first).sort().values, torch.arange(103))
     other_epoch = torch.cat([idx for _, _, idx in loader.batches(epoch=3)])
     assert not torch.equal(torch.cat(first), other_epoch)

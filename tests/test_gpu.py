@@ -12,7 +12,7 @@ import torch
 from conftest import CONFIGS, tiny_mnist
 from moe_dist.config import load_config
 from moe_dist.train.checkpoint import load_checkpoint
-from moe_dist.train.trainer import Trainer
+from moe_dist.train.build import build_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,19 +20,20 @@ MNIST_VANILLA = CONFIGS / "mnist" / "vanilla.yaml"
 
 
 def train(run_dir, root, *extra):
-    return Trainer(load_config(MNIST_VANILLA, tiny_mnist(run_dir, root, "train.device=cuda", *extra))).fit()
+    return build_trainer(load_config(MNIST_VANILLA, tiny_mnist(run_dir, root, "train.device=cuda", *extra))).fit()
 
 
 def test_training_runs_on_the_gpu(tmp_path, data_root):
     cfg = load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "run", data_root, "train.device=cuda"))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     assert trainer.device.type == "cuda"
-    assert all(p.device.type == "cuda" for p in trainer.module.parameters())
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
     result = trainer.fit()
     assert result["hardware"] == torch.cuda.get_device_name(trainer.device)
     assert result["peak_memory_mb"] > 0
     # the same seed on the CPU follows the same curve (kernels differ only in rounding)
-    cpu = Trainer(load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "cpu", data_root, "train.device=cpu"))).fit()
+    cpu = build_trainer(load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "cpu", data_root, "train.device=cpu"))).fit()
+    assert len(result["history"]) == len(cpu["history"]) == 3
     for a, b in zip(result["history"], cpu["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-2 * a["train_loss"], (a, b)
     assert abs(result["test_error"] - cpu["test_error"]) <= 0.01
@@ -55,12 +56,13 @@ def test_bf16_keeps_the_gate_in_float32_and_tracks_fp32(tmp_path, data_root):
     fp32 = train(tmp_path / "fp32", data_root, "train.epochs=3")
     cfg = load_config(MNIST_VANILLA, tiny_mnist(tmp_path / "bf16", data_root, "train.device=cuda",
                                                 "train.mixed_precision=bf16", "train.epochs=3"))
-    trainer = Trainer(cfg)
-    x = trainer.train_split.x[:64]
-    with trainer.accelerator.autocast():
-        out = trainer.model(x)
+    trainer = build_trainer(cfg)
+    x = trainer.data.train.x[:64]
+    with trainer.engine.autocast():
+        out = trainer.engine(x)
     assert out.gate_probs.dtype == torch.float32
     assert out.output.dtype == torch.float32
     bf16 = trainer.fit()
+    assert len(fp32["history"]) == len(bf16["history"]) == 3
     for a, b in zip(fp32["history"], bf16["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * abs(a["train_loss"]) + 0.02

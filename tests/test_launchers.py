@@ -260,12 +260,12 @@ def small_run(tmp_path_factory) -> tuple[Path, dict]:
     """Two epochs of the synthetic MoE in this process: scalars and selection-table images."""
     from conftest import tiny_synthetic
     from moe_dist.config import load_config
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
     run = tmp_path_factory.mktemp("board") / "run"
     threads = torch.get_num_threads()
     try:
-        return run, Trainer(load_config(None, tiny_synthetic(run, "train.epochs=2"))).fit()
+        return run, build_trainer(load_config(None, tiny_synthetic(run, "train.epochs=2"))).fit()
     finally:
         torch.set_num_threads(threads)
 

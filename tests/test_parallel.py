@@ -302,9 +302,9 @@ def accelerate_launch(nproc: int, args: list[str]):
 
 def train_in_process(overrides: list[str]) -> dict:
     from moe_dist.config import load_config
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
-    return Trainer(load_config(None, overrides)).fit()
+    return build_trainer(load_config(None, overrides)).fit()
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ def reference_run(tmp_path_factory, data_root):
 def assert_same_run(result: dict, reference: dict, epoch: int) -> None:
     """A run's epoch-by-epoch history equals the reference's (final loss within 1e-3 rel)."""
     ours, ref = result["history"], reference["history"][:epoch]
-    assert len(ours) == epoch
+    assert len(ours) == len(ref) == epoch
     assert ours[-1]["train_loss"] == pytest.approx(ref[-1]["train_loss"], rel=1e-3)
     for a, b in zip(ours, ref):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -375,7 +375,7 @@ def test_ep2_checkpoint_loads_in_one_process(ep2_run, data_root, tmp_path, refer
     (weights and Adam moments by global expert id) continues the single-process trajectory."""
     from moe_dist.config import load_config
     from moe_dist.train.checkpoint import load_checkpoint
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
     _checkpoint_holds_all_experts_by_global_id(ep2_run)
     saved = json.loads((ep2_run / "metrics.json").read_text())
@@ -383,7 +383,7 @@ def test_ep2_checkpoint_loads_in_one_process(ep2_run, data_root, tmp_path, refer
     shutil.copytree(ep2_run, backup)
     try:
         cfg = load_config(None, mnist_overrides(ep2_run, data_root, "parallel.ep_size=1"))
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         trainer.load_model_state(load_checkpoint(ep2_run / "checkpoints")["model"])
         metrics = trainer.evaluate()
         assert metrics["error"] == saved["test_error"]
@@ -400,13 +400,13 @@ def test_ep2_checkpoint_loads_in_one_process(ep2_run, data_root, tmp_path, refer
 def ep4_worker(rank: int, world: int, run_dir: str, out_dir: str, overrides: list[str]) -> None:
     from moe_dist.config import load_config
     from moe_dist.train.checkpoint import load_checkpoint
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
-    trainer = Trainer(load_config(None, overrides + ["parallel.ep_size=4"]))
+    trainer = build_trainer(load_config(None, overrides + ["parallel.ep_size=4"]))
     assert trainer.ctx.world_size == 4 and len(trainer.model.experts.parameters().__next__()) == 1
     trainer.load_model_state(load_checkpoint(Path(run_dir) / "checkpoints")["model"])
     metrics = trainer.evaluate()
-    resumed = Trainer(load_config(None, overrides + ["parallel.ep_size=4", "train.epochs=4"])).fit()
+    resumed = build_trainer(load_config(None, overrides + ["parallel.ep_size=4", "train.epochs=4"])).fit()
     if rank == 0:
         (Path(out_dir) / "ep4.json").write_text(json.dumps({"eval": metrics, "resumed": resumed}))
 
@@ -506,7 +506,7 @@ def deepspeed_worker(rank: int, world: int, out_dir: str, overrides: list[str]) 
     os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(out_dir) / "torch_extensions")
     from moe_dist.config import load_config
     from moe_dist.parallel.deepspeed_engine import import_deepspeed
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -518,7 +518,7 @@ def deepspeed_worker(rank: int, world: int, out_dir: str, overrides: list[str]) 
     for stage in ZERO_STAGES:
         cfg = load_config(None, overrides + ["engine=deepspeed", "parallel.ep_size=2",
                                              f"parallel.zero_stage={stage}", f"run_dir={out_dir}/zero{stage}"])
-        results[f"zero{stage}"] = Trainer(cfg).fit()
+        results[f"zero{stage}"] = build_trainer(cfg).fit()
     if rank == 0:
         (Path(out_dir) / "deepspeed.json").write_text(json.dumps(results))
 

@@ -21,7 +21,7 @@ from procs import free_port
 from moe_dist.config import load_config
 from moe_dist.train.checkpoint import load_checkpoint
 from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, SignalForwarder
-from moe_dist.train.trainer import Trainer
+from moe_dist.train.build import build_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 SYNTHETIC_MOE = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
@@ -124,7 +124,7 @@ def test_sigusr1_mid_epoch_checkpoints_and_the_same_command_resumes_exactly(tmp_
     [(code, out)] = finish([start(cmd)])  # the same command, no flags
     assert code == 0, out[-3000:]
     assert f"resumed {preempted} at epoch {state['epoch']}, batch {state['batch']}" in out
-    Trainer(load_config(SYNTHETIC_MOE, overrides(straight))).fit()
+    build_trainer(load_config(SYNTHETIC_MOE, overrides(straight))).fit()
     assert_same_final_state(straight, preempted)
 
 
@@ -180,7 +180,7 @@ def test_sweep_passes_the_signal_to_its_job_and_exits_preempted(tmp_path):
     where an uninterrupted run ends."""
     run_dir, _ = preempt_and_resume_sweep(tmp_path)
     straight = tmp_path / "straight"
-    Trainer(load_config(SYNTHETIC_MOE, overrides(straight, "seed=0"))).fit()
+    build_trainer(load_config(SYNTHETIC_MOE, overrides(straight, "seed=0"))).fit()
     assert_same_final_state(straight, run_dir)
 
 

@@ -19,7 +19,7 @@ from moe_dist.experiments.distill import distill_config
 from moe_dist.experiments.pretrained import STAGES, run_pretrained_gate_study
 from moe_dist.experiments.study import REGULARIZERS, experts_run_dir
 from moe_dist.train.checkpoint import load_checkpoint
-from moe_dist.train.trainer import Trainer
+from moe_dist.train.build import build_trainer
 
 # One thread: the test machine's cores are shared, and intra-op threads then only contend.
 FAST = ["train.progress=false", "train.num_threads=1", "train.eval_every=100"]
@@ -46,7 +46,7 @@ def test_distill_freezes_experts_keeps_accuracy_and_routes_top1_at_one_expert(tm
     data = [f"data.root={data_root}", "data.name=mnist10k", "data.train_size=2000", "data.test_size=1000",
             "data.classes=[0,1,7]", "train.epochs=3", "train.batch_size=32", "train.lr=3e-3", *FAST]
     source, distilled = tmp_path / "attentive_lcv", tmp_path / "distilled"
-    source_metrics = Trainer(load_config(CONFIGS / "mnist" / "attentive_lcv.yaml",
+    source_metrics = build_trainer(load_config(CONFIGS / "mnist" / "attentive_lcv.yaml",
                                          [*data, f"run_dir={source}"])).fit()
     assert main(["distill", str(source), "--config", str(CONFIGS / "mnist" / "distilled_lcv.yaml"),
                  "--k", "1,2", *data, f"run_dir={distilled}"]) == 0
@@ -126,7 +126,7 @@ def test_pretrained_gate_study_routes_each_pair_to_its_expert_and_keeps_frozen_p
 
     # Same seed => same initial experts: the trainer seeds before it builds.
     configs = {s: from_dict(yaml.safe_load((runs[s] / "config.yaml").read_text())) for s in runs}
-    initial = {s: part({k: v.clone() for k, v in Trainer(configs[s]).model.state_dict().items()}, "experts.")
+    initial = {s: part({k: v.clone() for k, v in build_trainer(configs[s]).model.state_dict().items()}, "experts.")
                for s in ("scratch", "scratch_same_wts", "scratch_rand_wts")}
     assert_identical(initial["scratch"], initial["scratch_same_wts"])
     assert not torch.equal(initial["scratch"]["experts.fc1.weight"],
@@ -161,7 +161,7 @@ def test_experts_study_writes_every_row_and_the_figure(tmp_path, data_root):
     existing = [("lcv", 2), ("lcv", 4), ("ls", 2)]
     for regularizer, E in existing:
         run = experts_run_dir(root, regularizer, E, 0)
-        Trainer(load_config(config, [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}",
+        build_trainer(load_config(config, [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}",
                                      "seed=0", f"name=study_experts/{regularizer}_e{E}", f"run_dir={run}"])).fit()
     stamps = {run: (run / "metrics.json").stat().st_mtime_ns
               for run in (experts_run_dir(root, r, E, 0) for r, E in existing)}

@@ -25,7 +25,7 @@ from moe_dist.experiments import study
 from moe_dist.experiments.pretrained import STAGES, run_pretrained_gate_study
 from moe_dist.experiments.study import REGULARIZERS, experts_run_dir
 from moe_dist.launch import TORCHRUN_SIGNALS
-from moe_dist.train.trainer import Trainer
+from moe_dist.train.build import build_trainer
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -136,7 +136,7 @@ def test_sweep_nproc2_passes_sigusr1_through_torchrun_to_the_ranks(tmp_path):
     assert log.count("moe-dist: preempted by SIGUSR1: stopped after step") == 2, log[-3000:]  # both ranks
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert (resumed["num_processes"], resumed["ep_size"]) == (2, 2)
-    straight = Trainer(load_config(SYNTHETIC_MOE, overrides(tmp_path / "straight", "seed=0"))).fit()
+    straight = build_trainer(load_config(SYNTHETIC_MOE, overrides(tmp_path / "straight", "seed=0"))).fit()
     assert resumed["test_error"] == straight["test_error"]
     for a, b in zip(resumed["history"], straight["history"], strict=True):
         assert a["train_error"] == b["train_error"]
@@ -154,7 +154,7 @@ def test_experts_study_under_torchrun_writes_the_single_process_table(tmp_path, 
     one, two = tmp_path / "one", tmp_path / "two"
     for regularizer in REGULARIZERS:
         for E in (2, 4):
-            Trainer(load_config(config, [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", "seed=0",
+            build_trainer(load_config(config, [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", "seed=0",
                                          f"name=study_experts/{regularizer}_e{E}",
                                          f"run_dir={experts_run_dir(one, regularizer, E, 0)}"])).fit()
     study_args = ["study", "experts", "--config", str(config), "--experts", "2,4", *overrides]

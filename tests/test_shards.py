@@ -22,10 +22,11 @@ import torch
 
 wds = pytest.importorskip("webdataset")
 
+from conftest import TEST_DATA  # noqa: E402
 from moe_dist.cli import main as cli_main  # noqa: E402
 from procs import free_port, spawn  # noqa: E402
 from moe_dist.config import load_config  # noqa: E402
-from moe_dist.data import TensorBatches, default_data_root, load_dataset, write_cifar100_fixture  # noqa: E402
+from moe_dist.data import TensorBatches, load_dataset, write_cifar100_fixture  # noqa: E402
 from moe_dist.data import shards as shards_module  # noqa: E402
 from moe_dist.data.registry import _PAPER_STATS, _to_float  # noqa: E402
 from moe_dist.data.shards import (ShardBatches, ShardSet, ShardSplit, ShardWarning, load_shards,  # noqa: E402
@@ -33,8 +34,7 @@ from moe_dist.data.shards import (ShardBatches, ShardSet, ShardSplit, ShardWarni
 from moe_dist.errors import ConfigError, DataError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MNIST_DIR = Path(default_data_root()) / "mnist-t10k"
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST test set absent ({MNIST_DIR})")
+DATA_ROOT = str(TEST_DATA)  # the in-repository root: mnist-t10k/ (tests/data/README.md)
 
 # Synthetic shards: 1,000 train samples in 8 shards (7 x 128 + 104), 300 test in 3; chunks
 # of 32 samples (the last train shard: 32, 32, 32, 8).
@@ -57,10 +57,8 @@ def syn_memory():
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory) -> Path:
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"real MNIST test set absent ({MNIST_DIR})")
     root = tmp_path_factory.mktemp("mnist10k_shards")
-    write_shards("mnist10k", root, 1500)  # train: 5 x 1500 + 500, test: 1500 + 500
+    write_shards("mnist10k", root, 1500, root=DATA_ROOT)  # train: 5 x 1500 + 500, test: 1500 + 500
     return root
 
 
@@ -135,15 +133,14 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-@needs_mnist
 def test_mnist10k_shards_reproduce_the_memory_tensors(mnist_root):
     for normalization in ("paper", "half", "none"):
-        memory = load_dataset("mnist10k", normalization=normalization)
+        memory = load_dataset("mnist10k", DATA_ROOT, normalization=normalization)
         shards = load_shards(str(mnist_root), "mnist10k", normalization=normalization)
         assert torch.equal(shards.test.x, memory.test.x) and torch.equal(shards.test.y, memory.test.y)
         assert shards.input_shape == memory.input_shape and shards.class_names == memory.class_names
     # The training split, read in full from its shards (6 of them, 2 workers): the same tensors.
-    memory = load_dataset("mnist10k")
+    memory = load_dataset("mnist10k", DATA_ROOT)
     train = ShardSplit(ShardSet(mnist_root), "train", "paper", num_workers=2)
     assert len(train) == 8000 and train.cluster is None
     assert torch.equal(train.x, memory.train.x) and torch.equal(train.y, memory.train.y)
@@ -301,7 +298,8 @@ def test_training_stream_deterministic_and_resumable(syn_root):
     split = ShardSplit(ShardSet(syn_root), "train")
     loader = ShardBatches(split, 100, seed=1)
     first = [idx for _, _, idx in loader.batches(0)]
-    assert all(torch.equal(a, b) for a, b in zip(first, [idx for _, _, idx in loader.batches(0)]))
+    second = [idx for _, _, idx in loader.batches(0)]
+    assert len(first) == len(second) == 10 and all(torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(torch.cat(first), torch.cat([idx for _, _, idx in loader.batches(1)]))
     assert not torch.equal(torch.cat(first), torch.cat([i for _, _, i in ShardBatches(split, 100, seed=2).batches(0)]))
     resumed = [idx for _, _, idx in loader.batches(0, start_batch=4)]
@@ -326,7 +324,7 @@ def test_training_stream_workers_draw_different_streams(syn_root, syn_memory):
     assert [len(i) for _, _, i in batches] == [100] * 10
     assert all(torch.equal(x, syn_memory.train.x[i]) for x, _, i in batches)
     again = [i for _, _, i in ShardBatches(split, 100, seed=3, num_workers=2).batches(0)]
-    assert all(torch.equal(a, b) for a, b in zip(again, [i for _, _, i in batches]))
+    assert len(again) == len(batches) and all(torch.equal(a, b) for a, b in zip(again, [i for _, _, i in batches]))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -456,13 +454,13 @@ def test_misplaced_or_repeated_chunks_are_skipped(syn_root, tmp_path, monkeypatc
 
 
 def test_trainer_on_synthetic_shards(syn_root, tmp_path):
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.format=webdataset", f"data.root={syn_root}",
                              "data.num_workers=2", "train.epochs=2", "train.batch_size=300",
                              "train.progress=false", "train.num_threads=1"])
-    trainer = Trainer(cfg)
-    assert isinstance(trainer.train_batches, ShardBatches) and len(trainer.train_batches) == 4
+    trainer = build_trainer(cfg)
+    assert isinstance(trainer.data.train_batches, ShardBatches) and len(trainer.data.train_batches) == 4
     metrics = trainer.fit()
     assert metrics["steps"] == 8 and len(metrics["history"]) == 2
     assert metrics["dispatch_entropy"] is not None  # cluster ids come from the shards
@@ -507,9 +505,8 @@ def test_two_ranks_same_batches_and_exact_pass_once(syn_root, tmp_path):
     assert all("ranks verified different numbers of samples (744 to 1000)" in r["mismatch"] for r in ranks)
 
 
-@needs_mnist
 @pytest.mark.multiprocess
-def test_torchrun_trains_on_mnist10k_shards(tmp_path, data_root):
+def test_torchrun_trains_on_mnist10k_shards(tmp_path, data_root, capsys):
     shards = tmp_path / "shards"
     assert cli_main(["data", "shards", "mnist10k", "--root", data_root, "--out", str(shards),
                      "--shard-size", "300", "--train-size", "1000", "--test-size", "500"]) == 0
@@ -527,4 +524,12 @@ def test_torchrun_trains_on_mnist10k_shards(tmp_path, data_root):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == math.ceil(1000 / 128)
-    assert metrics["epochs_completed"] == 1 and 0 <= metrics["test_error"] <= 1
+    assert metrics["epochs_completed"] == 1
+    # The two ranks evaluated each of the 500 test images once, with its label, and the error
+    # is the one a single process gets from the saved checkpoint. (One epoch of 8 steps barely
+    # leaves chance, 0.886 here: measured 0.85-0.89 over seeds 0-2, so this is no learning check.)
+    labels = load_dataset("mnist10k", data_root, train_size=1000, test_size=500).test.y
+    assert torch.tensor(metrics["selection_table"]).sum(0).tolist() == torch.bincount(labels, minlength=10).tolist()
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["error"] == pytest.approx(metrics["test_error"], abs=1e-9)

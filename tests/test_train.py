@@ -20,14 +20,14 @@ from moe_dist.cli import main
 from moe_dist.config import load_config
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.train.checkpoint import load_checkpoint
-from moe_dist.train.trainer import Trainer
+from moe_dist.train.build import build_trainer
 
 SYNTHETIC_MOE = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
 
 
 def train(config, overrides):
     cfg = load_config(config, overrides)
-    return Trainer(cfg).fit()
+    return build_trainer(cfg).fit()
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,7 +45,11 @@ def test_run_folder_holds_the_documented_interface(tmp_path, data_root):
     assert all({"train_loss", "test_error"} <= h.keys() for h in saved["history"])
     table = saved["selection_table"]
     assert len(table) == 5 and len(table[0]) == 10 and sum(map(sum, table)) == 500
-    assert 0 <= saved["test_error"] < 0.9  # learns something in 3 short epochs
+    # It learns in 3 short epochs: chance is 0.886 here (10 classes, the largest 11.4% of these
+    # 500 test images). Measured: 0.866 after epoch 1, 0.748 after 3 (seeds 1-7: 0.59-0.77 after
+    # 3, each at least 0.11 below its first epoch); a model that does not learn stays near 0.89.
+    first_error = saved["history"][0]["test_error"]
+    assert saved["test_error"] < 0.82 and saved["test_error"] < first_error - 0.05, saved["history"]
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["importance_weight"] == 0.2
     assert (run / "checkpoints" / "latest.json").exists()
 
@@ -143,13 +147,29 @@ def test_default_train_command_runs_the_embedded_synthetic_experiment(tmp_path, 
     out = capsys.readouterr().out
     assert "synthetic/s1_moe_nonlinear" in out and "test accuracy %" in out and "dispatch_entropy" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["dispatch_entropy"] is not None and 0.0 <= metrics["dispatch_entropy"] <= 1.3863
+    assert metrics["dispatch_entropy"] is not None
+    # 30 of the config's 501 full-batch epochs: the model learns (test error 0.283, seeds 1-3
+    # 0.284-0.297; chance is 0.5 on the 2 balanced labels) but the router has not specialised
+    # yet: dispatch entropy 1.38 -> 1.363 nats, where ln 4 = 1.386 is a router blind to the 4
+    # clusters (the paper's 0.098 needs the full run). So the entropy is checked as reported:
+    # the last evaluation's value, printed in the summary.
+    assert metrics["test_error"] < 0.4, metrics["history"]
+    assert metrics["dispatch_entropy"] == metrics["history"][-1]["dispatch_entropy"]
+    assert f"{'dispatch_entropy':<20} {metrics['dispatch_entropy']:>10.4f}" in out
 
 
-def test_single_model_on_cluster_data_has_no_routing_metrics(tmp_path):
+def test_single_model_on_cluster_data_has_no_routing_metrics(tmp_path, capsys):
     """A single model has no router: no dispatch entropy (it once crashed at evaluation)."""
-    metrics = train(CONFIGS / "synthetic" / "s1_single_cubic.yaml", tiny_synthetic(tmp_path / "run", "train.epochs=2"))
-    assert 0.0 <= metrics["test_error"] <= 1.0
+    run = tmp_path / "run"
+    metrics = train(CONFIGS / "synthetic" / "s1_single_cubic.yaml", tiny_synthetic(run, "train.epochs=2"))
+    # The error is the trained model's: evaluating the run folder again gives it exactly. (A
+    # single model stays near chance, 0.5 on these 2 balanced classes: 0.46 here, 0.34-0.49
+    # over seeds 1-4, so the error itself is no learning check.)
+    assert main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["error"] == pytest.approx(metrics["test_error"], abs=1e-9)
+    assert metrics["history"][-1]["test_error"] == metrics["test_error"]
+    assert "dispatch_entropy" not in evaluated
     assert "dispatch_entropy" not in metrics and "mutual_information" not in metrics
     assert all("dispatch_entropy" not in h for h in metrics["history"])
 
@@ -160,5 +180,6 @@ def test_trainers_with_different_precisions_share_a_process(tmp_path):
     fp32 = train(SYNTHETIC_MOE, tiny_synthetic(tmp_path / "fp32", "train.epochs=2"))
     bf16 = train(SYNTHETIC_MOE, tiny_synthetic(tmp_path / "bf16", "train.epochs=2", "train.mixed_precision=bf16"))
     assert load_config(tmp_path / "bf16" / "config.yaml").train.mixed_precision == "bf16"
+    assert len(fp32["history"]) == len(bf16["history"]) == 2
     for a, b in zip(fp32["history"], bf16["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.1 * a["train_loss"] + 0.02

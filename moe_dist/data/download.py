@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_dist.data.registry import DATASETS, default_data_root
+from moe_dist.data.registry import check_name, default_data_root
 from moe_dist.errors import DataError
 
 # torchvision dataset classes per name; mnist10k is a split of MNIST's test set, and the
@@ -27,8 +27,7 @@ _TORCHVISION_CLASSES = {
 
 def download(name: str, root: str = "") -> list[str]:
     """Download `name` into `root` (default: `default_data_root()`); return the folders written."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_name(name)
     classes = _TORCHVISION_CLASSES[name]
     if not classes:
         return []

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from moe_dist.config import CHOICES
 from moe_dist.data import cifar, combined, synthetic
 from moe_dist.data.idx import FASHION_MNIST, MNIST, load_idx_split, load_mnist10k
 from moe_dist.errors import DataError
 
-DATASETS = ("mnist", "fashion_mnist", "mnist10k", "cifar100", "fmnist_mnist", "synthetic")
-NORMALIZATIONS = ("paper", "half", "none")
+DATASETS = CHOICES["data.name"]
+NORMALIZATIONS = CHOICES["data.normalization"]
 
 # "paper": the Normalize constants the reference code uses per dataset (paper-spec A.3).
 # The combined dataset only appears in Section 4, whose transform is Normalize(0.5, 0.5).
@@ -76,6 +77,12 @@ def default_data_root() -> str:
     return str(shared) if shared.is_dir() else "./data"
 
 
+def check_name(name: str) -> None:
+    """A dataset name this package can load (and download): the config's ``data.name`` values."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
 def _to_float(images_uint8: torch.Tensor, normalization: str, dataset: str) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32 in [0, 1], then normalised per channel."""
     x = images_uint8.float().div_(255.0)
@@ -107,8 +114,7 @@ def load_dataset(name: str, root: str = "", *, seed: int = 0, setting: str = "s1
     function of its files or of `data_seed`, so it does not change the data.
     """
     del seed  # documented above: the data never depends on the run seed
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_name(name)
     if normalization not in NORMALIZATIONS:
         raise DataError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if train_size < 0 or test_size < 0:

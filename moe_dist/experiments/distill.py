@@ -13,30 +13,27 @@ Under a launcher (``torchrun --nproc_per_node N -m moe_dist.cli distill ...``) e
 runs the procedure: the process group is held for its whole length (the distillation and the
 top-k evaluations are separate trainers), evaluation counts are summed over ranks and only
 rank 0 writes; the results equal a single process's (MNIST-family architectures, no BatchNorm).
-
-Also holds small helpers the other procedures (pretrained.py, study.py) share: reading a
-run's latest weights, comparing a model part between checkpoints, comma-separated CLI lists.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moe_dist.config import Config, load_config, validate
-from moe_dist.errors import CheckpointError, ConfigError, MoEDistError
+from moe_dist.errors import ConfigError, MoEDistError
+from moe_dist.experiments.arguments import add_leaf_parser, comma_ints, reject_overrides
+from moe_dist.rundir import RunDir
 
 if TYPE_CHECKING:  # torch is imported where it is used, so building the CLI parser stays fast
     import torch
-    from torch import nn
 
-#: State-dict prefixes of the two model parts that train.freeze / train.init_parts name.
-PART_PREFIXES = {"experts": ("experts.",), "gate": ("gate.", "attention.")}
+    from moe_dist.train.trainer import Trainer
+
 #: Keys the distillation sets itself (A.8); an override of one of them would be ignored.
 DISTILL_KEYS = ("moe.routing", "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma",
                 "train.init_from", "train.init_parts", "train.freeze")
@@ -44,117 +41,14 @@ DISTILL_KEYS = ("moe.routing", "loss.importance_weight", "loss.ls_beta", "loss.l
 MATCHING_KEYS = ("data.name", "data.classes", "model.arch", "model.kind", "moe.num_experts")
 
 
-# ------------------------------------------------------------------ helpers shared by the procedures
-
-def comma_ints(text: str) -> list[int]:
-    """``"1,2"`` -> ``[1, 2]``: the argparse type of the procedures' list options."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-class IntermixedParser(argparse.ArgumentParser):
-    """A subcommand parser that takes options between positionals, as in
-    ``distill SOURCE_RUN --config FILE key=value ...``: argparse before Python 3.13 stops
-    filling positionals at the first option and rejects the overrides after it. Leaf
-    parsers only (argparse's intermixed parsing does not support subparsers)."""
-
-    _intermixing = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._intermixing:  # parse_known_intermixed_args calls back in here
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
-
-
-def add_leaf_parser(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """``subparsers.add_parser`` returning an :class:`IntermixedParser` (the top-level
-    subparsers of cli.py create plain parsers; this one adds no state, so it is re-classed)."""
-    parser = subparsers.add_parser(name, **kwargs)
-    parser.__class__ = IntermixedParser
-    return parser
-
-
-def reject_overrides(overrides: Iterable[str], keys: Iterable[str], why: str) -> None:
-    """Refuse overrides of keys a procedure sets itself, rather than silently ignore them."""
-    owned = set(keys)
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in owned:
-            raise ConfigError(f"override {item!r}: {key} is set by this procedure ({why})")
-
+# ------------------------------------------------------------------ config
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """A validated copy of ``cfg`` with dotted keys set (``{"train.freeze": ["gate"]}``);
     typed values, so paths need no quoting as ``key=value`` overrides would."""
-    cfg = copy.deepcopy(cfg)
-    for dotted, value in values.items():
-        *path, leaf = dotted.split(".")
-        target: Any = cfg
-        for part in path:
-            target = getattr(target, part, None)
-        if target is None or not hasattr(target, leaf):
-            raise ConfigError(f"unknown config key {dotted!r}")
-        setattr(target, leaf, value)
-    return validate(cfg)
+    from moe_dist.config import set_values
 
-
-def latest_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of a run folder's latest (sha256-verified) checkpoint."""
-    from moe_dist.train.checkpoint import load_checkpoint
-
-    payload = load_checkpoint(Path(run_dir) / "checkpoints")
-    if payload is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint in {run_dir}/checkpoints")
-    return payload["model"]
-
-
-def part_parameter_names(model: nn.Module, part: str) -> list[str]:
-    """Names of the trainable parameters of ``part`` (experts | gate). BatchNorm running
-    statistics are buffers, not parameters: frozen parts still update them in train mode,
-    as the reference code's do (paper-spec A.8 step 1), so freezing checks leave them out."""
-    return [n for n, _ in model.named_parameters() if n.startswith(PART_PREFIXES[part])]
-
-
-def tensors_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: Iterable[str]) -> bool:
-    """Whether every named tensor is present in both and bit-identical."""
-    import torch
-
-    names = list(names)
-    return bool(names) and all(n in a and n in b and torch.equal(a[n].cpu(), b[n].cpu()) for n in names)
-
-
-def model_state(trainer: Any) -> dict[str, torch.Tensor]:
-    """A CPU copy of a Trainer's current model state dict, every expert included (what its
-    next checkpoint would hold). Collective when experts are sharded: call it on every rank."""
-    from moe_dist.parallel import full_model_state
-
-    return {k: v.detach().cpu().clone() for k, v in full_model_state(trainer.module, trainer.ctx).items()}
-
-
-def is_complete(cfg: Config) -> bool:
-    """Whether ``cfg``'s run has finished (metrics.json is written last), so a procedure
-    can skip it. A finished run with another config is refused, as the trainer refuses to
-    resume one; a run whose ``train.epochs`` was raised is not finished (the trainer extends it)."""
-    from moe_dist.train.trainer import RESUMABLE_CHANGES, config_differences
-
-    run_dir = Path(cfg.run_dir)
-    if not (run_dir / "metrics.json").exists():
-        return False
-    saved = load_config(run_dir / "config.yaml")
-    changed = [k for k in config_differences(saved, cfg) if k not in RESUMABLE_CHANGES]
-    if changed:
-        raise ConfigError(f"{run_dir} holds a finished run with a different config ({', '.join(changed)}); "
-                          "use another root folder")
-    return saved.train.epochs == cfg.train.epochs
+    return validate(set_values(cfg, values))
 
 
 # ------------------------------------------------------------------ distillation
@@ -179,13 +73,12 @@ def distill_config(source_run: str | Path, config: str | Path | None = None,
     experts frozen. The run folder is ``run_dir=`` from the overrides, else
     ``SOURCE_RUN_distilled`` (a config file's run_dir is not used: one file serves many sources).
     """
-    source_run = Path(source_run)
-    source_yaml = source_run / "config.yaml"
-    if not source_yaml.exists():
+    source_run = RunDir(source_run)
+    if not source_run.is_run():
         raise ConfigError(f"distill: {source_run} is not a run folder (no config.yaml)")
     reject_overrides(overrides, DISTILL_KEYS, "paper-spec A.8")
-    source = load_config(source_yaml)
-    cfg = load_config(config if config is not None else source_yaml, overrides)
+    source = source_run.read_config()
+    cfg = load_config(config if config is not None else source_run.config_path, overrides)
     if config is None:
         cfg.name = distilled_name(source.name)
     if not any(o.split("=", 1)[0].strip() == "run_dir" for o in overrides):
@@ -201,7 +94,7 @@ def distill_config(source_run: str | Path, config: str | Path | None = None,
                              "train.init_parts": ["experts", "gate"], "train.freeze": ["experts"]})
 
 
-def conditional_evaluation(trainer: Any, weights: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
+def conditional_evaluation(trainer: Trainer, weights: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
     """Evaluate the distilled weights with top-k routing (noise off) on the whole test set.
 
     ``expert_flops_fraction`` = routed (sample, expert) pairs / (samples x E), counted from
@@ -210,28 +103,29 @@ def conditional_evaluation(trainer: Any, weights: dict[str, torch.Tensor], k: in
     warms up, so ``eval_seconds`` compares with the (warm) dense evaluation.
     """
     import torch
-    import torch.distributed as dist
 
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.parallel import all_reduce, load_full_model_state
+    from moe_dist.train.build import build_network
+    from moe_dist.train.evaluate import evaluate
 
     cfg = with_values(trainer.cfg, {"moe.routing": "topk", "moe.top_k": k, "moe.noise": "none",
                                     "train.init_from": ""})
-    topk = Trainer(cfg, dataset=trainer.data)
-    topk.load_model_state(weights)  # full layout: this rank's experts when they are sharded
-    topk.model.eval()
-    pairs_E = torch.zeros(topk.num_experts, dtype=torch.long)
+    model = build_network(cfg, trainer.data.dataset, trainer.ctx).to(trainer.device)
+    load_full_model_state(model, weights, trainer.ctx)  # full layout: this rank's experts when sharded
+    model.eval()
+    batches, E = trainer.data.eval_batches, cfg.moe.num_experts
+    pairs_E = torch.zeros(E, dtype=torch.long)
     with torch.no_grad():
-        for x, _, _ in topk.eval_batches.batches(0):  # with several ranks, this rank's share
-            pairs_E += topk.model(x).samples_per_expert.cpu()
-    if topk.ctx.distributed:
-        dist.all_reduce(pairs_E)
+        for x, _, _ in batches.batches(0):  # with several ranks, this rank's share
+            pairs_E += model(x).samples_per_expert.cpu()
+    all_reduce(pairs_E)
     start = time.perf_counter()
-    metrics = topk.evaluate()
+    metrics = evaluate(model, batches, trainer.data.dataset.num_classes, num_experts=E,
+                       loss_kind=cfg.loss.kind, autocast=trainer.engine.autocast)
     seconds = time.perf_counter() - start
-    num_samples = len(topk.test_split)
     return {
         "test_error": metrics["error"],
-        "expert_flops_fraction": int(pairs_E.sum()) / (num_samples * topk.num_experts),
+        "expert_flops_fraction": int(pairs_E.sum()) / (len(trainer.data.test) * E),
         "routed_pairs_per_expert": pairs_E.tolist(),
         "mutual_information": metrics["mutual_information"],
         "usage_entropy": metrics["usage_entropy"],
@@ -239,34 +133,42 @@ def conditional_evaluation(trainer: Any, weights: dict[str, torch.Tensor], k: in
     }
 
 
+def _distillation_metrics(source_run: RunDir, ks: Sequence[int]):
+    """What distillation adds to the run's metrics.json (``Trainer.fit(extra_metrics=...)``,
+    so that the file is written once, complete): whether the frozen experts ended
+    bit-identical to the source's, and the top-k evaluations."""
+
+    def extra(trainer: Trainer, result: dict[str, Any]) -> dict[str, Any]:
+        from moe_dist.models.parts import cpu_copy, part_parameter_names, tensors_identical
+
+        weights = cpu_copy(trainer.engine.model_state())  # what the last checkpoint holds
+        unchanged = tensors_identical(source_run.latest_weights(), weights,
+                                      part_parameter_names(trainer.model, "experts"))
+        start = time.perf_counter()
+        trainer.evaluate()  # warm: fit() has just evaluated this model
+        conditional: dict[str, Any] = {f"top{k}": conditional_evaluation(trainer, weights, k) for k in ks}
+        conditional["dense_eval_seconds"] = time.perf_counter() - start
+        return {"conditional": conditional, "experts_unchanged": unchanged}
+
+    return extra
+
+
 def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequence[int] = (1, 2),
             overrides: Sequence[str] = ()) -> tuple[Config, dict[str, Any]]:
     """Train the distilled gate, evaluate it densely and with top-k routing for each k, check
-    that the experts stayed frozen, and add ``conditional`` and ``experts_unchanged`` to the
-    run's metrics.json. Returns the run's config and its updated metrics."""
+    that the experts stayed frozen; the run's metrics.json holds ``conditional`` and
+    ``experts_unchanged``. Returns the run's config and its metrics."""
     from moe_dist.parallel import process_group
-    from moe_dist.train.trainer import Trainer, process_group_backend
+    from moe_dist.train.build import build_trainer
+    from moe_dist.train.process import process_group_backend
 
     cfg = distill_config(source_run, config, overrides)
     for k in ks:
         if not 1 <= k <= cfg.moe.num_experts:
             raise ConfigError(f"distill: --k {k} must be between 1 and moe.num_experts={cfg.moe.num_experts}")
     with process_group(process_group_backend(cfg)):
-        trainer = Trainer(cfg)
-        metrics = trainer.fit()
-        weights = latest_weights(cfg.run_dir)
-        unchanged = tensors_identical(latest_weights(source_run), weights,
-                                      part_parameter_names(trainer.module, "experts"))
-
-        start = time.perf_counter()
-        trainer.evaluate()  # warm: fit() has just evaluated this model
-        dense_seconds = time.perf_counter() - start
-        conditional: dict[str, Any] = {f"top{k}": conditional_evaluation(trainer, weights, k) for k in ks}
-        conditional["dense_eval_seconds"] = dense_seconds
-        metrics.update(conditional=conditional, experts_unchanged=unchanged)
-        if trainer.is_main:
-            (Path(cfg.run_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if not unchanged:
+        metrics = build_trainer(cfg).fit(extra_metrics=_distillation_metrics(RunDir(source_run), ks))
+    if not metrics["experts_unchanged"]:
         raise MoEDistError(f"distill: the experts of {cfg.run_dir} differ from those of {source_run} "
                            "although train.freeze=[experts]")
     return cfg, metrics

@@ -45,17 +45,20 @@ from typing import Any
 
 import torch
 
-from moe_dist.cli import REPO_ROOT
-from moe_dist.config import Config, load_config
-from moe_dist.data import Dataset, load_dataset
+from moe_dist.config import CONFIGS, Config, load_config
+from moe_dist.data import Dataset
 from moe_dist.errors import ConfigError, MoEDistError
-from moe_dist.experiments.distill import (PART_PREFIXES, is_complete, latest_weights, model_state,
-                                          reject_overrides, tensors_identical, with_values)
+from moe_dist.experiments.arguments import reject_overrides
+from moe_dist.experiments.distill import with_values
+from moe_dist.models.parts import cpu_copy, part_state, tensors_identical
+from moe_dist.fields import section4_fields
 from moe_dist.paper import PRETRAINED_GATE
 from moe_dist.parallel import barrier, is_main, process_group
-from moe_dist.train.checkpoint import save_checkpoint
+from moe_dist.tables import markdown_table
+from moe_dist.rundir import RunDir
+from moe_dist.train.build import load_data
 
-CONFIG_DIR = REPO_ROOT / "configs" / "section4"
+CONFIG_DIR = CONFIGS / "section4"
 #: --dataset -> prefix of its configs/section4/*.yaml files and of its run names.
 DATASETS = {"mnist10k": "mnist", "fmnist_mnist": "fmnist_mnist"}
 #: The paper's class-pair splits (paper-spec A.6). The combined dataset's first three pairs
@@ -94,9 +97,9 @@ SCRATCH_RAND_OPTIMIZER: dict[str, dict[str, Any]] = {
 }
 #: Keys the procedure sets per stage; overriding them would be silently ignored.
 OWNED_KEYS = ("name", "run_dir", "seed", "model.kind", "train.init_from", "train.init_parts", "train.freeze")
-#: Summary columns: metrics.json key, heading (paper-spec A.6 reporting).
-COLUMNS = (("test_error", "test err"), ("final_train_loss", "train loss"),
-           ("mutual_information", "I(E;Y)"), ("sample_entropy", "H_s"), ("usage_entropy", "H_u"))
+#: Summary columns: metrics.json key (the registry's Section 4.2 fields, in the order of
+#: paper.PRETRAINED_GATE's tuples), heading (docs/papers.md A.6 reporting).
+COLUMNS = tuple(zip(section4_fields(), ("test err", "train loss", "I(E;Y)", "H_s", "H_u"), strict=True))
 DATA_NOTES = {
     "mnist10k": "MNIST here is the mnist10k split (8,000 train / 2,000 test images of the real MNIST "
                 "test set), not the paper's first 10,000 / 2,000 of MNIST train / test.",
@@ -105,29 +108,17 @@ DATA_NOTES = {
 }
 
 
-def _part(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith(PART_PREFIXES[part])}
-
-
-def _load_data(cfg: Config) -> Dataset:
-    """The dataset every stage shares (loaded once, as the Trainer would load it); the
-    trainer applies ``data.classes`` itself, so the pretrained experts can share it too."""
-    d = cfg.data
-    return load_dataset(d.name, d.root, setting=d.setting,
-                        data_seed=None if d.data_seed < 0 else d.data_seed,
-                        train_size=d.train_size, test_size=d.test_size, normalization=d.normalization)
-
-
 def _train(cfg: Config, data: Dataset, starts_from: Mapping[str, torch.Tensor] | None = None,
            what: str = "") -> None:
-    """Train ``cfg`` unless its run is complete. ``starts_from`` (name -> tensor) is checked
+    """Train ``cfg`` unless its run is finished. ``starts_from`` (name -> tensor) is checked
     against the freshly built model first: the stage must start from exactly those weights."""
-    from moe_dist.train.trainer import Trainer
+    from moe_dist.train.build import build_trainer
 
-    if is_complete(cfg):
+    if RunDir(cfg.run_dir).finished(cfg):
         return
-    trainer = Trainer(cfg, dataset=data)
-    if starts_from is not None and not tensors_identical(starts_from, model_state(trainer), starts_from):
+    trainer = build_trainer(cfg, dataset=data)
+    if starts_from is not None and not tensors_identical(starts_from, cpu_copy(trainer.engine.model_state()),
+                                                         starts_from):
         raise MoEDistError(f"{cfg.run_dir} does not start from {what}")
     trainer.fit()
 
@@ -135,23 +126,24 @@ def _train(cfg: Config, data: Dataset, starts_from: Mapping[str, torch.Tensor] |
 def _check_frozen(cfg: Config, part: str, source: Mapping[str, torch.Tensor], source_name: str) -> None:
     """A frozen part must end bit-identical to where it came from (these architectures have
     no BatchNorm, paper-spec A.1.1-A.1.2, so every tensor of the part is compared)."""
-    reference = _part(source, part)
-    if not tensors_identical(reference, latest_weights(cfg.run_dir), reference):
+    reference = part_state(source, part)
+    if not tensors_identical(reference, RunDir(cfg.run_dir).latest_weights(), reference):
         raise MoEDistError(f"{cfg.run_dir}: the frozen {part} differs from {source_name}")
 
 
 def _initial_weights(cfg: Config, data: Dataset) -> dict[str, torch.Tensor]:
-    """The weights a run of ``cfg`` starts from: the trainer seeds, then builds."""
-    from moe_dist.train.trainer import Trainer
+    """The weights a run of ``cfg`` starts from (every expert): built as the trainer builds it."""
+    from moe_dist.parallel import ParallelContext
+    from moe_dist.train.build import build_network
 
-    return model_state(Trainer(cfg, dataset=data))
+    return cpu_copy(build_network(cfg, data, ParallelContext.local()).state_dict())
 
 
 def _write_assembled(folder: Path, state: dict[str, torch.Tensor], sources: dict[str, Any]) -> Path:
     """A checkpoint-only folder that ``train.init_from`` reads; assembled.json says what it
     holds. Rank 0 writes it; every rank returns once it is there."""
     if is_main():
-        save_checkpoint(folder / "checkpoints", 0, {"model": state}, keep=1)
+        RunDir(folder).save_checkpoint({"model": state}, 0, keep=1)
         (folder / "assembled.json").write_text(json.dumps(sources, indent=1))
     barrier()
     return folder
@@ -178,7 +170,7 @@ class PretrainedGateStudy:
         self.prechosen_cfg = load_config(CONFIG_DIR / f"{self.prefix}_pretrained_gate.yaml", overrides)
         if self.scratch_cfg.data != self.prechosen_cfg.data:
             raise ConfigError(f"configs/section4/{self.prefix}_*.yaml must use the same data settings")
-        self.data = _load_data(self.scratch_cfg)
+        self.data = load_data(self.scratch_cfg)
 
     def _stage(self, base: Config, folder: Path, stage: str, seed: int,
                values: dict[str, Any] | None = None) -> Config:
@@ -190,17 +182,17 @@ class PretrainedGateStudy:
         folder = self.root / f"seed{seed}"
         scratch = self._stage(self.scratch_cfg, folder, "scratch", seed)
         _train(scratch, self.data)
-        trained = latest_weights(scratch.run_dir)
+        trained = RunDir(scratch.run_dir).latest_weights()
         gate_from_scratch = {"train.init_from": scratch.run_dir, "train.init_parts": ["gate"],
                              "train.freeze": ["gate"]}
         same = self._stage(self.scratch_cfg, folder, "scratch_same_wts", seed, gate_from_scratch)
-        if not is_complete(same):
-            initial_experts = _part(_initial_weights(scratch, self.data), "experts")
-            _train(same, self.data, {**initial_experts, **_part(trained, "gate")},
+        if not RunDir(same.run_dir).finished(same):
+            initial_experts = part_state(_initial_weights(scratch, self.data), "experts")
+            _train(same, self.data, {**initial_experts, **part_state(trained, "gate")},
                    f"the scratch run's initial experts and trained gate ({scratch.run_dir})")
         rand = self._stage(self.scratch_cfg, folder, "scratch_rand_wts", seed + RAND_WTS_SEED_OFFSET,
                            {**gate_from_scratch, **SCRATCH_RAND_OPTIMIZER[self.dataset]})
-        _train(rand, self.data, _part(trained, "gate"), f"the scratch gate ({scratch.run_dir})")
+        _train(rand, self.data, part_state(trained, "gate"), f"the scratch gate ({scratch.run_dir})")
         for cfg in (same, rand):
             _check_frozen(cfg, "gate", trained, scratch.run_dir)
         return {"scratch": Path(scratch.run_dir), "scratch_same_wts": Path(same.run_dir),
@@ -208,7 +200,7 @@ class PretrainedGateStudy:
 
     def prechosen(self, split: int, pairs: Sequence[Sequence[int]], seed: int) -> dict[str, Path]:
         """Stage (2): experts pretrained on class pairs, a gate on them, then new experts."""
-        from moe_dist.train.trainer import Trainer
+        from moe_dist.train.build import build_trainer
 
         E = self.prechosen_cfg.moe.num_experts
         if len(pairs) != E:
@@ -226,22 +218,21 @@ class PretrainedGateStudy:
                 "name": f"section4/{self.prefix}_pretrained_expert",
                 "run_dir": str(folder / f"expert{i}_{'_'.join(map(str, pair))}"),
                 "seed": seed * E + i, "model.kind": "single", "data.classes": list(pair)})
-            trainer = Trainer(single, dataset=self.data)
-            initial.append(model_state(trainer))
-            if not is_complete(single):
-                trainer.fit()
-            trained.append(latest_weights(single.run_dir))
+            initial.append(_initial_weights(single, self.data))
+            if not RunDir(single.run_dir).finished(single):
+                build_trainer(single, dataset=self.data).fit()
+            trained.append(RunDir(single.run_dir).latest_weights())
             single_dirs.append(single.run_dir)
         sources = {"pairs": [list(p) for p in pairs], "singles": single_dirs}
         experts = _write_assembled(folder / "assembled" / "pretrained_experts", _stack_singles(trained),
                                    {**sources, "holds": "experts.* = the trained single experts, stacked"})
         gate = self._stage(self.prechosen_cfg, folder, "pretrained_gate", seed, {
             "train.init_from": str(experts), "train.init_parts": ["experts"], "train.freeze": ["experts"]})
-        pretrained = latest_weights(experts)
+        pretrained = RunDir(experts).latest_weights()
         _train(gate, self.data, pretrained, f"the pretrained experts ({experts})")
         _check_frozen(gate, "experts", pretrained, str(experts))
 
-        gate_state = _part(latest_weights(gate.run_dir), "gate")
+        gate_state = part_state(RunDir(gate.run_dir).latest_weights(), "gate")
         init_state = {**_stack_singles(initial), **gate_state}
         init = _write_assembled(folder / "assembled" / "prechosen_init", init_state,
                                 {**sources, "gate": gate.run_dir,
@@ -291,13 +282,10 @@ class PretrainedGateStudy:
             "",
             DATA_NOTES[self.dataset],
             "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
         ]
-        for row in rows:
-            cells = [STAGE_LABELS[row["stage"]], str(row["runs"])]
-            cells += [c for key, _ in COLUMNS for c in (fmt(row[key]), fmt(row[f"paper_{key}"]))]
-            lines.append("| " + " | ".join(cells) + " |")
+        cells = [[STAGE_LABELS[row["stage"]], str(row["runs"]),
+                  *(c for key, _ in COLUMNS for c in (fmt(row[key]), fmt(row[f"paper_{key}"])))] for row in rows]
+        lines.append(markdown_table(head, cells))
         return "\n".join(lines) + "\n"
 
 
@@ -308,7 +296,7 @@ def run_pretrained_gate_study(dataset: str, splits: Mapping[int, Sequence[Sequen
     skipping complete runs; returns the summary rows (also written under ``root/dataset``).
     ``splits`` maps a split number (its folder name) to its class pairs, one per expert.
     ``overrides`` apply to every stage; a pretrained expert's ``data.classes`` is its pair."""
-    from moe_dist.train.trainer import process_group_backend
+    from moe_dist.train.process import process_group_backend
 
     study = PretrainedGateStudy(dataset, root, overrides)
     runs: dict[str, list[Path]] = {stage: [] for stage in STAGES}

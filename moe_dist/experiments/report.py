@@ -42,7 +42,9 @@ import yaml
 
 from moe_dist.config import Config, to_dict
 from moe_dist.errors import MoEDistError
-from moe_dist.paper import published
+from moe_dist.fields import report_aggregates
+from moe_dist.paper import PUBLISHED_KEYS, published
+from moe_dist.tables import markdown_table
 
 METHOD_ORDER = ("single", "vanilla", "vanilla_lcv", "vanilla_ls", "attentive", "attentive_lcv",
                 "attentive_ls", "distilled_lcv", "distilled_ls")
@@ -57,13 +59,13 @@ STD_CAPTIONS = {
     "family": "the paper's family-wide std: sample std (ddof=1) of the test error over all runs "
               "of all grid points sharing the experiment name (paper-spec A.7)",
 }
-PAPER_KEYS = ("train_error", "test_error", "std", "mutual_information", "sample_entropy",
-              "usage_entropy", "dispatch_entropy")
+PAPER_KEYS = PUBLISHED_KEYS  # the paper_* columns: everything moe_dist.paper publishes
+# The errors have their own columns (mean, std, best-by-train-error); the other metrics'
+# aggregates come from the registry (moe_dist/fields.py, Field.report).
 CSV_COLUMNS = (
     "family", "name", "group", "params", "n", "std_over", "train_error_mean", "test_error_mean",
     "test_error_std", "best_train_error", "best_test_error", "best_run", "family_best",
-    "mutual_information_mean", "mutual_information_predicted_mean", "sample_entropy_mean", "usage_entropy_mean", "dispatch_entropy_mean",
-    "dispatch_entropy_std", "wall_seconds_mean", "step_seconds_mean", "peak_memory_mb_max",
+    *(f"{key}_{aggregate}" for key, aggregate in report_aggregates()),
     *(f"paper_{k}" for k in PAPER_KEYS), "runs",
 )
 
@@ -215,6 +217,18 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) >= 2 else None
 
 
+def _aggregate(aggregate: str, key: str, runs: list[Run], spread: list[Run]) -> float | None:
+    """A ``<key>_<aggregate>`` column: mean or max over the row's runs, std over ``spread``
+    (the row's runs, or with ``--std family`` every run of its name)."""
+    if aggregate == "mean":
+        return _mean(_values(runs, key))
+    if aggregate == "std":
+        return _std(_values(spread, key))
+    if aggregate == "max":
+        return max(_values(runs, key), default=None)
+    raise ValueError(f"unknown report aggregate {aggregate!r} of {key} (moe_dist/fields.py)")
+
+
 def summarize(groups: list[Group], std_over: str) -> list[dict[str, Any]]:
     """One CSV-ready row per group; std over the group's runs or over its whole name."""
     by_name: dict[str, list[Run]] = defaultdict(list)
@@ -236,12 +250,8 @@ def summarize(groups: list[Group], std_over: str) -> list[dict[str, Any]]:
             "best_test_error": best.metrics.get("test_error"),
             "best_run": str(best.path),
             "family_best": len(by_name[group.name]) > len(group.runs) and family_best[group.name] is best,
-            **{f"{k}_mean": _mean(_values(group.runs, k))
-               for k in ("mutual_information", "mutual_information_predicted", "sample_entropy",
-                         "usage_entropy", "dispatch_entropy",
-                         "wall_seconds", "step_seconds")},
-            "dispatch_entropy_std": _std(_values(spread, "dispatch_entropy")),
-            "peak_memory_mb_max": max(_values(group.runs, "peak_memory_mb"), default=None),
+            **{f"{key}_{aggregate}": _aggregate(aggregate, key, group.runs, spread)
+               for key, aggregate in report_aggregates()},
             **{f"paper_{k}": paper.get(k) for k in PAPER_KEYS},
             "runs": ";".join(str(r.path) for r in group.runs),
         })
@@ -275,34 +285,33 @@ def _method_cell(group: Group, row: dict[str, Any]) -> str:
 def _image_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
     # "I pred." is the paper's own definition (row = the chosen expert's predicted class,
     # paper-spec A.7), the one its "paper I" column was computed with; "I(E;Y)" uses true labels.
-    lines = ["| method | n | train err | test err (mean ± std) | best-by-train-error test err | I(E;Y) | I pred. "
-             "| H_s | H_u | wall/run | paper test err ± std | paper I | paper H_s | paper H_u |",
-             "|" + "---|" * 14]
+    headers = ("method", "n", "train err", "test err (mean ± std)", "best-by-train-error test err", "I(E;Y)",
+               "I pred.", "H_s", "H_u", "wall/run", "paper test err ± std", "paper I", "paper H_s", "paper H_u")
+    rows = []
     for g, r in pairs:
         paper = _pm(r["paper_test_error"], r["paper_std"], 3) if r["paper_test_error"] is not None else "–"
-        lines.append(
-            f"| {_method_cell(g, r)} | {r['n']} | {_num(r['train_error_mean'], 4)} "
-            f"| {_pm(r['test_error_mean'], r['test_error_std'], 4)} | {_num(r['best_test_error'], 4)} "
-            f"| {_num(r['mutual_information_mean'], 3)} | {_num(r['mutual_information_predicted_mean'], 3)} "
-            f"| {_num(r['sample_entropy_mean'], 3)} "
-            f"| {_num(r['usage_entropy_mean'], 3)} | {_duration(r['wall_seconds_mean'])} | {paper} "
-            f"| {_num(r['paper_mutual_information'], 3)} | {_num(r['paper_sample_entropy'], 3)} "
-            f"| {_num(r['paper_usage_entropy'], 3)} |")
-    return lines
+        rows.append((
+            _method_cell(g, r), r["n"], _num(r["train_error_mean"], 4),
+            _pm(r["test_error_mean"], r["test_error_std"], 4), _num(r["best_test_error"], 4),
+            _num(r["mutual_information_mean"], 3), _num(r["mutual_information_predicted_mean"], 3),
+            _num(r["sample_entropy_mean"], 3), _num(r["usage_entropy_mean"], 3), _duration(r["wall_seconds_mean"]),
+            paper, _num(r["paper_mutual_information"], 3), _num(r["paper_sample_entropy"], 3),
+            _num(r["paper_usage_entropy"], 3)))
+    return markdown_table(headers, rows).splitlines()
 
 
 def _synthetic_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
-    lines = ["| method | n | train acc % | test acc % (mean ± std) | best-by-train-error test acc % "
-             "| dispatch entropy (mean ± std) | wall/run | paper test acc % | paper dispatch entropy |",
-             "|" + "---|" * 9]
+    headers = ("method", "n", "train acc %", "test acc % (mean ± std)", "best-by-train-error test acc %",
+               "dispatch entropy (mean ± std)", "wall/run", "paper test acc %", "paper dispatch entropy")
+    rows = []
     for g, r in pairs:
         std = None if r["test_error_std"] is None else 100 * r["test_error_std"]
-        lines.append(
-            f"| {_method_cell(g, r)} | {r['n']} | {_num(_acc(r['train_error_mean']), 2)} "
-            f"| {_pm(_acc(r['test_error_mean']), std, 2)} | {_num(_acc(r['best_test_error']), 2)} "
-            f"| {_pm(r['dispatch_entropy_mean'], r['dispatch_entropy_std'], 3)} | {_duration(r['wall_seconds_mean'])} "
-            f"| {_num(_acc(r['paper_test_error']), 2)} | {_num(r['paper_dispatch_entropy'], 3)} |")
-    return lines
+        rows.append((
+            _method_cell(g, r), r["n"], _num(_acc(r["train_error_mean"]), 2),
+            _pm(_acc(r["test_error_mean"]), std, 2), _num(_acc(r["best_test_error"]), 2),
+            _pm(r["dispatch_entropy_mean"], r["dispatch_entropy_std"], 3), _duration(r["wall_seconds_mean"]),
+            _num(_acc(r["paper_test_error"]), 2), _num(r["paper_dispatch_entropy"], 3)))
+    return markdown_table(headers, rows).splitlines()
 
 
 def _class_names(run: Run, columns: int) -> list[str] | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,11 @@ from typing import Any
 
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError, MoEDistError
-from moe_dist.experiments.distill import IntermixedParser, comma_ints, is_complete, reject_overrides
+from moe_dist.experiments.arguments import IntermixedParser, comma_ints, reject_overrides
+from moe_dist.fields import names
 from moe_dist.launch import moe_dist_command
+from moe_dist.rundir import RunDir
+from moe_dist.tables import markdown_table
 
 #: The regularisers of the paper's plotted models (A.10): the model files of figures 6-7
 #: name w = 1.0 and beta = 1e-5, gamma = 1e-4 (the training cells' 1e-6 / 1e-1 were not plotted).
@@ -41,8 +43,9 @@ REGULARIZERS: dict[str, tuple[str, ...]] = {
 #: Keys each study run sets; overriding them would be ignored.
 OWNED_KEYS = ("name", "run_dir", "seed", "moe.num_experts", "loss.importance_weight", "loss.ls_beta",
               "loss.ls_gamma", "loss.ls_variant")
-#: study.csv columns: (E, regulariser) identify the row; the rest are means over seeds.
-METRIC_COLUMNS = ("experts_used", "usage_entropy", "test_error", "step_seconds", "peak_memory_mb")
+#: study.csv columns: (E, regulariser) identify the row; the rest are means over seeds of these
+#: metrics.json fields, in study.md's column order (checked against moe_dist/fields.py).
+METRIC_COLUMNS = names("experts_used", "usage_entropy", "test_error", "step_seconds", "peak_memory_mb")
 
 
 def experts_run_dir(root: Path, regularizer: str, num_experts: int, seed: int) -> Path:
@@ -67,7 +70,8 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     Each run is its own process, or ``nproc`` under torchrun; started by a launcher itself
     (several ranks), the study trains every run in-process on the launcher's ranks."""
     from moe_dist.parallel import is_main, process_group, world_info_from_env
-    from moe_dist.train.trainer import Trainer, process_group_backend
+    from moe_dist.train.build import build_trainer
+    from moe_dist.train.process import process_group_backend
 
     unknown = [r for r in regularizers if r not in REGULARIZERS] or ([] if regularizers else [""])
     if unknown:
@@ -88,13 +92,13 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
                 runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
     with process_group(process_group_backend(next(iter(runs_args.values()))[0])):
         for cfg, args in runs_args.values():
-            if is_complete(cfg):
+            if RunDir(cfg.run_dir).finished(cfg):
                 continue
             if launched:
-                Trainer(cfg).fit()
+                build_trainer(cfg).fit()
             else:
                 train_process(config, args, nproc)
-    runs = {(r, E): [json.loads((experts_run_dir(root, r, E, s) / "metrics.json").read_text()) for s in seeds]
+    runs = {(r, E): [RunDir(experts_run_dir(root, r, E, s)).read_metrics() for s in seeds]
             for r in regularizers for E in experts}
     rows = []
     for (regularizer, E), metrics in runs.items():
@@ -126,13 +130,11 @@ def experts_markdown(rows: list[dict[str, Any]], config: str | Path) -> str:
         "the paper's plotted models. experts used = experts receiving > 1 % of the test samples (top-gated); "
         "H_u in bits (max log2 E); means over seeds.",
         "",
-        "| E | regulariser | seeds | experts used | H_u | test error | step s | peak memory MB |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(("E", "regulariser", "seeds", "experts used", "H_u", "test error", "step s", "peak memory MB"),
+                       [(r["E"], r["regularizer"], r["seeds"], fmt(r["experts_used"], 1), fmt(r["usage_entropy"]),
+                         fmt(r["test_error"], 4), fmt(r["step_seconds"], 4), fmt(r["peak_memory_mb"], 0))
+                        for r in rows]),
     ]
-    for r in rows:
-        lines.append(f"| {r['E']} | {r['regularizer']} | {r['seeds']} | {fmt(r['experts_used'], 1)} | "
-                     f"{fmt(r['usage_entropy'])} | {fmt(r['test_error'], 4)} | {fmt(r['step_seconds'], 4)} | "
-                     f"{fmt(r['peak_memory_mb'], 0)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -68,20 +68,47 @@ import os
 import shlex
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from moe_dist.errors import ConfigError
 from moe_dist.launch import moe_dist_command
 from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, SignalForwarder
 
-SWEEP_KEYS = ("root", "seeds", "nproc", "overrides", "members")
-MEMBER_KEYS = ("name", "config", "overrides", "distill", "grid")
 LOG_NAME = "sweep.log"
 ERROR_PREFIX, PREEMPTED_PREFIX = "moe-dist: error:", "moe-dist: preempted by"  # what moe_dist.cli prints
+
+
+@dataclass
+class MemberFile:
+    """The schema of one entry of a sweep file's ``members`` (format: module docstring)."""
+
+    name: str = MISSING
+    config: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    distill: str | None = None
+    grid: dict[str, Any] | None = None  # dotted.key -> [values], checked by _grid
+
+
+@dataclass
+class SweepFile:
+    """The schema of a sweep file's top level."""
+
+    root: str = MISSING
+    seeds: list[int] = field(default_factory=lambda: [0])
+    nproc: int = 1
+    overrides: list[str] = field(default_factory=list)
+    members: list[Any] = MISSING  # each entry typed as a MemberFile on its own, so errors name it
+
+
+SWEEP_KEYS = tuple(f.name for f in fields(SweepFile))
+MEMBER_KEYS = tuple(f.name for f in fields(MemberFile))
 
 
 @dataclass(frozen=True)
@@ -133,15 +160,9 @@ class Job:
 
 
 def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    # OmegaConf types list[str] elements but lets a mapping element through.
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of key=value strings")
-    return tuple(value)
-
-
-def _seed_list(value: Any, where: str) -> tuple[int, ...]:
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
-        raise ConfigError(f"{where} must be a non-empty list of non-negative integers, not {value!r}")
     return tuple(value)
 
 
@@ -151,8 +172,8 @@ def _nproc(value: Any, where: str) -> int:
     return value
 
 
-def _grid(value: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-    if not isinstance(value, dict) or not value:
+def _grid(value: dict[str, Any], where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not value:
         raise ConfigError(f"{where} must be a mapping of dotted.key: [values]")
     grid = []
     for key, values in value.items():
@@ -167,26 +188,47 @@ def _grid(value: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     return tuple(grid)
 
 
+def _typed(schema: type, data: dict[Any, Any], errors: dict[str, str],
+           unknown: Callable[[Any], str]) -> dict[str, Any]:
+    """``data`` merged into ``schema`` one key at a time, so that a fault names its key: an unknown
+    key raises ``unknown(key)``, a value of the wrong type or a missing mandatory one
+    ``errors[key]``. Returns the typed values with the defaults filled in, as a plain dict:
+    strings stay verbatim (instantiating the dataclass would resolve ``${...}`` in them)."""
+    node = OmegaConf.structured(schema)
+    for key, value in data.items():
+        try:
+            node = OmegaConf.merge(node, {key: value})
+        except ConfigKeyError:
+            raise ConfigError(unknown(key)) from None
+        except (OmegaConfBaseException, TypeError):  # TypeError: a list where a mapping belongs
+            raise ConfigError(errors[key]) from None
+    try:
+        return OmegaConf.to_container(node, resolve=False, throw_on_missing=True)  # type: ignore[return-value]
+    except MissingMandatoryValue as exc:
+        raise ConfigError(errors[str(exc.key)]) from None
+
+
 def _member(entry: Any, position: int, earlier: dict[str, Member], where: str) -> Member:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: members[{position}] must be a mapping with name and config")
-    unknown = sorted(set(entry) - set(MEMBER_KEYS))
-    name = entry.get("name")
+    name = entry.get("name")  # checked first: the other messages name the member
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise ConfigError(f"{where}: members[{position}] needs a name (a folder name, no '/')")
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} in member {name!r} "
-                          f"(allowed: {', '.join(MEMBER_KEYS)})")
+    not_earlier = (f"{where}: member {name!r} distills {entry.get('distill')!r}, which is not a member "
+                   f"defined before it (defined: {', '.join(earlier) or 'none'})")
+    member = _typed(MemberFile, entry, {
+        "config": f"{where}: member {name!r} needs config: FILE",
+        "overrides": f"{where}: {name}.overrides must be a list of key=value strings",
+        "distill": not_earlier,
+        "grid": f"{where}: {name}.grid must be a mapping of dotted.key: [values]",
+    }, lambda key: f"{where}: unknown key {key!r} in member {name!r} (allowed: {', '.join(MEMBER_KEYS)})")
     if name in earlier:
         raise ConfigError(f"{where}: member name {name!r} is used twice")
-    if not isinstance(entry.get("config"), str):
-        raise ConfigError(f"{where}: member {name!r} needs config: FILE")
-    source = entry.get("distill")
-    if source is not None and source not in earlier:
-        raise ConfigError(f"{where}: member {name!r} distills {source!r}, which is not a member "
-                          f"defined before it (defined: {', '.join(earlier) or 'none'})")
-    return Member(name, entry["config"], _string_list(entry.get("overrides", []), f"{where}: {name}.overrides"),
-                  source, _grid(entry["grid"], f"{where}: {name}.grid") if "grid" in entry else ())
+    if member["distill"] is not None and member["distill"] not in earlier:
+        raise ConfigError(not_earlier)
+    grid = member["grid"]
+    return Member(name, member["config"], _string_list(member["overrides"], f"{where}: {name}.overrides"),
+                  member["distill"], _grid(grid, f"{where}: {name}.grid") if grid is not None else ())
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -200,20 +242,25 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with root and members")
-    unknown = sorted(set(data) - set(SWEEP_KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(SWEEP_KEYS)})")
-    if not isinstance(data.get("root"), str) or not data["root"]:
-        raise ConfigError(f"{path}: needs root: FOLDER (the runs go to FOLDER/member/seedN)")
-    if not isinstance(data.get("members"), list) or not data["members"]:
-        raise ConfigError(f"{path}: needs members: a non-empty list")
+    errors = {
+        "root": f"{path}: needs root: FOLDER (the runs go to FOLDER/member/seedN)",
+        "seeds": f"{path}: seeds must be a non-empty list of non-negative integers, not {data.get('seeds')!r}",
+        "nproc": f"{path}: nproc must be a positive integer (processes per job), not {data.get('nproc')!r}",
+        "overrides": f"{path}: overrides must be a list of key=value strings",
+        "members": f"{path}: needs members: a non-empty list",
+    }
+    sweep = _typed(SweepFile, data, errors,
+                   lambda key: f"{path}: unknown key {key!r} (allowed: {', '.join(SWEEP_KEYS)})")
+    for key, fault in (("root", not sweep["root"]), ("members", not sweep["members"]),
+                       ("seeds", not sweep["seeds"] or min(sweep["seeds"]) < 0)):
+        if fault:
+            raise ConfigError(errors[key])
     members: dict[str, Member] = {}
-    for position, entry in enumerate(data["members"]):
+    for position, entry in enumerate(sweep["members"]):
         member = _member(entry, position, members, str(path))
         members[member.name] = member
-    return Sweep(path, data["root"], _seed_list(data.get("seeds", [0]), f"{path}: seeds"),
-                 _string_list(data.get("overrides", []), f"{path}: overrides"), tuple(members.values()),
-                 _nproc(data.get("nproc", 1), f"{path}: nproc"))
+    return Sweep(path, sweep["root"], tuple(sweep["seeds"]), _string_list(sweep["overrides"], f"{path}: overrides"),
+                 tuple(members.values()), _nproc(sweep["nproc"], f"{path}: nproc"))
 
 
 def _points(member: Member, by_name: dict[str, Member]) -> list[tuple[str, str, list[str]]]:

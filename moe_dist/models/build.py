@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from moe_dist.config import LossConfig, ModelConfig, MoEConfig
+from moe_dist.config import LossConfig, ModelConfig, MoEConfig, check_choice, check_routing_fits_arch
 from moe_dist.errors import ConfigError
 from moe_dist.models.experts import (CifarExpert, CifarExpertBank, ExpertBank, MnistExpert,
                                      MnistExpertBank, PatchExpert, PatchExpertBank)
@@ -70,8 +70,7 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, loss_cfg: LossConfig
     experts are combined. Raises ConfigError for combinations that do not exist.
     """
     arch = model_cfg.arch
-    if arch not in ARCH_CLASSES:
-        raise ConfigError(f"model.arch={arch!r} is not one of: {', '.join(ARCH_CLASSES)}")
+    check_choice("model.arch", arch)  # the config's rules: sections may come without validate()
     _check_data(arch, num_classes, input_shape)
     bank_class, expert_kwargs = _expert_spec(model_cfg, num_classes)
     output_kind = "logits" if arch == "patch_cnn" else "probs"
@@ -80,11 +79,8 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, loss_cfg: LossConfig
                            output_kind)
 
     E = moe_cfg.num_experts
-    if moe_cfg.top_k > E:
-        raise ConfigError(f"moe.top_k={moe_cfg.top_k} exceeds moe.num_experts={E}")
+    check_routing_fits_arch(moe_cfg.routing, arch)  # MoE checks moe.top_k itself
     attentive = moe_cfg.routing == "attentive"
-    if attentive and arch == "patch_cnn":
-        raise ConfigError("moe.routing='attentive' needs an image architecture, not model.arch='patch_cnn'")
     experts = bank_class.create(E, model_cfg.expert_init_scale, **expert_kwargs)
     gate = _gate(arch, E, attentive)
     attention = ExpertAttention(gate.hidden_size) if attentive else None

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.config import check_choice
 from moe_dist.models.layers import (StackedBatchNorm2d, StackedConv2d, StackedConvReluPool,
                                     StackedLinear, StackedPatchConv1d)
 
@@ -102,8 +103,7 @@ class PatchExpert(nn.Module):
 
     def __init__(self, width: int = 8, activation: str = "cubic", patch_size: int = 50):
         super().__init__()
-        if activation not in ("cubic", "linear"):
-            raise ValueError(f"activation={activation!r} is not one of: cubic, linear")
+        check_choice("model.expert_activation", activation)
         self.init_kwargs = {"width": width, "activation": activation, "patch_size": patch_size}
         self.activation = activation
         self.conv = nn.Conv1d(1, 2 * width, patch_size, stride=patch_size)

@@ -35,13 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.config import check_choice, check_top_k
 from moe_dist.models.experts import ExpertBank
 from moe_dist.models.gates import ExpertAttention
 from moe_dist.parallel.dispatch import LocalDispatch
-
-ROUTINGS = ("dense", "topk", "attentive")
-GATE_WEIGHTS = ("softmax", "raw")
-NOISES = ("none", "gaussian", "uniform")
 
 
 @dataclass
@@ -96,16 +93,14 @@ class MoE(nn.Module):
                  ls_variant: str = "normalized", ls_squared: bool = False,
                  capacity_factor: float = 0.0, dispatcher: LocalDispatch | None = None):
         super().__init__()
-        for name, value, allowed in (("routing", routing, ROUTINGS),
-                                     ("gate_weights", gate_weights, GATE_WEIGHTS),
-                                     ("noise", noise, NOISES),
-                                     ("output_kind", output_kind, ("probs", "logits"))):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        # The config's rules (moe_dist.config), for modules built without a config.
+        for key, value in (("moe.routing", routing), ("moe.gate_weights", gate_weights), ("moe.noise", noise)):
+            check_choice(key, value)
+        check_top_k(top_k, experts.num_experts)
+        if output_kind not in ("probs", "logits"):
+            raise ValueError(f"output_kind={output_kind!r} is not one of: probs, logits")
         if (routing == "attentive") != (attention is not None):
             raise ValueError("routing='attentive' needs an ExpertAttention, and only it uses one")
-        if not 1 <= top_k <= experts.num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and {experts.num_experts} experts")
         self.experts = experts
         self.gate = gate
         self.attention = attention

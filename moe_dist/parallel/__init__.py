@@ -13,11 +13,11 @@
 * ``state``: checkpoints in the single-process layout, loadable at any ep_size.
 """
 
-from moe_dist.parallel.comm import (agree_max_int, all_gather_floats, all_reduce, is_distributed, rank,
+from moe_dist.parallel.comm import (agree_max_int, all_gather_floats, all_reduce, group_exists, is_distributed, rank,
                                     same_on_every_rank, world_size)
 from moe_dist.parallel.dispatch import BatchLayout, ExpertParallelDispatch, LocalDispatch
 from moe_dist.parallel.env import (WorldInfo, barrier, destroy_distributed, init_distributed, is_main,
-                                   process_group, world_info_from_env)
+                                   join_process_group, process_group, world_info_from_env)
 from moe_dist.parallel.grads import GradientReducer, all_reduce_gradients
 from moe_dist.parallel.groups import ParallelContext, check_layout
 from moe_dist.parallel.model import moe_modules, parallelize, split_parameters
@@ -25,10 +25,10 @@ from moe_dist.parallel.state import (full_model_state, full_optimizer_state, loa
                                      load_full_optimizer_state, slice_model_state)
 
 __all__ = [
-    "agree_max_int", "all_gather_floats", "all_reduce", "is_distributed", "rank", "same_on_every_rank",
+    "agree_max_int", "all_gather_floats", "all_reduce", "group_exists", "is_distributed", "rank", "same_on_every_rank",
     "world_size",
     "BatchLayout", "LocalDispatch", "ExpertParallelDispatch",
-    "WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed", "is_main",
+    "WorldInfo", "world_info_from_env", "init_distributed", "join_process_group", "destroy_distributed", "is_main",
     "process_group", "barrier",
     "GradientReducer", "all_reduce_gradients",
     "ParallelContext", "check_layout",

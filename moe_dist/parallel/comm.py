@@ -11,10 +11,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce", "all_gather_floats",
+__all__ = ["group_exists", "is_distributed", "world_size", "rank", "all_reduce", "all_gather_floats",
            "agree_max_int", "same_on_every_rank"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def group_exists() -> bool:
+    """Whether this process has joined a process group (possibly a world of one)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_distributed() -> bool:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from moe_dist.errors import ConfigError
 
-__all__ = ["WorldInfo", "world_info_from_env", "init_distributed", "destroy_distributed",
+__all__ = ["WorldInfo", "world_info_from_env", "init_distributed", "join_process_group", "destroy_distributed",
            "process_group", "barrier", "is_main", "first_slurm_host"]
 
 
@@ -170,6 +170,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
     return info
 
 
+def join_process_group(backend: str | None = None) -> bool:
+    """:func:`init_distributed`; True when this call created the group, so that the caller
+    (and only it) leaves it with :func:`destroy_distributed`."""
+    created = not (dist.is_available() and dist.is_initialized())
+    init_distributed(backend)
+    return created and dist.is_initialized()
+
+
 def destroy_distributed() -> None:
     """Leave the process group. Without this about one gloo run in ten aborts at exit
     (design.md, environment facts)."""
@@ -184,11 +192,9 @@ def process_group(backend: str | None = None) -> Iterator[WorldInfo]:
     it is joined once and left once: under torchrun (2.13, gloo) a group destroyed and
     initialised again in the same processes fails about one time in two (a reset connection
     or a hang in the next collective). A no-op in a single process and when a group exists."""
-    created = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(backend)
-    created &= dist.is_initialized()
+    created = join_process_group(backend)
     try:
-        yield info
+        yield world_info_from_env()
     finally:
         if created:
             destroy_distributed()

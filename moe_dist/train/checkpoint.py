@@ -23,9 +23,13 @@ import torch
 from moe_dist.errors import CheckpointError
 
 LATEST = "latest.json"
+TEMPORARY_GLOB = ".*.tmp"  # atomic_write's temporary files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``:
+    a reader (or a kill at any instant) sees the old file or the new one, never a part.
+    A kill leaves at most a ``.NAME.*.tmp`` file, which :func:`remove_stale_temporaries` clears."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -43,6 +47,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed atomic_write left in ``folder``; returns them.
+    Call only when no other process writes there (a run's start, before any rank writes)."""
+    stale = sorted(Path(folder).glob(TEMPORARY_GLOB)) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -57,11 +70,11 @@ def save_checkpoint(ckpt_dir: str | Path, epoch: int, payload: dict[str, Any], k
     torch.save(payload, buf)
     data = buf.getvalue()
     path = ckpt_dir / (f"epoch_{epoch:04d}.pt" if step is None else f"epoch_{epoch:04d}_step_{step:08d}.pt")
-    _atomic_write(path, data)
+    atomic_write(path, data)
     meta = {"file": path.name, "epoch": epoch, "sha256": sha256_bytes(data), "bytes": len(data)}
     if step is not None:
         meta["step"] = step
-    _atomic_write(ckpt_dir / LATEST, json.dumps(meta, indent=1).encode())
+    atomic_write(ckpt_dir / LATEST, json.dumps(meta, indent=1).encode())
     for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
         if old != path:
             old.unlink(missing_ok=True)

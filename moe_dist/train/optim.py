@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_dist.config import Config
+from moe_dist.config import Config, check_choice
 
 
 class NormalizedGD(torch.optim.Optimizer):
@@ -24,8 +24,7 @@ class NormalizedGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  scope: str = "expert"):
-        if scope not in ("expert", "tensor"):
-            raise ValueError(f"scope={scope!r} is not one of: expert, tensor")
+        check_choice("train.normalized_gd_scope", scope)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, normalize=True)
         super().__init__(params, defaults)
         self.scope = scope

@@ -91,12 +91,9 @@ class PreemptionFlag:
         signum = self.signum  # only the handler writes it
         if distributed:
             # imported here: `moe-dist` imports this module for its exit code, without torch
-            import torch
-            import torch.distributed as dist
+            from moe_dist.parallel import agree_max_int
 
-            flag = torch.tensor([signum], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
+            signum = agree_max_int(signum, device)
         self.agreed_signum = signum
         return signum
 

@@ -1,0 +1,158 @@
+"""The run folder: the one place that knows its layout and what "finished" means.
+
+A run folder holds
+
+* ``config.yaml``: the resolved config (written when training starts);
+* ``checkpoints/``: ``epoch_NNNN[_step_SSSSSSSS].pt`` files and ``latest.json``, the pointer
+  with each file's sha256 (:mod:`moe_dist.train.checkpoint`);
+* TensorBoard event files and, for sweep jobs, ``train.log``;
+* ``metrics.json``: the final metrics, written atomically and last. It is the completion
+  marker: a run is finished when its ``metrics.json`` is complete, and a kill at any
+  instant leaves either no ``metrics.json`` or a whole one.
+
+``sweep``, ``distill``, the studies, ``report`` and ``eval`` all ask this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moe_dist.config import Config, check_resumable, from_dict, to_dict, upgrade_saved
+from moe_dist.errors import CheckpointError, MoEDistError
+from moe_dist.train import checkpoint
+
+__all__ = ["RunDir", "find_finished_runs"]
+
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+CHECKPOINTS = "checkpoints"
+
+
+class RunDir:
+    """A run folder (it need not exist yet)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    # ------------------------------------------------------------------ start and config
+    def prepare(self) -> list[Path]:
+        """Create the folder and delete the temporary files a killed write left behind
+        (there and in checkpoints/); returns what was deleted. Main rank, before writing."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return checkpoint.remove_stale_temporaries(self.path) + checkpoint.remove_stale_temporaries(self.checkpoints)
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (its config.yaml)."""
+        return self.config_path.is_file()
+
+    def write_config(self, cfg: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(self.config_path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+    def read_config_dict(self) -> dict[str, Any]:
+        """The saved config as a nested dict, renamed values given their current names."""
+        if not self.is_run():
+            raise MoEDistError(f"{self.path} is not a run folder (no {CONFIG})")
+        try:
+            data = yaml.safe_load(self.config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MoEDistError(f"{self.config_path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise MoEDistError(f"{self.config_path}: the top level must be a mapping of sections")
+        return upgrade_saved(data)
+
+    def read_config(self) -> Config:
+        """The saved config, validated (a key unknown to this version is an error)."""
+        return from_dict(self.read_config_dict())
+
+    # ------------------------------------------------------------------ metrics and completion
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """Write metrics.json atomically: the last file a finished run writes."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(self.metrics_path, json.dumps(metrics, indent=1).encode())
+
+    def read_metrics(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.metrics_path.read_text())
+        except FileNotFoundError:
+            raise MoEDistError(f"{self.path} has no {METRICS}: the run has not finished") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoEDistError(f"{self.metrics_path} is not valid JSON ({exc}): "
+                               "a run killed while writing it; run it again to finish") from None
+        if not isinstance(data, dict):
+            raise MoEDistError(f"{self.metrics_path} does not hold a JSON object")
+        return data
+
+    def finished(self, cfg: Config | None = None) -> bool:
+        """Whether the run is finished: a complete metrics.json (and config.yaml). With
+        ``cfg``, also that it is ``cfg``'s run to its ``train.epochs``: a run whose epochs
+        were raised is not finished (training extends it), and a run of another config is
+        refused with ConfigError, as training would refuse to resume it."""
+        if not (self.metrics_path.is_file() and self.is_run()):
+            return False
+        try:
+            self.read_metrics()
+        except MoEDistError:
+            return False  # a metrics.json from before writes were atomic, cut short
+        if cfg is None:
+            return True
+        saved = self.read_config()
+        check_resumable(saved, cfg, str(self.path), finished=True)
+        return saved.train.epochs == cfg.train.epochs
+
+    # ------------------------------------------------------------------ checkpoints
+    def has_checkpoint(self) -> bool:
+        return checkpoint.latest_checkpoint(self.checkpoints) is not None
+
+    def save_checkpoint(self, payload: dict[str, Any], epoch: int, step: int | None = None,
+                        keep: int = 2) -> Path:
+        return checkpoint.save_checkpoint(self.checkpoints, epoch, payload, keep=keep, step=step)
+
+    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The latest checkpoint (sha256-verified), or None when there is none yet."""
+        return checkpoint.load_checkpoint(self.checkpoints, map_location=map_location)
+
+    def latest_weights(self) -> dict[str, torch.Tensor]:
+        """The model state dict (full expert layout) of the latest checkpoint."""
+        payload = self.load_checkpoint()
+        if payload is None:
+            raise CheckpointError(f"{self.path} has no checkpoint in {self.checkpoints}")
+        return payload["model"]
+
+
+def find_finished_runs(paths: Iterable[str | Path]) -> Iterator[RunDir]:
+    """Every finished run folder at or below ``paths`` (each once, in path order)."""
+    seen: set[Path] = set()
+    for given in paths:
+        root = Path(given)
+        if not root.is_dir():
+            raise MoEDistError(f"{root} is not a folder (give run folders or folders holding them)")
+        for metrics_path in sorted(root.rglob(METRICS)):
+            run = RunDir(metrics_path.parent)
+            if run.path.resolve() not in seen and run.finished():
+                seen.add(run.path.resolve())
+                yield run

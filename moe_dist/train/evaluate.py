@@ -1,0 +1,64 @@
+"""Exact evaluation of a model over a whole split (never a last batch): paper-spec A.7.
+
+``evaluate`` needs a model (or an engine) and batches, nothing of a Trainer, so procedures
+that only evaluate (``moe-dist eval``, distillation's top-k evaluation) call it directly.
+With several ranks each evaluates its share of every batch and the counts are summed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, ContextManager
+
+import torch
+
+from moe_dist.losses import model_loss
+from moe_dist.metrics import EvalAccumulator
+from moe_dist.parallel import all_reduce, is_distributed
+
+__all__ = ["evaluate", "global_batch_size"]
+
+
+def global_batch_size(batches: Any, index: int) -> int | None:
+    """Size of global batch ``index`` when this rank holds a share of it, else None (the
+    local batch is the global one). Works for TensorBatches and shard batches alike."""
+    if not is_distributed():
+        return None
+    return min(batches.batch_size, len(batches.split) - index * batches.batch_size)
+
+
+def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0, num_clusters: int = 0,
+             loss_kind: str = "auto", autocast: Callable[[], ContextManager] = contextlib.nullcontext
+             ) -> dict[str, Any]:
+    """Metrics of ``model`` (a module or an Engine) over every batch of ``batches`` (a
+    TensorBatches or shard batches; with several ranks, this rank's shares).
+
+    ``num_experts`` = 0 for a single model; ``num_clusters`` > 0 counts dispatch per cluster
+    (synthetic data, paper-spec B.4). ``loss`` is the training objective (task loss plus the
+    gate losses). Runs on a forked RNG, so evaluating (which may draw routing noise) never
+    changes the training run's random stream: a run evaluated every epoch trains exactly
+    like one evaluated once."""
+    device = model.device if hasattr(model, "device") else next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.train(False)
+        acc = EvalAccumulator(num_experts, num_classes, num_clusters)
+        for index, (x, y_B, idx_B) in enumerate(batches.batches(0)):
+            global_batch = global_batch_size(batches, index)
+            with autocast():
+                out = model(x)
+                loss, _ = model_loss(out, y_B, loss_kind, global_batch)
+            _add_batch(acc, out, y_B, batches.split.cluster[idx_B] if num_clusters else None,
+                       float(loss) * (global_batch or len(y_B)))
+        for t in acc.state_tensors():  # exact metrics: every count summed over ranks, once
+            all_reduce(t)
+        return acc.compute()
+
+
+def _add_batch(acc: EvalAccumulator, out: Any, y_B: torch.Tensor, clusters_B: torch.Tensor | None,
+               loss_sum: float) -> None:
+    routed = out.expert_index is not None  # a single model routes nothing: no cluster counts
+    top_pred = out.top_expert_output.argmax(1) if out.top_expert_output is not None else None
+    acc.update(y_B, out.output.float(), out.gate_probs, out.expert_index[:, 0] if routed else None,
+               top_pred, clusters_B if routed else None, loss_sum)
