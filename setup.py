@@ -11,7 +11,7 @@ setup(
     package_data={"moe_dist": ["configs/*.yaml"]},
     python_requires=">=3.10",
     # torch is pinned to a range that admits the CPU build 2.13.0 installed first on our
-    # machines; the range keeps pip from replacing it (see README, design.md).
+    # machines; the range keeps pip from replacing it (see README, docs/design.md).
     install_requires=[
         "torch>=2.3,<2.15",
         "numpy>=1.24",

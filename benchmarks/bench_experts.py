@@ -2,10 +2,10 @@
 
 Shape legend: B batch, E experts, C classes.
 
-The reference notebooks (paper-spec A.0) keep the experts in a list and call them one by
+The reference notebooks (docs/papers.md A.0) keep the experts in a list and call them one by
 one; moe_dist stacks them in an expert bank and runs all of them as one computation
 (design choice 1, ``moe_dist.models.MnistExpertBank``). Each side trains the same E MNIST
-experts (paper-spec A.1.1, same initial weights) on the same dense, shared-input batch:
+experts (docs/papers.md A.1.1, same initial weights) on the same dense, shared-input batch:
 forward, the output mixture with fixed gate probabilities, the mixture NLL, backward and an
 Adam step. Three sides:
 

@@ -2,7 +2,7 @@
 
 Shape legend: B samples, D flattened input features, E experts.
 
-The published code (paper-spec A.2.2) evaluates L_s with a Python loop over the E^2 expert
+The published code (docs/papers.md A.2.2) evaluates L_s with a Python loop over the E^2 expert
 pairs (e, e'), each building a B x B outer product. moe_dist computes the same sums with
 one (B x B) @ (B x E) product (``moe_dist.losses.similarity_terms``). Both paths here run
 one training-like step: a gate linear layer produces softmax probabilities, L_s is

@@ -48,7 +48,7 @@ from moe_dist.data import TensorBatches, load_dataset
 from moe_dist.data.shards import DEFAULT_CHUNK_SIZE, ShardSet, ShardSplit, write_shards
 
 DATASET = "fashion_mnist"
-MEAN, STD = 0.2859, 0.3530  # Fashion-MNIST's Normalize constants (paper-spec A.3)
+MEAN, STD = 0.2859, 0.3530  # Fashion-MNIST's Normalize constants (docs/papers.md A.3)
 
 
 class PerSampleDataset(torch.utils.data.Dataset):

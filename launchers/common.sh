@@ -23,7 +23,7 @@ NUM_PROCESSES=$("$PYTHON" -m moe_dist.launch --script "$(basename "$0")" --devic
   --config "$CONFIG" -- "${OVERRIDES[@]}")
 
 if [ "$DEVICE" = cpu ]; then
-  export ACCELERATE_USE_CPU=true  # else accelerate reports one process on CPU (design.md)
+  export ACCELERATE_USE_CPU=true  # else accelerate reports one process on CPU (docs/design.md)
   threads=$(( $(nproc) / NUM_PROCESSES ))
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 fi

@@ -10,26 +10,10 @@ from pathlib import Path
 
 from moe_dist.config import CONFIGS
 from moe_dist.errors import MoEDistError
-from moe_dist.fields import summary_fields
+from moe_dist.paper import format_summary
 
 DEFAULT_CONFIG = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
 EXPERIMENT_COMMANDS: tuple[str, ...] = ("sweep", "report", "distill", "study")  # modules with register(subparsers)
-SUMMARY_KEYS = summary_fields()  # the rows of format_summary (moe_dist/fields.py)
-
-
-def format_summary(name: str, metrics: dict) -> str:
-    """A two- or three-column table of the final metrics, with the paper's value where known."""
-    from moe_dist.paper import published
-
-    paper = published(name)
-    rows = [(k, metrics[k], paper.get(k)) for k in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
-    lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
-    for key, ours, ref in rows:
-        lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
-    if "test_error" in metrics:
-        ref = f"{100 * (1 - paper['test_error']):>10.2f}" if "test_error" in paper else ""
-        lines.append(f"{'test accuracy %':<20} {100 * (1 - metrics['test_error']):>10.2f} {ref:>10}")
-    return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ class DataConfig:
     normalization: str = "paper"
     """paper (each dataset's published mean/std) | half ((x-0.5)/0.5, paper Section 4) | none."""
     setting: str = "s1"
-    """Chen et al. synthetic setting s1..s4 (paper-spec B.1); synthetic data only."""
+    """Chen et al. synthetic setting s1..s4 (docs/papers.md B.1); synthetic data only."""
     data_seed: int = -1
     """Seed of the synthetic data; -1 uses the setting's published seed (s1: 12, else 11)."""
     train_size: int = 0
@@ -71,7 +71,7 @@ class DataConfig:
     test_size: int = 0
     """Use only the first N test samples (paper Section 4: 2,000); 0 = all."""
     classes: list[int] = field(default_factory=list)
-    """Train and test on these classes only, labels unchanged (paper-spec A.6 pretrained
+    """Train and test on these classes only, labels unchanged (docs/papers.md A.6 pretrained
     experts); empty = all classes."""
     format: str = "memory"
     """memory (load the dataset's files into tensors) | webdataset (data.root is a folder of tar
@@ -85,7 +85,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "patch_cnn"
-    """Architecture family of experts and gate (paper-spec A.1 / B.2)."""
+    """Architecture family of experts and gate (docs/papers.md A.1 / B.2)."""
     kind: str = "moe"
     """moe | single (one expert-shaped network, the paper's baseline)."""
     expert_activation: str = "cubic"
@@ -111,7 +111,7 @@ class MoEConfig:
     noise_std: float = 1.0
     """Standard deviation of the gaussian routing noise."""
     eval_noise: bool = False
-    """Also add routing noise at evaluation: Chen's code never calls eval() (paper-spec B.2)."""
+    """Also add routing noise at evaluation: Chen's code never calls eval() (docs/papers.md B.2)."""
     temperature: float = 1.0
     """Gate softmax temperature T (the paper uses 1)."""
     capacity_factor: float = 0.0
@@ -125,7 +125,7 @@ class LossConfig:
     kind: str = "auto"
     """auto (mixture NLL for probability experts, CE for logit experts) or an explicit loss."""
     importance_weight: float = 0.0
-    """w_importance of L_cv (paper-spec A.2.1); 0 disables it."""
+    """w_importance of L_cv (docs/papers.md A.2.1); 0 disables it."""
     ls_beta: float = 0.0
     """beta: weight of the same-expert term of L_s (A.2.2)."""
     ls_gamma: float = 0.0
@@ -356,13 +356,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    """``{"train": {"lr": 1, "freeze": ["gate"]}}`` -> ``{"train.lr": 1, "train.freeze": ("gate",)}``:
+    lists become tuples, so values can group runs (report) and compare (resumption)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -415,6 +416,12 @@ def set_values(cfg: Config, values: dict[str, Any]) -> Config:
     updated = OmegaConf.to_object(node)
     assert isinstance(updated, Config)
     return updated
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with dotted keys set (``{"train.freeze": ["gate"]}``);
+    typed values, so paths need no quoting as ``key=value`` overrides would."""
+    return validate(set_values(cfg, values))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

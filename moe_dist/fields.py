@@ -179,7 +179,7 @@ def names(*keys: str, record: str = METRICS) -> tuple[str, ...]:
 
 
 def summary_fields() -> tuple[str, ...]:
-    """The rows of the CLI summary table (``moe_dist.cli.format_summary``)."""
+    """The rows of the CLI summary table (``moe_dist.paper.format_summary``)."""
     return tuple(f.key for f in fields(METRICS) if f.summary)
 
 

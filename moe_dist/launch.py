@@ -114,7 +114,7 @@ def preflight(plan: LaunchPlan, gpu_count: int | None = None) -> int:
         raise ConfigError(f"NODE_RANK={plan.node_rank} is outside 0..{plan.num_machines - 1} "
                           f"(NUM_MACHINES={plan.num_machines})")
     if not 1 <= plan.main_port <= 65535:
-        # 0 ("any free port") would let every machine pick its own (multinode-local.md, A4)
+        # 0 ("any free port") would let every machine pick its own (docs/launching.md, A4)
         raise ConfigError(f"MAIN_PORT={plan.main_port} is not a port number (1-65535)")
     nproc = plan.num_processes
     if nproc < 0:

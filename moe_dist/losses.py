@@ -14,7 +14,7 @@ Everything here is a pure function of tensors: no ``torch.distributed`` calls. T
 distributed callers in ``moe_dist.parallel`` reduce the pieces that this module exposes
 (``importance_E`` for L_importance, the partial sums ``(S, T)`` for L_s) and finish with the
 same functions, so that N ranks give the loss and gradients of one process on the
-concatenated batch (design.md, choice 4).
+concatenated batch (docs/design.md, choice 4).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def mixture_nll(probs_BC: torch.Tensor, labels_B: torch.Tensor, eps: float = 1e-
     """Mean over the batch of ``-log(probs[label] + eps)``.
 
     The experts of Krishnamurthy et al. end in a softmax and the MoE mixes *probabilities*,
-    ``y = sum_e p_e * y_e`` (paper-spec A.1.6), so the loss is the NLL of the log of the
+    ``y = sum_e p_e * y_e`` (docs/papers.md A.1.6), so the loss is the NLL of the log of the
     mixture, with the reference code's ``eps = 1e-7`` guarding ``log(0)``. The single model of
     that paper uses the same loss on its softmax output.
     """
@@ -79,7 +79,7 @@ def logits_cross_entropy(
     """Cross-entropy of logits; ``double_softmax=True`` reproduces Chen et al.'s MoE loss.
 
     Chen et al.'s MoE code applies a softmax to the gated logits and feeds the result to
-    ``nn.CrossEntropyLoss``, which applies log-softmax again (paper-spec B.2, FLAG-BUG). For
+    ``nn.CrossEntropyLoss``, which applies log-softmax again (docs/papers.md B.2, FLAG-BUG). For
     two classes that loss is ``ln(1 + e^(1 - 2 p_y))``, bounded below by 0.3133, and the
     published early-stopping threshold (loss <= 0.314, B.3) only makes sense with it. The
     default is the plain cross-entropy the paper describes.
@@ -133,9 +133,9 @@ def importance_loss_from_importance(importance_E: torch.Tensor, weight: float) -
     """``weight * (std(importance) / mean(importance))**2`` from per-expert importances.
 
     Split out so that a data-parallel caller can sum ``importance_E`` over ranks with a
-    differentiable all-reduce first and obtain the global-batch loss (design.md, choice 4).
+    differentiable all-reduce first and obtain the global-batch loss (docs/design.md, choice 4).
     ``torch.std`` is the unbiased (E - 1) estimator over the experts, as in the reference
-    code (paper-spec A.2.1). With one expert the coefficient of variation is undefined
+    code (docs/papers.md A.2.1). With one expert the coefficient of variation is undefined
     (``torch.std`` would return NaN); the loss is then 0: there is nothing to balance.
     """
     if importance_E.dim() != 1:
@@ -147,7 +147,7 @@ def importance_loss_from_importance(importance_E: torch.Tensor, weight: float) -
 
 
 def importance_loss(gate_probs_BE: torch.Tensor, weight: float) -> torch.Tensor:
-    """L_importance of Shazeer et al. as coded by Krishnamurthy et al. (paper-spec A.2.1).
+    """L_importance of Shazeer et al. as coded by Krishnamurthy et al. (docs/papers.md A.2.1).
 
     ``importance_e = sum over the batch of p_e(x)``; the loss is ``weight * CV(importance)**2``
     with the unbiased standard deviation over experts.
@@ -199,7 +199,7 @@ def sample_distances(
     """Exact Euclidean distances between flattened samples, ``dist_RG[i, j] = |x_i - x_j|``.
 
     The reference code uses ``torch.cdist`` without the matrix-multiply expansion
-    (paper-spec A.2.2 step 2), because the float32 expansion ``|x|^2 + |y|^2 - 2 x.y``
+    (docs/papers.md A.2.2 step 2), because the float32 expansion ``|x|^2 + |y|^2 - 2 x.y``
     cancels badly for near-identical images and gives non-zero self-distances.
 
     ``method="gram64"`` (default) computes the expansion in float64 and recomputes from
@@ -240,7 +240,7 @@ def sample_distances(
 def normalize_distances(
     dist_RG: torch.Tensor, max_dist: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Divide distances by the largest distance in the batch (paper-spec A.2.2 step 3).
+    """Divide distances by the largest distance in the batch (docs/papers.md A.2.2 step 3).
 
     ``max_dist`` defaults to ``dist_RG.max()``, which is right only when ``dist_RG`` covers the
     whole batch. A distributed caller holding a block of rows must pass the *global* maximum
@@ -260,7 +260,7 @@ def similarity_terms(
     """Same-expert and different-expert sums of L_s for a block of rows of D.
 
     With ``P`` the gate matrix (rows = samples) and ``D`` the normalised distances
-    (paper-spec A.2.2 steps 4-5), over rows ``i`` in R and columns ``j`` in G:
+    (docs/papers.md A.2.2 steps 4-5), over rows ``i`` in R and columns ``j`` in G:
 
         S = 1/E       * sum_ij D_ij sum_e        p_e(i) p_e(j)  = 1/E       * sum(P_R * (D P_G))
         T = 1/(E^2-E) * sum_ij D_ij sum_{e != e'} p_e(i) p_e'(j) = 1/(E^2-E) * (r_R^T D r_G - E*S)
@@ -317,7 +317,7 @@ def combine_similarity_terms(
     both terms being means over the B^2 ordered pairs.
 
     ``variant="reference"``: ``beta*S - gamma*T / B^2``, what the published code computes
-    because of operator precedence (paper-spec A.2.2 step 6, FLAG-BUG). The published
+    because of operator precedence (docs/papers.md A.2.2 step 6, FLAG-BUG). The published
     weights (e.g. beta = 1e-6 on MNIST) were tuned for it; ``beta`` carries an extra factor
     B^2 (about 2.6e5 at B = 512) compared with the normalised variant.
 
@@ -340,7 +340,7 @@ def sample_similarity_loss(
     dist_BB: torch.Tensor | None = None,
     distance_method: str = "gram64",
 ) -> torch.Tensor:
-    """Sample-similarity regulariser L_s of Krishnamurthy et al. on one batch (paper-spec A.2.2).
+    """Sample-similarity regulariser L_s of Krishnamurthy et al. on one batch (docs/papers.md A.2.2).
 
     Pulls samples that are close in input space onto the same expert (``beta``, same-expert
     term S) and pushes distant samples onto different experts (``gamma``, different-expert

@@ -8,11 +8,11 @@ Shape legend (suffixes on tensor names):
     K  clusters of Chen et al.'s synthetic data
 
 Entropies of Krishnamurthy et al. are in bits (log base 2) with 0 * log 0 = 0
-(paper-spec A.7); the dispatch entropy of Chen et al. is in nats (B.4). Metric functions
+(docs/papers.md A.7); the dispatch entropy of Chen et al. is in nats (B.4). Metric functions
 compute in float64 and return Python floats, so results are JSON-serialisable as they are.
 
 :class:`EvalAccumulator` accumulates over the whole evaluation set in one flat float64
-buffer that a distributed caller all-reduces once (design.md, choice 7). This fixes the
+buffer that a distributed caller all-reduces once (docs/design.md, choice 7). This fixes the
 reference code's H_u, computed from the last test batch only (A.7, FLAG-BUG), and its
 error and H_s, averaged over batches with equal weights.
 """
@@ -50,14 +50,14 @@ def _entropy_nats(p: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 
 def entropy_bits(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Entropy in bits of distributions along ``dim``, with 0 * log 0 = 0 (paper-spec A.7)."""
+    """Entropy in bits of distributions along ``dim``, with 0 * log 0 = 0 (docs/papers.md A.7)."""
     return _entropy_nats(_as_float64(p), dim=dim) / _LN2
 
 
 def sample_entropy(gate_probs_BE: torch.Tensor) -> float:
     """H_s: mean over samples of the entropy (bits) of each sample's gate distribution.
 
-    Low H_s means the gate commits each sample to few experts (paper-spec A.7). This is
+    Low H_s means the gate commits each sample to few experts (docs/papers.md A.7). This is
     the exact per-sample mean; the reference tables average per-batch means with equal
     batch weights, which equals it only for one-batch loaders.
     """
@@ -69,7 +69,7 @@ def sample_entropy(gate_probs_BE: torch.Tensor) -> float:
 
 
 def usage_entropy_from_mean(mean_probs_E: torch.Tensor) -> float:
-    """H_u from the mean gate vector p-bar: ``-sum_e pbar_e log2 pbar_e`` (paper-spec A.7)."""
+    """H_u from the mean gate vector p-bar: ``-sum_e pbar_e log2 pbar_e`` (docs/papers.md A.7)."""
     return float(entropy_bits(_as_float64(mean_probs_E).reshape(-1), dim=0))
 
 
@@ -77,7 +77,7 @@ def usage_entropy(gate_probs_BE: torch.Tensor) -> float:
     """H_u: entropy (bits) of the gate vector averaged over the given samples.
 
     High H_u means all experts are used; pass the whole evaluation set (or use
-    :class:`EvalAccumulator`), not a last batch (paper-spec A.7, FLAG-BUG).
+    :class:`EvalAccumulator`), not a last batch (docs/papers.md A.7, FLAG-BUG).
     """
     if gate_probs_BE.dim() != 2:
         raise ValueError(f"gate_probs must have shape (B, E), got {tuple(gate_probs_BE.shape)}")
@@ -89,7 +89,7 @@ def usage_entropy(gate_probs_BE: torch.Tensor) -> float:
 def mutual_information(counts_CE: Any) -> float:
     """I(E;Y) in bits from a class x expert count matrix: ``H(E) + H(Y) - H(E,Y)``.
 
-    Joint ``P = counts / N`` with marginals from row and column sums (paper-spec A.7).
+    Joint ``P = counts / N`` with marginals from row and column sums (docs/papers.md A.7).
     Zero cells are fine (0 log 0 = 0); an all-zero matrix gives 0. The result is clamped
     at 0 against rounding (mutual information is non-negative).
     """
@@ -111,7 +111,7 @@ def mutual_information(counts_CE: Any) -> float:
 
 
 def dispatch_entropy(counts_KE: Any) -> float:
-    """Chen et al.'s dispatch entropy in nats: H(cluster | expert) (paper-spec B.4).
+    """Chen et al.'s dispatch entropy in nats: H(cluster | expert) (docs/papers.md B.4).
 
     ``counts_KE[k, j]`` = samples of cluster k routed to expert j. For each expert,
     ``H_j = -sum_k q_kj ln q_kj`` with ``q_kj = counts[k, j] / n_j``; the result is
@@ -140,10 +140,10 @@ class EvalAccumulator:
     Call :meth:`update` for every batch, all-reduce (sum) the tensors of
     :meth:`state_tensors` once across ranks if distributed, then call :meth:`compute`.
     All state lives in one float64 buffer (exact counts up to 2^53), so the all-reduce is
-    a single collective and every rank computes identical results (design.md, choice 7).
+    a single collective and every rank computes identical results (docs/design.md, choice 7).
 
     Tables are kept class-major internally (``counts_CE``) and reported expert-major in
-    ``selection_table`` as the paper's figures show them (paper-spec A.7).
+    ``selection_table`` as the paper's figures show them (docs/papers.md A.7).
     """
 
     def __init__(
@@ -234,7 +234,7 @@ class EvalAccumulator:
         expert_index_B: the selected (top-1) expert; defaults to argmax of the gate, and must
         be given for top-k routing where the choice includes noise. top_expert_pred_B: the
         class predicted by the selected expert's own output, for the reference code's I(E;Y)
-        variant (paper-spec A.7). clusters_B: cluster ids of Chen et al.'s data (B.4).
+        variant (docs/papers.md A.7). clusters_B: cluster ids of Chen et al.'s data (B.4).
         loss_sum: the *sum* of per-sample losses over the batch (batch mean x batch size),
         so that ``loss`` is an exact per-sample mean over the set.
         """

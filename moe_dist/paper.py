@@ -1,11 +1,11 @@
-"""The papers' published numbers (paper-spec A.6, A.9, B.5), for side-by-side comparison.
+"""The papers' published numbers (docs/papers.md A.6, A.9, B.5), for side-by-side comparison.
 
 Keys are experiment names (``Config.name``). Errors are fractions; accuracies percentages.
 """
 
 from __future__ import annotations
 
-from moe_dist.fields import names
+from moe_dist.fields import names, summary_fields
 
 # docs/papers.md A.9, the order of the tuples below: (train error, test error, family-wide std,
 # I(E;Y), H_s, H_u). "std" is the paper's std of the test error over all runs of a row's
@@ -48,7 +48,7 @@ _TABLES = {
     },
 }
 
-# paper-spec B.5: single models are one run (test accuracy %); MoE rows mean over 10 runs.
+# docs/papers.md B.5: single models are one run (test accuracy %); MoE rows mean over 10 runs.
 _SYNTHETIC = {
     "s1": {"single_linear": 68.31, "single_cubic": 79.57, "moe_linear": (93.00, 1.300), "moe_nonlinear": (99.46, 0.098)},
     "s2": {"single_linear": 68.22, "single_cubic": 77.38, "moe_linear": (89.49, 1.262), "moe_nonlinear": (98.10, 0.183)},
@@ -57,7 +57,7 @@ _SYNTHETIC = {
 }
 
 
-#: results/*_final_pretrained_results.csv (paper-spec A.6): means of test error, final train loss,
+#: results/*_final_pretrained_results.csv (docs/papers.md A.6): means of test error, final train loss,
 #: I(E;Y), H_s and H_u (the column order of moe_dist.fields.section4_fields()).
 PRETRAINED_GATE: dict[str, dict[str, tuple[float, ...]]] = {
     "mnist10k": {
@@ -97,3 +97,16 @@ def published(name: str) -> dict[str, float]:
         if value is not None:
             return {"test_error": 1 - value / 100}
     return {}
+
+
+def format_summary(name: str, metrics: dict) -> str:
+    """A two- or three-column table of the final metrics, with the paper's value where known."""
+    paper = published(name)
+    rows = [(k, metrics[k], paper.get(k)) for k in summary_fields() if isinstance(metrics.get(k), (int, float))]
+    lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
+    for key, ours, ref in rows:
+        lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
+    if "test_error" in metrics:
+        ref = f"{100 * (1 - paper['test_error']):>10.2f}" if "test_error" in paper else ""
+        lines.append(f"{'test accuracy %':<20} {100 * (1 - metrics['test_error']):>10.2f} {ref:>10}")
+    return "\n".join(lines)

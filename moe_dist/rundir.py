@@ -126,7 +126,8 @@ class RunDir:
 
     # ------------------------------------------------------------------ checkpoints
     def has_checkpoint(self) -> bool:
-        return checkpoint.latest_checkpoint(self.checkpoints) is not None
+        """Whether a checkpoint pointer exists (training would resume; loading verifies it)."""
+        return (self.checkpoints / checkpoint.LATEST).is_file()
 
     def save_checkpoint(self, payload: dict[str, Any], epoch: int, step: int | None = None,
                         keep: int = 2) -> Path:

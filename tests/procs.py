@@ -29,7 +29,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
         fn(rank, world, *args)
         dist.barrier()
     finally:
-        dist.destroy_process_group()  # design.md: a gloo run that skips this can abort at exit
+        dist.destroy_process_group()  # docs/design.md: a gloo run that skips this can abort at exit
 
 
 def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:

@@ -2,7 +2,7 @@
 
 Debian's ``slurm-wlm`` (22.05): slurmctld plus one slurmd per node, ``auth/none``, no
 munge, cgroups or systemd, all state under one private folder, fresh ports, nothing written
-to /etc (measured recipe and pitfalls: ``../shared/spec/slurm-local.md``). The nodes are
+to /etc (measured recipe and pitfalls: ``docs/launching.md``). The nodes are
 several slurmd daemons on this host (``slurmd -N NAME``, each with its own port), named after
 host names that resolve here, so that ``scontrol show hostnames`` gives a usable rendezvous
 address. Two partitions: ``low`` (default) is preempted by ``high`` with requeue, and the

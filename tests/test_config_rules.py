@@ -1,6 +1,6 @@
 """Allowed values live in moe_dist.config.CHOICES and each rule in one function, which the
 config and the modules built without a config (MoE, PatchExpert, NormalizedGD) share;
-dotted keys are set through OmegaConf (config.set_values, distill.with_values)."""
+dotted keys are set through OmegaConf (config.set_values, config.with_values)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_set_values_sets_typed_dotted_keys_on_a_copy():
 
 
 def test_with_values_validates_the_copy():
-    from moe_dist.experiments.distill import with_values
+    from moe_dist.config import with_values
 
     cfg = load_config(None, ["moe.num_experts=4"])
     assert with_values(cfg, {"moe.routing": "topk", "moe.top_k": 4}).moe.top_k == 4

@@ -253,7 +253,7 @@ def test_fmnist_mnist_class_counts(fmnist_mnist_root):
     assert ds.class_names[:2] == ["T-shirt/top", "Trouser"] and ds.class_names[6:] == list("456789")
     train_counts = torch.bincount(ds.train.y, minlength=12).tolist()
     test_counts = torch.bincount(ds.test.y, minlength=12).tolist()
-    # FMNIST half (paper-spec A.3): 834 x 5 + 830 train, 167 x 5 + 165 test, FMNIST first.
+    # FMNIST half (docs/papers.md A.3): 834 x 5 + 830 train, 167 x 5 + 165 test, FMNIST first.
     assert train_counts[:6] == [834] * 5 + [830] and test_counts[:6] == [167] * 5 + [165]
     assert (ds.train.y[:5000] < 6).all() and (ds.test.y[:1000] < 6).all()
     assert test_counts[6:] == [167] * 5 + [165] and (ds.test.y[1000:] >= 6).all()
@@ -287,7 +287,7 @@ def test_fmnist_mnist_prefers_full_mnist(tmp_path, fmnist_mnist_root):
     assert torch.equal(raw.test.x[1000:1167], mnist_test.x[first_four])
 
 
-# ---------------------------------------------------------------- synthetic (paper-spec B.1)
+# ---------------------------------------------------------------- synthetic (docs/papers.md B.1)
 
 
 def _patch_roles(data: synthetic.SyntheticData):

@@ -3,7 +3,7 @@
 * Preflight: a launch that cannot work stops before any process starts, with one exact line.
 * Multi-node, on this machine: ``launchers/multi_node.sh`` run twice (NODE_RANK 0 and 1,
   one gloo process each, 127.0.0.1) with the accelerate and the torchrun launcher trains
-  exactly like ``launchers/cpu.sh`` with two processes on one machine (multinode-local.md).
+  exactly like ``launchers/cpu.sh`` with two processes on one machine (docs/launching.md).
 * TensorBoard: a two-process run writes one event stream, with every rank's step time; the
   real server serves a run's scalars and images through its HTTP data API.
 """

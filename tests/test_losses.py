@@ -51,7 +51,7 @@ def test_logits_cross_entropy_plain_and_double_softmax():
     labels_B = torch.tensor([0, 1, 1, 0, 1, 0])
     assert torch.allclose(logits_cross_entropy(logits_BC, labels_B), F.cross_entropy(logits_BC, labels_B))
     double = logits_cross_entropy(logits_BC, labels_B, double_softmax=True)
-    # Two classes: the double-softmax loss is ln(1 + e^(1 - 2 p_y)) (paper-spec B.2).
+    # Two classes: the double-softmax loss is ln(1 + e^(1 - 2 p_y)) (docs/papers.md B.2).
     p_y = torch.softmax(logits_BC, 1).gather(1, labels_B[:, None]).squeeze(1)
     assert torch.allclose(double, torch.log1p(torch.exp(1 - 2 * p_y)).mean())
     # Its floor at a perfect prediction is ln(1 + e^-1) = 0.3133.
@@ -91,7 +91,7 @@ def test_importance_loss_from_importance_equals_sum_over_shards():
 
 
 def naive_terms(dist_BB, probs_BE):
-    """Direct definition of paper-spec A.2.2 steps 4-5: a loop over i, j, e, e'."""
+    """Direct definition of docs/papers.md A.2.2 steps 4-5: a loop over i, j, e, e'."""
     B, E = probs_BE.shape
     same = probs_BE.new_zeros(())
     diff = probs_BE.new_zeros(())

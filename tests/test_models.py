@@ -406,7 +406,7 @@ def test_gate_stays_float32_under_autocast(routing, arch):
 @pytest.mark.parametrize("gate_class,kwargs", [(MnistGate, {}), (MnistGate, {"kernel_size": 5}),
                                                (FmnistGate, {}), (CifarGate, {})])
 def test_distillation_copies_the_attentive_trunk(gate_class, kwargs):
-    """paper-spec A.8: strict=False copy; only the original gate's output layer stays fresh."""
+    """docs/papers.md A.8: strict=False copy; only the original gate's output layer stays fresh."""
     attentive = gate_class(5, attentive=True, **kwargs)
     original = gate_class(5, attentive=False, **kwargs)
     result = original.load_state_dict(attentive.state_dict(), strict=False)

@@ -1,6 +1,6 @@
 """Expert parallelism: N real processes (gloo) against one process on the concatenated batch.
 
-Tier 2 of style.md: each multi-process job runs in spawned processes (gloo on 127.0.0.1, a
+Tier 2 of docs/design.md, "Code style": each multi-process job runs in spawned processes (gloo on 127.0.0.1, a
 free port), writes what it computed to files, and the test compares with a single-process
 computation here. One job per world size covers every ep_size and routing mode, because
 starting processes is the expensive part on two cores.

@@ -1,4 +1,4 @@
-"""The papers' procedures: distillation (paper-spec A.8), the Section 4 pretrained-gate study
+"""The papers' procedures: distillation (docs/papers.md A.8), the Section 4 pretrained-gate study
 (A.6) and the expert-count study (A.10), each on a toy version of its task (seconds)."""
 
 from __future__ import annotations

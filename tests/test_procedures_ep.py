@@ -201,7 +201,7 @@ run_pretrained_gate_study("mnist10k", {0: [[0, 1], [2, 3]]}, [0], sys.argv[1], s
 
 @pytest.mark.multiprocess
 def test_pretrained_gate_study_under_torchrun_equals_one_process(tmp_path, data_root):
-    """Every stage of paper-spec A.6 on two ranks with the two experts sharded (ep_size 2):
+    """Every stage of docs/papers.md A.6 on two ranks with the two experts sharded (ep_size 2):
     the start-weight checks gather the experts, rank 0 writes the assembled checkpoints."""
     overrides = [f"data.root={data_root}", "data.train_size=600", "data.test_size=300", "data.classes=[0,1,2,3]",
                  "moe.num_experts=2", "train.epochs=2", "train.batch_size=50", "train.lr=1e-2",

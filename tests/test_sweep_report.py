@@ -230,7 +230,7 @@ def test_report_table_has_a_row_per_group_with_n_mean_std_and_paper_values(fake_
         best_test = min(runs, key=lambda r: r[1])[0]  # the paper's rule: lowest final train error
         assert cells[4] == f"{best_test:.4f}"
     assert rows["single"][5] == "–"  # no I(E;Y) for a single model
-    assert rows["vanilla_lcv (importance_weight=0.2)"][10] == "0.103 ± 0.006"  # paper-spec A.9
+    assert rows["vanilla_lcv (importance_weight=0.2)"][10] == "0.103 ± 0.006"  # docs/papers.md A.9
     # The family's best run by training error is in the 0.4 row.
     assert "| vanilla_lcv (importance_weight=0.4) * |" in markdown
 

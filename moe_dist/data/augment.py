@@ -1,7 +1,7 @@
-"""CIFAR training augmentation as batched tensor ops (paper-spec A.3, "CIFAR-100").
+"""CIFAR training augmentation as batched tensor ops (docs/papers.md A.3, "CIFAR-100").
 
 The reference applies RandomHorizontalFlip(0.5), then RandomCrop(32, padding 4, reflect)
-per image through torchvision; torchvision is unavailable here (design.md), and a whole
+per image through torchvision; torchvision is unavailable here (docs/design.md), and a whole
 batch is augmented at once on whatever device holds it: one flip, one pad, one gather.
 """
 

@@ -1,9 +1,9 @@
-"""CIFAR-100 in the "python version" pickle format (paper-spec A.3, "CIFAR-100"), without torchvision.
+"""CIFAR-100 in the "python version" pickle format (docs/papers.md A.3, "CIFAR-100"), without torchvision.
 
 Unpickling runs code chosen by whoever wrote the file, so no byte is unpickled before its
 md5 matches either the official release or an `MD5SUMS` manifest written next to the
 files by `write_cifar100_fixture` (the build machines have no network and no CIFAR-100,
-design.md "Environment facts", so tests generate small files in the true format). The
+docs/design.md "Environment facts", so tests generate small files in the true format). The
 bytes that are hashed are the bytes that are unpickled: this check is never cached.
 """
 

@@ -1,4 +1,4 @@
-"""The 12-class FashionMNIST+MNIST dataset of the paper's Section 4 (paper-spec A.3).
+"""The 12-class FashionMNIST+MNIST dataset of the paper's Section 4 (docs/papers.md A.3).
 
 Built as the reference helper builds it: FMNIST classes 0-5 keep labels 0-5, MNIST digits
 4-9 become labels 6-11; per source, for each class in order the first ceil(size/6) indices

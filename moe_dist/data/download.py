@@ -1,7 +1,7 @@
 """Fetch the real datasets with torchvision, on a machine with network.
 
 The only module that imports torchvision, and only inside `download`: on the build
-machines torchvision cannot even be imported next to CPU torch (design.md, "Environment
+machines torchvision cannot even be imported next to CPU torch (docs/design.md, "Environment
 facts"), so it is the optional extra `moe_dist[vision]`. Files land where `load_dataset`
 looks: `<root>/MNIST/raw`, `<root>/FashionMNIST/raw`, `<root>/cifar-100-python`.
 """
@@ -21,7 +21,7 @@ _TORCHVISION_CLASSES = {
     "fashion_mnist": ("FashionMNIST",),
     "cifar100": ("CIFAR100",),
     "fmnist_mnist": ("FashionMNIST", "MNIST"),
-    "synthetic": (),  # generated on the fly (paper-spec B.1)
+    "synthetic": (),  # generated on the fly (docs/papers.md B.1)
 }
 
 

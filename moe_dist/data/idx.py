@@ -1,7 +1,7 @@
 """MNIST and Fashion-MNIST in their original IDX format, read without torchvision.
 
 torchvision cannot be imported next to the CPU build of torch on the build machines
-(design.md, "Environment facts"), so the IDX format is parsed here directly. Every file is
+(docs/design.md, "Environment facts"), so the IDX format is parsed here directly. Every file is
 checked against the release's md5 before use, and its header is validated so that a
 truncated or corrupt file is a one-line `DataError` rather than a numpy traceback.
 
@@ -29,7 +29,7 @@ from moe_dist.errors import DataError
 # IDX element types (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-# mnist10k (design.md, "Environment facts"): the 10,000 real MNIST test images, split in
+# mnist10k (docs/design.md, "Environment facts"): the 10,000 real MNIST test images, split in
 # file order into 8,000 for training and the last 2,000 for testing.
 MNIST10K_NUM_TRAIN = 8_000
 

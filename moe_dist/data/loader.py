@@ -3,7 +3,7 @@
 The order of epoch e is a pure function of (seed, e), so a run resumed at (epoch, batch)
 replays exactly the batches it would have seen. With data parallelism every rank draws the
 same global batch and takes a contiguous share of it, so N ranks together see, in the same
-order, what one process sees (design.md choice 4: losses over the global batch must equal
+order, what one process sees (docs/design.md choice 4: losses over the global batch must equal
 the single-process loss).
 """
 
@@ -25,7 +25,7 @@ class TensorBatches:
     """Batches of `batch_size` samples (the global batch) over `split`, this rank's share.
 
     `batch_size >= len(split)` gives one full batch per epoch (the synthetic experiments'
-    full-batch GD, paper-spec B.3). Every rank yields the same number of batches, so
+    full-batch GD, docs/papers.md B.3). Every rank yields the same number of batches, so
     collectives line up; a rank's share may be empty when the global batch is smaller than
     `world_size`.
     """

@@ -20,7 +20,7 @@ from moe_dist.errors import DataError
 DATASETS = CHOICES["data.name"]
 NORMALIZATIONS = CHOICES["data.normalization"]
 
-# "paper": the Normalize constants the reference code uses per dataset (paper-spec A.3).
+# "paper": the Normalize constants the reference code uses per dataset (docs/papers.md A.3).
 # The combined dataset only appears in Section 4, whose transform is Normalize(0.5, 0.5).
 _PAPER_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -48,7 +48,7 @@ class Split:
 
     def select_classes(self, classes: list[int] | tuple[int, ...]) -> "Split":
         """Only the samples of the given classes, in their original order; labels unchanged
-        (paper-spec A.6: a pretrained expert sees only its class pair but keeps its full softmax)."""
+        (docs/papers.md A.6: a pretrained expert sees only its class pair but keeps its full softmax)."""
         keep = torch.isin(self.y, torch.as_tensor(list(classes), device=self.y.device))
         cluster = self.cluster[keep] if self.cluster is not None else None
         return Split(self.x[keep], self.y[keep], cluster)
@@ -106,7 +106,7 @@ def load_dataset(name: str, root: str = "", *, seed: int = 0, setting: str = "s1
                  data_seed: int | None = None) -> Dataset:
     """Load `name` from `root` (default: `default_data_root()`) with checksums verified.
 
-    `train_size`/`test_size` > 0 keep the first n samples (paper-spec A.3, Section 4:
+    `train_size`/`test_size` > 0 keep the first n samples (docs/papers.md A.3, Section 4:
     first 10,000 train / 2,000 test). `normalization`: "paper" (the reference constants,
     A.3), "half" ((x - 0.5) / 0.5) or "none" ([0, 1]); synthetic data ignores it. `setting`
     (s1..s4) and `data_seed` (default: the setting's seed, B.1) apply to synthetic data only.
@@ -122,20 +122,38 @@ def load_dataset(name: str, root: str = "", *, seed: int = 0, setting: str = "s1
     data_root = Path(root or default_data_root())
 
     if name == "synthetic":
-        data = synthetic.generate(setting, data_seed)
-        n = synthetic.NUM_TRAIN
-        splits = []
-        for part, size, what in ((slice(0, n), train_size, "train_size"),
-                                 (slice(n, None), test_size, "test_size")):
-            x, y, k = data.x[part], data.y[part], data.cluster[part]
-            keep = _num_kept(size, len(y), what, name)
-            splits.append(Split(x[:keep], y[:keep], k[:keep]))
-        used_seed = synthetic.SETTINGS[setting].seed if data_seed is None else data_seed
-        return Dataset(name, splits[0], splits[1], num_classes=2, input_shape=(200,), class_names=["-1", "+1"],
-                       notes=f"setting {setting}, data seed {used_seed} (paper-spec B.1)")
+        return _synthetic(setting, data_seed, train_size, test_size)
+    train, test, class_names, augment, notes = _read_image_files(name, data_root)
+    splits = []
+    for (images, labels), size, what in ((train, train_size, "train_size"), (test, test_size, "test_size")):
+        keep = _num_kept(size, len(labels), what, name)
+        images, labels = images[:keep], labels[:keep]
+        if images.ndim == 3:  # IDX images are [N, H, W]; models take one channel
+            images = images[:, None]
+        splits.append(Split(_to_float(images, normalization, name), labels))
+    return Dataset(name, splits[0], splits[1], num_classes=len(class_names),
+                   input_shape=tuple(splits[0].x.shape[1:]), class_names=class_names,
+                   augment=augment, notes=notes)
 
-    notes = ""
-    augment = "none"
+
+def _synthetic(setting: str, data_seed: int | None, train_size: int, test_size: int) -> Dataset:
+    """Chen et al.'s cluster data of ``setting``, generated in memory (docs/papers.md B.1)."""
+    data = synthetic.generate(setting, data_seed)
+    n = synthetic.NUM_TRAIN
+    splits = []
+    for part, size, what in ((slice(0, n), train_size, "train_size"), (slice(n, None), test_size, "test_size")):
+        x, y, k = data.x[part], data.y[part], data.cluster[part]
+        keep = _num_kept(size, len(y), what, "synthetic")
+        splits.append(Split(x[:keep], y[:keep], k[:keep]))
+    used_seed = synthetic.SETTINGS[setting].seed if data_seed is None else data_seed
+    return Dataset("synthetic", splits[0], splits[1], num_classes=2, input_shape=(200,), class_names=["-1", "+1"],
+                   notes=f"setting {setting}, data seed {used_seed} (docs/papers.md B.1)")
+
+
+def _read_image_files(name: str, data_root: Path) -> tuple[tuple, tuple, list[str], str, str]:
+    """(train, test) as (uint8 images, labels) pairs, class names, augmentation and notes of
+    an image dataset, read (checksums verified) from its files under ``data_root``."""
+    notes, augment = "", "none"
     if name == "mnist":
         train = load_idx_split(MNIST, data_root, "train", name)
         test = load_idx_split(MNIST, data_root, "t10k", name)
@@ -156,14 +174,4 @@ def load_dataset(name: str, root: str = "", *, seed: int = 0, setting: str = "s1
         train, test = (parts.train_images, parts.train_labels), (parts.test_images, parts.test_labels)
         class_names = list(combined.CLASS_NAMES)
         notes = parts.notes
-
-    splits = []
-    for (images, labels), size, what in ((train, train_size, "train_size"), (test, test_size, "test_size")):
-        keep = _num_kept(size, len(labels), what, name)
-        images, labels = images[:keep], labels[:keep]
-        if images.ndim == 3:  # IDX images are [N, H, W]; models take one channel
-            images = images[:, None]
-        splits.append(Split(_to_float(images, normalization, name), labels))
-    return Dataset(name, splits[0], splits[1], num_classes=len(class_names),
-                   input_shape=tuple(splits[0].x.shape[1:]), class_names=class_names,
-                   augment=augment, notes=notes)
+    return train, test, class_names, augment, notes

@@ -1,4 +1,4 @@
-"""Chen et al.'s synthetic cluster data (paper-spec B.1), generated deterministically on CPU.
+"""Chen et al.'s synthetic cluster data (docs/papers.md B.1), generated deterministically on CPU.
 
 Each sample has a label y in {-1, +1} (stored 0/1) and a cluster k in 0..3, and consists of
 P = 4 patches of d = 50, randomly permuted, flattened to 200:
@@ -33,7 +33,7 @@ NUM_TEST = 16_000
 
 @dataclass(frozen=True)
 class SyntheticSetting:
-    """One row of paper-spec B.1's settings table (the only differences between s1..s4)."""
+    """One row of docs/papers.md B.1's settings table (the only differences between s1..s4)."""
 
     seed: int
     noise_std: float  # Gaussian sigma per coordinate, before the x10 scaling

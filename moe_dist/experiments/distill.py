@@ -1,4 +1,4 @@
-"""``moe-dist distill``: a softmax gate distilled from an attentive MoE (paper-spec A.8, section 5.1).
+"""``moe-dist distill``: a softmax gate distilled from an attentive MoE (docs/papers.md A.8, section 5.1).
 
 The attentive gate needs every expert's hidden state, so it cannot route before the experts
 run. Distillation keeps the trained experts fixed and trains an ordinary softmax gate on
@@ -18,13 +18,12 @@ rank 0 writes; the results equal a single process's (MNIST-family architectures,
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe_dist.config import Config, load_config, validate
+from moe_dist.config import Config, load_config, with_values
 from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments.arguments import add_leaf_parser, comma_ints, reject_overrides
 from moe_dist.rundir import RunDir
@@ -41,16 +40,6 @@ DISTILL_KEYS = ("moe.routing", "loss.importance_weight", "loss.ls_beta", "loss.l
 MATCHING_KEYS = ("data.name", "data.classes", "model.arch", "model.kind", "moe.num_experts")
 
 
-# ------------------------------------------------------------------ config
-
-def with_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """A validated copy of ``cfg`` with dotted keys set (``{"train.freeze": ["gate"]}``);
-    typed values, so paths need no quoting as ``key=value`` overrides would."""
-    from moe_dist.config import set_values
-
-    return validate(set_values(cfg, values))
-
-
 # ------------------------------------------------------------------ distillation
 
 def distilled_name(source_name: str) -> str:
@@ -65,7 +54,7 @@ def distilled_name(source_name: str) -> str:
 
 def distill_config(source_run: str | Path, config: str | Path | None = None,
                    overrides: Sequence[str] = ()) -> Config:
-    """The distillation run's config (paper-spec A.8).
+    """The distillation run's config (docs/papers.md A.8).
 
     Base: ``config`` if given, else the source run's resolved config.yaml (named like the
     paper's rows, attentive_* -> distilled_*); then ``overrides``; then always: dense routing
@@ -76,7 +65,7 @@ def distill_config(source_run: str | Path, config: str | Path | None = None,
     source_run = RunDir(source_run)
     if not source_run.is_run():
         raise ConfigError(f"distill: {source_run} is not a run folder (no config.yaml)")
-    reject_overrides(overrides, DISTILL_KEYS, "paper-spec A.8")
+    reject_overrides(overrides, DISTILL_KEYS, "docs/papers.md A.8")
     source = source_run.read_config()
     cfg = load_config(config if config is not None else source_run.config_path, overrides)
     if config is None:
@@ -175,7 +164,7 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from moe_dist.cli import format_summary
+    from moe_dist.paper import format_summary
     from moe_dist.parallel import is_main
 
     cfg, metrics = distill(args.source_run, args.config, args.k, args.overrides)

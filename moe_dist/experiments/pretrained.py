@@ -1,4 +1,4 @@
-"""Section 4.2: pretrained gate / pretrained experts (paper-spec A.6, Table 1).
+"""Section 4.2: pretrained gate / pretrained experts (docs/papers.md A.6, Table 1).
 
 The experiment asks whether end-to-end training finds a good decomposition of the task.
 
@@ -45,11 +45,10 @@ from typing import Any
 
 import torch
 
-from moe_dist.config import CONFIGS, Config, load_config
+from moe_dist.config import CONFIGS, Config, load_config, with_values
 from moe_dist.data import Dataset
 from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments.arguments import reject_overrides
-from moe_dist.experiments.distill import with_values
 from moe_dist.models.parts import cpu_copy, part_state, tensors_identical
 from moe_dist.fields import section4_fields
 from moe_dist.paper import PRETRAINED_GATE
@@ -61,7 +60,7 @@ from moe_dist.train.build import load_data
 CONFIG_DIR = CONFIGS / "section4"
 #: --dataset -> prefix of its configs/section4/*.yaml files and of its run names.
 DATASETS = {"mnist10k": "mnist", "fmnist_mnist": "fmnist_mnist"}
-#: The paper's class-pair splits (paper-spec A.6). The combined dataset's first three pairs
+#: The paper's class-pair splits (docs/papers.md A.6). The combined dataset's first three pairs
 #: are Fashion-MNIST classes 0-5, the last three MNIST digits 4-9 under their combined labels 6-11.
 SPLITS: dict[str, list[list[list[int]]]] = {
     "mnist10k": [
@@ -125,7 +124,7 @@ def _train(cfg: Config, data: Dataset, starts_from: Mapping[str, torch.Tensor] |
 
 def _check_frozen(cfg: Config, part: str, source: Mapping[str, torch.Tensor], source_name: str) -> None:
     """A frozen part must end bit-identical to where it came from (these architectures have
-    no BatchNorm, paper-spec A.1.1-A.1.2, so every tensor of the part is compared)."""
+    no BatchNorm, docs/papers.md A.1.1-A.1.2, so every tensor of the part is compared)."""
     reference = part_state(source, part)
     if not tensors_identical(reference, RunDir(cfg.run_dir).latest_weights(), reference):
         raise MoEDistError(f"{cfg.run_dir}: the frozen {part} differs from {source_name}")
@@ -253,7 +252,7 @@ class PretrainedGateStudy:
         """Mean of each A.6 column per stage, next to the paper's; writes summary.md/.csv."""
         rows = []
         for stage in STAGES:
-            metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in runs.get(stage, [])]
+            metrics = [RunDir(r).read_metrics() for r in runs.get(stage, [])]
             row: dict[str, Any] = {"stage": stage, "runs": len(metrics)}
             for (key, _), paper in zip(COLUMNS, PRETRAINED_GATE[self.dataset][stage]):
                 values = [m[key] for m in metrics if m.get(key) is not None]
@@ -276,7 +275,7 @@ class PretrainedGateStudy:
             f"# Section 4.2 pretrained gate / experts: {self.dataset}",
             "",
             "Means over the runs of each stage (scratch stages: seeds; prechosen stages: splits x seeds), "
-            "paper values from its results/*_final_pretrained_results.csv (paper-spec A.6). Test error on the "
+            "paper values from its results/*_final_pretrained_results.csv (docs/papers.md A.6). Test error on the "
             "whole test set; train loss = mean batch loss of the last epoch; I(E;Y) with true labels "
             "(the paper's code counts the chosen expert's predicted class); H_s, H_u in bits.",
             "",
@@ -292,7 +291,7 @@ class PretrainedGateStudy:
 def run_pretrained_gate_study(dataset: str, splits: Mapping[int, Sequence[Sequence[int]]],
                               seeds: Sequence[int], root: str | Path = "runs/section4",
                               overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every stage of paper-spec A.6 for each seed (scratch) and split x seed (prechosen),
+    """Every stage of docs/papers.md A.6 for each seed (scratch) and split x seed (prechosen),
     skipping complete runs; returns the summary rows (also written under ``root/dataset``).
     ``splits`` maps a split number (its folder name) to its class pairs, one per expert.
     ``overrides`` apply to every stage; a pretrained expert's ``data.classes`` is its pair."""

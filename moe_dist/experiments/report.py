@@ -13,7 +13,7 @@ Outputs under ``--out``:
 - ``report.md``: one table per dataset family (name prefix before ``/``), rows ordered
   single, vanilla, vanilla_lcv, vanilla_ls, attentive, attentive_lcv, attentive_ls,
   distilled_lcv, distilled_ls, then others. Image rows: n, train error, test error
-  mean ± std, the best-by-train-error test error (paper-spec A.5/A.7: the paper reports the
+  mean ± std, the best-by-train-error test error (docs/papers.md A.5/A.7: the paper reports the
   run with the lowest final training error), I(E;Y), H_s, H_u, wall time per run, and the
   paper's numbers beside them. Synthetic rows (Chen et al.) show accuracies in % and the
   dispatch entropy instead. The std is the sample std (ddof=1) over the group's runs, or
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -38,12 +37,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moe_dist.config import Config, to_dict
+from moe_dist.config import Config, flatten, to_dict
 from moe_dist.errors import MoEDistError
 from moe_dist.fields import report_aggregates
 from moe_dist.paper import PUBLISHED_KEYS, published
+from moe_dist.rundir import METRICS, RunDir
 from moe_dist.tables import markdown_table
 
 METHOD_ORDER = ("single", "vanilla", "vanilla_lcv", "vanilla_ls", "attentive", "attentive_lcv",
@@ -57,7 +55,7 @@ SEED_FOLDER = re.compile(r"seed\d+")
 STD_CAPTIONS = {
     "seeds": "sample std (ddof=1) over the seeds of this configuration",
     "family": "the paper's family-wide std: sample std (ddof=1) of the test error over all runs "
-              "of all grid points sharing the experiment name (paper-spec A.7)",
+              "of all grid points sharing the experiment name (docs/papers.md A.7)",
 }
 PAPER_KEYS = PUBLISHED_KEYS  # the paper_* columns: everything moe_dist.paper publishes
 # The errors have their own columns (mean, std, best-by-train-error); the other metrics'
@@ -68,16 +66,6 @@ CSV_COLUMNS = (
     *(f"{key}_{aggregate}" for key, aggregate in report_aggregates()),
     *(f"paper_{k}" for k in PAPER_KEYS), "runs",
 )
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 @dataclass
@@ -131,7 +119,7 @@ class Group:
 
 
 def _train_error(run: Run) -> float:
-    """The paper's selection key (paper-spec A.5): the reported run has the lowest final training error."""
+    """The paper's selection key (docs/papers.md A.5): the reported run has the lowest final training error."""
     return run.metrics.get("train_error", float("inf"))
 
 
@@ -149,28 +137,27 @@ def _param_text(key: str, value: Any) -> str:
     return f"{key.rsplit('.', 1)[-1]}={shown}"
 
 
-DEFAULTS = _flatten(to_dict(Config()))
+DEFAULTS = flatten(to_dict(Config()))
 
 
 def find_runs(paths: list[str]) -> list[Run]:
-    """Every folder with config.yaml and metrics.json at or below the given paths."""
+    """Every run folder at or below the given paths that holds a metrics.json: each must be
+    a finished run (moe_dist.rundir), else the report stops and names it."""
     found: dict[Path, Run] = {}
     for given in paths:
         root = Path(given)
         if not root.is_dir():
             raise MoEDistError(f"{root} is not a folder (give run folders or folders holding them)")
-        for metrics_path in root.rglob("metrics.json"):
-            folder = metrics_path.parent
-            if folder.resolve() in found or not metrics_path.is_file() or not (folder / "config.yaml").is_file():
+        for metrics_path in root.rglob(METRICS):
+            run = RunDir(metrics_path.parent)
+            if run.path.resolve() in found or not metrics_path.is_file() or not run.is_run():
                 continue
-            try:
-                metrics = json.loads(metrics_path.read_text())
-                config = yaml.safe_load((folder / "config.yaml").read_text())
-            except (json.JSONDecodeError, yaml.YAMLError) as exc:
-                raise MoEDistError(f"{folder}: unreadable run files: {' '.join(str(exc).split())}") from None
+            if not run.finished():
+                raise MoEDistError(f"{run.path}: unreadable run files: {METRICS} is not complete JSON")
             # Keys added to the config after a run was made take their defaults, the values
             # the run effectively had, so old and new runs of one configuration group together.
-            found[folder.resolve()] = Run(folder, {**DEFAULTS, **_flatten(config or {})}, metrics)
+            config = run.read_config_dict()
+            found[run.path.resolve()] = Run(run.path, {**DEFAULTS, **flatten(config)}, run.read_metrics())
     if not found:
         raise MoEDistError(f"no run folders (config.yaml + metrics.json) under {', '.join(paths)}")
     return sorted(found.values(), key=lambda r: str(r.path))
@@ -284,7 +271,7 @@ def _method_cell(group: Group, row: dict[str, Any]) -> str:
 
 def _image_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
     # "I pred." is the paper's own definition (row = the chosen expert's predicted class,
-    # paper-spec A.7), the one its "paper I" column was computed with; "I(E;Y)" uses true labels.
+    # docs/papers.md A.7), the one its "paper I" column was computed with; "I(E;Y)" uses true labels.
     headers = ("method", "n", "train err", "test err (mean ± std)", "best-by-train-error test err", "I(E;Y)",
                "I pred.", "H_s", "H_u", "wall/run", "paper test err ± std", "paper I", "paper H_s", "paper H_u")
     rows = []
@@ -413,8 +400,8 @@ def write_report(paths: list[str], out: Path, std_over: str = "seeds", title: st
              f"Generated {generated} from {len(runs)} runs in {len(groups)} groups. {_provenance(runs)}", "",
              f"Std (±): {STD_CAPTIONS[std_over]}. "
              "Best-by-train-error: the test error of the row's run with the lowest final training error, "
-             "the paper's selection rule (paper-spec A.5); `*` marks the row holding the run that rule "
-             "picks over all rows of the name. Paper values: paper-spec A.9 (with its family-wide std) "
+             "the paper's selection rule (docs/papers.md A.5); `*` marks the row holding the run that rule "
+             "picks over all rows of the name. Paper values: docs/papers.md A.9 (with its family-wide std) "
              "and B.5."]
     for family in dict.fromkeys(g.family for g in groups):
         pairs = [(g, r) for g, r in zip(groups, rows) if g.family == family]
@@ -422,7 +409,7 @@ def write_report(paths: list[str], out: Path, std_over: str = "seeds", title: st
         table = _synthetic_table if synthetic else _image_table
         lines += ["", f"## {family}", "", *table(pairs)]
         if synthetic:
-            lines += ["", "Accuracy = 100 x (1 - error); dispatch entropy in nats (paper-spec B.4)."]
+            lines += ["", "Accuracy = 100 x (1 - error); dispatch entropy in nats (docs/papers.md B.4)."]
     if selections or curves:
         lines += ["", "## Figures"]
     if curves:

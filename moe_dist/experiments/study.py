@@ -1,13 +1,13 @@
 """``moe-dist study``: the papers' multi-run studies.
 
-* ``study experts`` (paper-spec A.10, figures 6-7): how many experts a regulariser uses as E
+* ``study experts`` (docs/papers.md A.10, figures 6-7): how many experts a regulariser uses as E
   grows. The paper's claim: L_cv (importance) spreads samples over all E experts, L_s routes
   to only as many experts as the task needs. Each (E, regulariser, seed) is a separate
   ``moe-dist train`` process, so its ``peak_memory_mb`` is its own; ``--nproc N`` starts
   each under torchrun on N processes (with ``parallel.ep_size=`` among the overrides: the
   experts sharded). Every run trains for the config's ``train.epochs`` (the paper's E = 15
   L_cv model had only 10 epochs, A.10).
-* ``study pretrained-gate`` (paper-spec A.6, Table 1): see moe_dist/experiments/pretrained.py.
+* ``study pretrained-gate`` (docs/papers.md A.6, Table 1): see moe_dist/experiments/pretrained.py.
 
 Both also run under a launcher, ``torchrun --nproc_per_node N -m moe_dist.cli study ...
 parallel.ep_size=N``: every rank then trains each run in-process, one process group held for
@@ -124,7 +124,7 @@ def experts_markdown(rows: list[dict[str, Any]], config: str | Path) -> str:
     """study.md: one row per (E, regulariser), what the paper's figures 6-7 show in numbers."""
     fmt = lambda v, p=3: "" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = [
-        "# Expert-count study (paper-spec A.10)",
+        "# Expert-count study (docs/papers.md A.10)",
         "",
         f"Base config `{config}`; lcv = L_cv w 1.0, ls = L_s beta 1e-5 gamma 1e-4 (reference normalisation), "
         "the paper's plotted models. experts used = experts receiving > 1 % of the test samples (top-gated); "

@@ -1,6 +1,6 @@
 """``moe-dist sweep``: run the members of a sweep file over seeds and grid points, resumably.
 
-A paper table is tens to hundreds of training runs (paper-spec A.5: 5 importance weights x
+A paper table is tens to hundreds of training runs (docs/papers.md A.5: 5 importance weights x
 10 seeds, up to 14 L_s grid points x 10 seeds, a distillation per attentive run). A sweep
 file names them once; this command expands it into numbered jobs and runs each job as its
 own subprocess, so one crash does not stop the sweep and every job's peak memory and
@@ -50,8 +50,9 @@ dividing N or the experts) fails the job with the trainer's one-line error. The 
 MNIST-family or synthetic job follow the single-process run (README, "Several processes"),
 distill members included. ``--dry-run`` prints the torchrun commands, ``--list`` marks such jobs.
 
-A job whose run folder holds ``metrics.json`` is skipped; a job with a checkpoint but no
-``metrics.json`` is started again and the trainer resumes it. Each job's output goes to
+A job whose run folder is finished (``moe_dist.rundir``: a complete ``metrics.json``) is
+skipped; a job with a checkpoint but no finished run is started again and the trainer
+resumes it. Each job's output goes to
 ``sweep.log`` in its run folder (appended); the terminal gets one status line per job.
 ``--index N`` runs only job N (0-based, as ``--list`` numbers them, for a SLURM array);
 the exit status is 1 when any job failed. SIGUSR1/SIGTERM go on to the running job (to
@@ -79,6 +80,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from moe_dist.errors import ConfigError
 from moe_dist.launch import moe_dist_command
+from moe_dist.rundir import RunDir
 from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, SignalForwarder
 
 LOG_NAME = "sweep.log"
@@ -151,10 +153,11 @@ class Job:
         return "/".join(part for part in (self.member, self.point, f"seed{self.seed}") if part)
 
     def status(self) -> str:
-        """done (metrics.json), resumable (a checkpoint, no metrics.json) or pending."""
-        if (self.run_dir / "metrics.json").exists():
+        """done (a finished run folder), resumable (a checkpoint, not finished) or pending."""
+        run = RunDir(self.run_dir)
+        if run.finished():
             return "done"
-        if (self.run_dir / "checkpoints" / "latest.json").exists():
+        if run.has_checkpoint():
             return "resumable"
         return "pending"
 
@@ -341,8 +344,8 @@ def run_job(job: Job, forwarder: SignalForwarder | None = None) -> bool:
     if job.status() == "done":
         print(f"skipped (done: {job.run_dir}/metrics.json)", flush=True)
         return True
-    if job.source is not None and not (job.source / "metrics.json").exists():
-        print(f"failed: source run {job.source} has no metrics.json", flush=True)
+    if job.source is not None and not RunDir(job.source).finished():
+        print(f"failed: source run {job.source} has not finished (no complete metrics.json)", flush=True)
         return False
     job.run_dir.mkdir(parents=True, exist_ok=True)
     log = job.run_dir / LOG_NAME
@@ -365,7 +368,7 @@ def run_job(job: Job, forwarder: SignalForwarder | None = None) -> bool:
     if preempted:
         print(f"preempted {seconds:.1f}s (checkpoint written) [log: {log}]", flush=True)
         raise Preempted(forwarder.signum if forwarder else 0, str(job.run_dir))
-    if code == 0 and (job.run_dir / "metrics.json").exists():
+    if code == 0 and RunDir(job.run_dir).finished():
         print(f"done{' (resumed)' if resumed else ''} {seconds:.1f}s", flush=True)
         return True
     print(f"failed (exit {code}) {seconds:.1f}s: {_error_line(output)} [log: {log}]", flush=True)

@@ -1,4 +1,4 @@
-"""Experts, gates and the MoE module (paper-spec A.1, B.2; design choices 1-2)."""
+"""Experts, gates and the MoE module (docs/papers.md A.1, B.2; design choices 1-2)."""
 
 from moe_dist.models.build import build_model
 from moe_dist.models.experts import (CifarExpert, CifarExpertBank, ExpertBank, MnistExpert,

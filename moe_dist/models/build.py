@@ -1,7 +1,7 @@
 """Build the model a config describes: a MoE (expert bank + gate) or a single model.
 
 Construction order under one seed: the experts (expert 0 first), then the gate, then the
-attention, as the reference notebooks create them (paper-spec A.6 step 1).
+attention, as the reference notebooks create them (docs/papers.md A.6 step 1).
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from torch import nn
 
 from moe_dist.config import LossConfig, ModelConfig, MoEConfig, check_choice, check_routing_fits_arch
 from moe_dist.errors import ConfigError
-from moe_dist.models.experts import (CifarExpert, CifarExpertBank, ExpertBank, MnistExpert,
-                                     MnistExpertBank, PatchExpert, PatchExpertBank)
+from moe_dist.models.experts import CifarExpertBank, ExpertBank, MnistExpertBank, PatchExpertBank
 from moe_dist.models.gates import CifarGate, ExpertAttention, FmnistGate, MnistGate, PatchRouter
 from moe_dist.models.moe import MoE, SingleModel
 
-#: Classes each architecture predicts (paper-spec A.1, B.2).
+#: Classes each architecture predicts (docs/papers.md A.1, B.2).
 ARCH_CLASSES = {"mnist": 10, "fmnist": 10, "fmnist_mnist": 12, "cifar100": 100, "patch_cnn": 2}
 #: Per-sample input shape of the image architectures.
 ARCH_INPUT_SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "fmnist_mnist": (1, 28, 28),

@@ -2,7 +2,7 @@
 
 Each architecture exists twice:
 
-* a plain ``nn.Module`` exactly as paper-spec A.1 / B.2 describe it (the paper's way). It is
+* a plain ``nn.Module`` exactly as docs/papers.md A.1 / B.2 describe it (the paper's way). It is
   the single-model baseline, the loop baseline of ``benchmarks/bench_experts.py`` and the
   reference of the equivalence tests. ``forward(x) -> (out_BC, hidden_BH)``.
 * an :class:`ExpertBank` holding E such experts stacked along a leading expert dim and
@@ -36,7 +36,7 @@ from moe_dist.models.layers import (StackedBatchNorm2d, StackedConv2d, StackedCo
 
 
 class MnistExpert(nn.Module):
-    """The MNIST-family expert (paper-spec A.1.1, A.1.2, A.1.3).
+    """The MNIST-family expert (docs/papers.md A.1.1, A.1.2, A.1.3).
 
     conv 1->1 k3, ReLU, max-pool (13x13 = 169), Linear 169->``hidden_size``, ReLU,
     Linear ->32 (its pre-ReLU output is the attention's hidden state), ReLU,
@@ -59,7 +59,7 @@ class MnistExpert(nn.Module):
 
 
 class CifarExpert(nn.Module):
-    """The CIFAR-100 expert (paper-spec A.1.4), f = 16, kernel 3, padding 1.
+    """The CIFAR-100 expert (docs/papers.md A.1.4), f = 16, kernel 3, padding 1.
 
     conv 3->16, ReLU, pool; conv 16->32 (no bias), BN, ReLU, pool; conv 32->64, ReLU, pool;
     conv 64->128 (no bias), BN, ReLU, pool (2x2x128 = 512); Linear 512->1024, ReLU;
@@ -93,7 +93,7 @@ def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 class PatchExpert(nn.Module):
-    """Chen et al.'s two-layer patch CNN (paper-spec B.2), the expert and the single model.
+    """Chen et al.'s two-layer patch CNN (docs/papers.md B.2), the expert and the single model.
 
     Conv1d(1 -> 2m, kernel = stride = patch_size, with bias) applied to each patch, then
     sigma(z) = z^3 (``cubic``) or z (``linear``), summed over patches; the class-0 logit is the
@@ -153,7 +153,7 @@ class ExpertBank(nn.Module):
     @classmethod
     def new_expert(cls, init_scale: float = 1.0, **expert_kwargs: Any) -> nn.Module:
         """One default-initialised single expert (the paper's init), its weights and biases
-        multiplied by ``init_scale`` (Chen et al.'s "small init" of 0.001, paper-spec B.2)."""
+        multiplied by ``init_scale`` (Chen et al.'s "small init" of 0.001, docs/papers.md B.2)."""
         expert = cls.expert_class(**expert_kwargs)
         if init_scale != 1.0:
             with torch.no_grad():
@@ -187,7 +187,7 @@ class ExpertBank(nn.Module):
 
 
 class MnistExpertBank(ExpertBank):
-    """Stacked :class:`MnistExpert` (paper-spec A.1.1-A.1.3).
+    """Stacked :class:`MnistExpert` (docs/papers.md A.1.1-A.1.3).
 
     The conv + ReLU + max-pool block is fused (:class:`StackedConvReluPool`); what follows
     is three ``baddbmm`` calls on ``[E, N, F]``.
@@ -209,7 +209,7 @@ class MnistExpertBank(ExpertBank):
 
 
 class CifarExpertBank(ExpertBank):
-    """Stacked :class:`CifarExpert` (paper-spec A.1.4): grouped convolutions on
+    """Stacked :class:`CifarExpert` (docs/papers.md A.1.4): grouped convolutions on
     ``[N, E*C, H, W]``, per-expert BatchNorm over the E*C channels (masked for padded
     batches), then ``baddbmm`` on ``[E, N, F]``.
 
@@ -254,7 +254,7 @@ class CifarExpertBank(ExpertBank):
 
 
 class PatchExpertBank(ExpertBank):
-    """Stacked :class:`PatchExpert` (paper-spec B.2): all experts' filters on all patches
+    """Stacked :class:`PatchExpert` (docs/papers.md B.2): all experts' filters on all patches
     in one matrix product."""
 
     expert_class = PatchExpert

@@ -1,6 +1,6 @@
 """Gating networks: the papers' softmax gates, attentive gates, Chen's router, the attention.
 
-Each image architecture has one gate class with an ``attentive`` switch (paper-spec A.1):
+Each image architecture has one gate class with an ``attentive`` switch (docs/papers.md A.1):
 
 * ``attentive=False``, the original gate: ``forward(x) -> logits [B, E]``; the MoE applies
   softmax(z / T).
@@ -8,7 +8,7 @@ Each image architecture has one gate class with an ``attentive`` switch (paper-s
   :class:`ExpertAttention`; there is no output layer.
 
 Both variants use the same submodule names (``conv``/``conv1..4``, ``bn``/``bn2``/``bn4``,
-``fc1``, ``fc2``, ``out``), so distillation (paper-spec A.8) is
+``fc1``, ``fc2``, ``out``), so distillation (docs/papers.md A.8) is
 ``original_gate.load_state_dict(attentive_gate.state_dict(), strict=False)``: the trunk is
 copied and the original gate keeps its freshly initialised ``out`` layer.
 
@@ -114,7 +114,7 @@ class CifarGate(nn.Module):
 
 
 class PatchRouter(nn.Module):
-    """Chen et al.'s router (paper-spec B.2): h_j(x) = sum_p <theta_j, x_p>, zero-initialised.
+    """Chen et al.'s router (docs/papers.md B.2): h_j(x) = sum_p <theta_j, x_p>, zero-initialised.
 
     The reference Conv1d(1 -> E, kernel = stride = patch_size, no bias) summed over patches
     is the same linear map applied once to the patch sum, which is how it runs here.
@@ -132,7 +132,7 @@ class PatchRouter(nn.Module):
 
 
 class ExpertAttention(nn.Module):
-    """The attentive gate's attention over the experts (paper-spec A.1.5).
+    """The attentive gate's attention over the experts (docs/papers.md A.1.5).
 
     Q = W_q g(x), K_e = W_k h_e(x) (h x h maps, no bias), s_e = <Q, K_e> / sqrt(h),
     p = softmax over experts. No value projection. Nothing is detached: the loss reaches the

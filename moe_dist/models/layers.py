@@ -1,6 +1,6 @@
 """Stacked layers: E experts' copies of one layer, run as a single batched computation.
 
-Design choice 1 (design.md): the experts of one MoE share an architecture, so each layer
+Design choice 1 (docs/design.md): the experts of one MoE share an architecture, so each layer
 holds the E experts' parameters stacked along a leading expert dimension and runs them
 together, with no Python loop over experts. Every parameter and buffer here has shape
 ``[E] + (shape of the same tensor in the single-expert nn.Module)`` and the same name, so
@@ -229,7 +229,7 @@ def _phase_product(cols: torch.Tensor, weight_EOK: torch.Tensor, phase: int) -> 
 class StackedConvReluPool(nn.Module):
     """E copies of ``nn.Conv2d(in_channels, out_channels, k)`` + ReLU + 2x2 max-pool, fused.
 
-    The first block of the MNIST-family experts (paper-spec A.1.1-A.1.3). Parameters have
+    The first block of the MNIST-family experts (docs/papers.md A.1.1-A.1.3). Parameters have
     nn.Conv2d's names and shapes with the expert dim in front. ``shared=True``: x is
     ``[N, C, H, W]``; ``shared=False``: x is ``[E, N, C, H, W]``. Output ``[E, N, O*P]``: each
     expert's pooled maps flattened in nn.Module order (channel, row, column), ready for a
@@ -254,7 +254,7 @@ class StackedConvReluPool(nn.Module):
 
 
 class StackedPatchConv1d(nn.Module):
-    """E copies of ``nn.Conv1d(1, out_channels, patch_size, stride=patch_size)`` (paper-spec B.2).
+    """E copies of ``nn.Conv1d(1, out_channels, patch_size, stride=patch_size)`` (docs/papers.md B.2).
 
     A convolution whose stride equals its kernel is a linear map applied to each patch, so
     it runs as one matrix product over all patches and experts. Returns the pre-activation

@@ -2,15 +2,15 @@
 
 Routing modes (design choice 2):
 
-* ``dense``: the paper's output mixture (paper-spec A.1.6). p = softmax(logits / T); every
+* ``dense``: the paper's output mixture (docs/papers.md A.1.6). p = softmax(logits / T); every
   expert runs on every sample; y = sum_e p_e y_e.
 * ``topk``: conditional computation. Optional noise is added to the gate logits, the k
   largest are chosen and only those experts run, on an index-based dispatch (samples sorted
   by expert into a padded ``[E, cap, ...]`` batch with a mask). The chosen outputs are
   combined with either the softmax over the k chosen logits (renormalised) or the raw noisy
-  router value of the chosen expert (Chen et al., paper-spec B.2: output = g * f_j*(x)).
+  router value of the chosen expert (Chen et al., docs/papers.md B.2: output = g * f_j*(x)).
 * ``attentive``: dense, with p from :class:`ExpertAttention` over the experts' hidden
-  states (paper-spec A.1.5).
+  states (docs/papers.md A.1.5).
 
 Where the experts live is the dispatcher's business (``moe_dist.parallel.dispatch``): the
 default :class:`~moe_dist.parallel.dispatch.LocalDispatch` runs all E experts on the local

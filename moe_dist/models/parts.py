@@ -11,7 +11,7 @@ from torch import nn
 __all__ = ["PART_PREFIXES", "part_state", "part_parameter_names", "tensors_identical", "cpu_copy"]
 
 #: State-dict prefixes of each part: a MoE's ``experts.*`` (a single model's ``expert.*``),
-#: and the gate with the attentive gate's ``attention.*`` (W_q, W_k count as gate, paper-spec A.1.5).
+#: and the gate with the attentive gate's ``attention.*`` (W_q, W_k count as gate, docs/papers.md A.1.5).
 PART_PREFIXES = {"experts": ("experts.", "expert."), "gate": ("gate.", "attention.")}
 
 
@@ -23,7 +23,7 @@ def part_state(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.
 def part_parameter_names(model: nn.Module, part: str) -> list[str]:
     """Names of the trainable parameters of ``part``. BatchNorm running statistics are
     buffers, not parameters: frozen parts still update them in train mode, as the reference
-    code's do (paper-spec A.8 step 1), so freezing checks leave them out."""
+    code's do (docs/papers.md A.8 step 1), so freezing checks leave them out."""
     return [n for n, _ in model.named_parameters() if n.startswith(PART_PREFIXES[part])]
 
 

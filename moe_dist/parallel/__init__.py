@@ -1,4 +1,4 @@
-"""The one place that knows about ranks (design.md, choices 3-6).
+"""The one place that knows about ranks (docs/design.md, choices 3-6).
 
 * ``comm``: the named collectives the rest of moe_dist asks for (``all_reduce``, ...);
   no-ops in one process.

@@ -1,6 +1,6 @@
 """The DeepSpeed engine (``engine: deepspeed``): ZeRO 0-2 around our expert-parallel MoE.
 
-What DeepSpeed supplies (design.md, choice 8): its expert-parallel and expert-data-parallel
+What DeepSpeed supplies (docs/design.md, choice 8): its expert-parallel and expert-data-parallel
 groups (``deepspeed.utils.groups``, the same consecutive layout as ``groups.py``), the
 expert parameters in optimizer groups of their own
 (``split_params_into_different_moe_groups_for_optimizer``: they are marked
@@ -13,7 +13,7 @@ which is right for a loss that is each rank's *local mean*. Our per-rank loss is
 the global loss, so the engine is given ``N * share``: (1/N) * sum_r d(N * share_r) is the
 single-process gradient. The tests compare the loss curve with the accelerate engine's.
 
-CPU traps avoided (design.md): the shared-memory op's JIT build (``deepspeed_shm_comm``
+CPU traps avoided (docs/design.md): the shared-memory op's JIT build (``deepspeed_shm_comm``
 disabled before the first ``init_distributed``) and FusedAdam's (a client torch optimizer).
 """
 
@@ -37,7 +37,7 @@ __all__ = ["import_deepspeed", "init_deepspeed", "deepspeed_context", "mark_expe
 
 
 def check_zero_stage(zero_stage: int) -> None:
-    """ZeRO 0-2 only: DeepSpeed's MoE support stops before ZeRO-3 (design.md)."""
+    """ZeRO 0-2 only: DeepSpeed's MoE support stops before ZeRO-3 (docs/design.md)."""
     if zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1 or 2 "
                           "(DeepSpeed's MoE does not support ZeRO-3)")
@@ -57,7 +57,7 @@ def import_deepspeed():
         # engine's MoE detection are those of 0.19
         raise ConfigError(f"engine='deepspeed' needs DeepSpeed >= 0.19, found {deepspeed.__version__}")
     # The first init_distributed otherwise JIT-compiles a shared-memory all-reduce (35-80 s on
-    # CPU), even where it is never used (design.md, environment facts).
+    # CPU), even where it is never used (docs/design.md, environment facts).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed

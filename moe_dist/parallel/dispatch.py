@@ -1,7 +1,7 @@
 """Dispatch: how a MoE layer reaches its experts and reduces its gate losses over the batch.
 
 The MoE module (``moe_dist.models.moe``) talks to its experts only through a dispatcher, so
-that model code holds no ``torch.distributed`` call (style.md):
+that model code holds no ``torch.distributed`` call (docs/design.md, "Code style"):
 
 * :class:`LocalDispatch`, the default: one process, all E experts here, losses over the
   local batch. Bit-for-bit the single-process behaviour.
@@ -10,7 +10,7 @@ that model code holds no ``torch.distributed`` call (style.md):
 
   - ``dense`` / ``attentive``: gather the EP group's inputs, run the local experts on all of
     them, and send each sample's outputs (and, attentive, hidden states) back to its rank
-    with one all-to-all: every expert sees every sample of the group (design.md, choice 3).
+    with one all-to-all: every expert sees every sample of the group (docs/design.md, choice 3).
   - ``topk``: index-based. The (sample, slot) pairs are sorted by expert, which groups them
     by destination rank; one all-to-all of the per-expert counts, one variable-split
     all-to-all of the routed rows, the local experts run on a padded ``[E_local, N, ...]``
@@ -19,7 +19,7 @@ that model code holds no ``torch.distributed`` call (style.md):
     one-hot ``[S, E, capacity]`` tensors). Dropless by default; with a capacity factor each
     rank sends at most ``ceil(cf * B_r * K / E)`` pairs per expert (top-1 choices first)
     and the dropped pairs contribute zero.
-  - gate losses over the *global* batch (design.md, choice 4): L_cv from the all-reduced
+  - gate losses over the *global* batch (docs/design.md, choice 4): L_cv from the all-reduced
     importance vector; L_s from each rank's rows of the distance matrix against the gathered
     batch, normalised by the global maximum. Each rank returns its *share*, so that the
     shares sum to the single-process loss and gradients sum (``collectives``).

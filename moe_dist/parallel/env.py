@@ -1,12 +1,12 @@
 """Process discovery: who am I, how many are we, and the process group that joins us.
 
-One place reads the launchers' environment variables (style.md: "rank, world and device
+One place reads the launchers' environment variables (docs/design.md, "Code style": "rank, world and device
 discovery in one module; everything else asks ``is_main()``"):
 
 * torchrun and ``accelerate launch --multi_gpu`` (which is torchrun): ``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``;
 * the ``deepspeed`` launcher: the same, but ``LOCAL_SIZE`` instead of ``LOCAL_WORLD_SIZE``
-  (multinode-local.md, T6);
+  (docs/launching.md, T6);
 * SLURM (``srun`` one task per process): ``SLURM_PROCID``, ``SLURM_NTASKS``,
   ``SLURM_LOCALID``, ``SLURM_NTASKS_PER_NODE``; the rendezvous address is the first host of
   ``SLURM_JOB_NODELIST`` and the port is derived from the job id unless ``MASTER_ADDR`` /
@@ -129,7 +129,7 @@ def first_slurm_host(nodelist: str) -> str:
 
 def _export_rendezvous(info: WorldInfo, env: dict) -> None:
     """Fill in RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so that torch's env:// rendezvous and
-    accelerate (which reads them, multinode-local.md A2) see the same world."""
+    accelerate (which reads them, docs/launching.md A2) see the same world."""
     env.setdefault("RANK", str(info.rank))
     env.setdefault("WORLD_SIZE", str(info.world_size))
     env.setdefault("LOCAL_RANK", str(info.local_rank))
@@ -180,7 +180,7 @@ def join_process_group(backend: str | None = None) -> bool:
 
 def destroy_distributed() -> None:
     """Leave the process group. Without this about one gloo run in ten aborts at exit
-    (design.md, environment facts)."""
+    (docs/design.md, environment facts)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Gradient reduction without DDP (design.md, choice 5).
+"""Gradient reduction without DDP (docs/design.md, choice 5).
 
 Every rank's loss is its share of the global loss and the collectives of the forward pass
 have exact adjoints (``collectives``), so after ``backward`` rank r holds dL/dtheta_r for its

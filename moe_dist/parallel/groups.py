@@ -1,4 +1,4 @@
-"""Expert-parallel and expert-data-parallel process groups (design.md, choice 3).
+"""Expert-parallel and expert-data-parallel process groups (docs/design.md, choice 3).
 
 Every rank holds a distinct share of the global batch (data parallelism over the whole
 world). The world is cut into blocks of ``ep_size`` consecutive ranks, the expert-parallel

@@ -5,7 +5,7 @@ expert e starts with the weights it has in a single-process run) into this rank'
 each MoE keeps its replicated gate and the experts ``ctx.local_experts(E)``, and gets an
 :class:`~moe_dist.parallel.dispatch.ExpertParallelDispatch`.
 
-After it, parameters are of two kinds (design.md, choice 5):
+After it, parameters are of two kinds (docs/design.md, choice 5):
 
 * *sharded* (``experts.*`` of a MoE when ep_size > 1): each rank holds a different slice;
   gradients are summed over the expert-data-parallel group;

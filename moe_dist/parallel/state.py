@@ -1,4 +1,4 @@
-"""Checkpoint state independent of the parallel layout (design.md, choice 6).
+"""Checkpoint state independent of the parallel layout (docs/design.md, choice 6).
 
 A saved model or optimizer state always has the single-process layout: every expert-bank
 tensor holds all E experts along dim 0, expert e at index e (its global id). On save, each

@@ -1,6 +1,6 @@
 """``moe-dist tensorboard RUN_DIR``: TensorBoard on a run folder (or a folder of runs).
 
-Bound to 127.0.0.1 unless ``--host`` says otherwise (design.md: serve locally; reach it from
+Bound to 127.0.0.1 unless ``--host`` says otherwise (docs/design.md: serve locally; reach it from
 another machine through ``ssh -L 6006:127.0.0.1:6006``). Served by TensorBoard's own
 program API, so every plugin works: the trainer's scalars (``train/*``, ``eval/*``, ``moe/*``,
 ``perf/step_seconds/*``), the selection-table images and the hparams table.

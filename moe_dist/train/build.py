@@ -80,7 +80,7 @@ def init_from(model: nn.Module, run_dir: str, parts: list[str]) -> None:
     """Initialise ``parts`` of ``model`` from another run's latest weights (distillation,
     pretrained experts/gate). Parameters are matched by name; names absent from the source
     (a new softmax gate's output layer) keep their fresh initialisation, as in the paper's
-    strict=False copy (paper-spec A.8)."""
+    strict=False copy (docs/papers.md A.8)."""
     payload = RunDir(run_dir).load_checkpoint()
     if payload is None:
         raise CheckpointError(f"train.init_from={run_dir} has no checkpoint in {run_dir}/checkpoints")

@@ -1,4 +1,4 @@
-"""Exact evaluation of a model over a whole split (never a last batch): paper-spec A.7.
+"""Exact evaluation of a model over a whole split (never a last batch): docs/papers.md A.7.
 
 ``evaluate`` needs a model (or an engine) and batches, nothing of a Trainer, so procedures
 that only evaluate (``moe-dist eval``, distillation's top-k evaluation) call it directly.
@@ -35,7 +35,7 @@ def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0
     TensorBatches or shard batches; with several ranks, this rank's shares).
 
     ``num_experts`` = 0 for a single model; ``num_clusters`` > 0 counts dispatch per cluster
-    (synthetic data, paper-spec B.4). ``loss`` is the training objective (task loss plus the
+    (synthetic data, docs/papers.md B.4). ``loss`` is the training objective (task loss plus the
     gate losses). Runs on a forked RNG, so evaluating (which may draw routing noise) never
     changes the training run's random stream: a run evaluated every epoch trains exactly
     like one evaluated once."""

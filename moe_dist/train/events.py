@@ -13,24 +13,21 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from moe_dist import fields
 from moe_dist.config import Config, flatten, to_dict
 from moe_dist.plots import selection_heatmap
 
 __all__ = ["log_epoch", "log_final", "SummaryWriter"]
 
-ROUTING_TAGS = ("dispatch_entropy", "drop_rate", "padding_ratio")  # training-record keys under moe/
-EVAL_TAGS = ("sample_entropy", "usage_entropy", "mutual_information", "mutual_information_predicted",
-             "experts_used", "dispatch_entropy")
-HPARAM_METRICS = ("test_error", "train_error", "mutual_information", "sample_entropy", "usage_entropy")
 
 
 def log_epoch(writer: SummaryWriter, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None,
               lr: float, step_seconds_by_rank: list[float], class_names: list[str]) -> None:
     """One epoch's scalars (and the selection table when it was evaluated)."""
+    tags = fields.history_tags()  # the tags of moe_dist/fields.py; a new loss part gets train/<part>
     for k, v in record.items():
         if isinstance(v, (int, float)) and k != "epoch":
-            name = k[len("train_"):] if k.startswith("train_") else k
-            writer.add_scalar("moe/" + name if name in ROUTING_TAGS else f"train/{name}", v, epoch)
+            writer.add_scalar(tags.get(k) or f"train/{k.removeprefix('train_')}", v, epoch)
     writer.add_scalar("train/lr", lr, epoch)
     for rank, seconds in enumerate(step_seconds_by_rank):  # not in the history: timings differ
         writer.add_scalar(f"perf/step_seconds/rank{rank}", seconds, epoch)
@@ -39,11 +36,9 @@ def log_epoch(writer: SummaryWriter, epoch: int, record: dict[str, Any], metrics
         writer.add_scalar("perf/step_seconds/mean", sum(step_seconds_by_rank) / len(step_seconds_by_rank), epoch)
     if metrics is None:
         return
-    writer.add_scalar("eval/error", metrics["error"], epoch)
-    writer.add_scalar("eval/loss", metrics["loss"], epoch)
-    for key in EVAL_TAGS:
+    for key, tag in fields.eval_scalar_tags().items():
         if key in metrics:
-            writer.add_scalar(f"moe/{'test_' if key == 'dispatch_entropy' else ''}{key}", metrics[key], epoch)
+            writer.add_scalar(tag, metrics[key], epoch)
     if "selection_table" in metrics:
         fig = selection_heatmap(metrics["selection_table"], class_names, title=f"expert selection, epoch {epoch + 1}")
         writer.add_figure("moe/selection_table", fig, epoch)
@@ -53,7 +48,7 @@ def log_final(writer: SummaryWriter, cfg: Config, result: dict[str, Any]) -> Non
     """The hparams table and the final metrics, into the run's one event stream
     (``add_hparams`` would open a second file); closes the writer."""
     hparams = {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
-    scalars = {f"hparam/{k}": result[k] for k in HPARAM_METRICS if isinstance(result.get(k), (int, float))}
+    scalars = {f"hparam/{k}": result[k] for k in fields.hparam_fields() if isinstance(result.get(k), (int, float))}
     for summary in hparams_summary(hparams, scalars):
         writer.file_writer.add_summary(summary)
     for tag, value in scalars.items():

@@ -12,7 +12,7 @@ from moe_dist.config import Config, check_choice
 
 
 class NormalizedGD(torch.optim.Optimizer):
-    """Chen et al.'s normalised gradient descent (paper-spec B.3).
+    """Chen et al.'s normalised gradient descent (docs/papers.md B.3).
 
     For groups with ``normalize=True`` the gradient of expert j is divided by G_j before a
     plain SGD step. ``scope="expert"``: G_j = sum over the expert's tensors of the tensor's
@@ -104,6 +104,6 @@ def build_optimizer(model: nn.Module, cfg: Config, split_groups=None) -> torch.o
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
-    """The paper's step schedule: lr / factor after every N epochs (paper-spec A.4); stepped per epoch."""
+    """The paper's step schedule: lr / factor after every N epochs (docs/papers.md A.4); stepped per epoch."""
     every = cfg.train.lr_decay_every or 10**9
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=1.0 / cfg.train.lr_decay_factor)

@@ -18,7 +18,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
-    min_loss: float = math.inf  # for Chen et al.'s early stopping (paper-spec B.3)
+    min_loss: float = math.inf  # for Chen et al.'s early stopping (docs/papers.md B.3)
     stopped_early: int = -1  # epoch at which early stopping fired, -1 if never
     wall_seconds: float = 0.0  # training time summed over all sessions of the run
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -36,7 +36,7 @@ class TrainState:
         return cls(**json.loads(text))
 
     def early_stop(self, loss: float, train: TrainConfig) -> bool:
-        """Whether Chen et al.'s early stopping fires on this step's training loss (paper-spec
+        """Whether Chen et al.'s early stopping fires on this step's training loss (docs/papers.md
         B.3), checked before the step's update as their loop does; else the loss counts
         towards the minimum. The loss is the global batch's, so every rank decides alike."""
         if not (train.early_stop_rise or train.early_stop_loss):

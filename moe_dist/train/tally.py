@@ -32,7 +32,7 @@ class EpochTally:
         self.correct: int = counts.get("correct", 0)
         self.seen: int = counts.get("seen", 0)
         self.routing = {k: 0 for k in ROUTING_KEYS} | counts.get("routing", {})
-        # dispatch counts per (cluster, expert) of the noisy training forward passes (paper-spec B.4)
+        # dispatch counts per (cluster, expert) of the noisy training forward passes (docs/papers.md B.4)
         self.clusters_experts = torch.zeros(num_clusters, max(num_experts, 1), dtype=torch.long, device=device)
         if counts:
             self.clusters_experts += torch.tensor(counts["clusters_experts"], dtype=torch.long,
@@ -67,7 +67,7 @@ class EpochTally:
 
     def record(self, capacity_factor: float, with_dispatch_entropy: bool) -> dict[str, Any]:
         """The epoch's record (collective): mean batch loss parts, as the paper reports its
-        training loss (paper-spec A.6), the training error, and the routing statistics."""
+        training loss (docs/papers.md A.6), the training error, and the routing statistics."""
         total = self._summed_counts()
         correct, seen = total[0], total[1]
         routing = dict(zip(self.routing, total[2:2 + len(self.routing)]))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from moe_dist import fields
 from moe_dist.config import Config, check_resumable, from_dict, to_dict
 from moe_dist.data import Split, TensorBatches
 from moe_dist.data.augment import cifar_augment
@@ -39,12 +40,6 @@ from moe_dist.train.state import TrainState
 from moe_dist.train.tally import EpochTally
 
 __all__ = ["Trainer", "StepOutput", "EpochOutcome"]
-
-# TODO(fields registry): replaced by moe_dist.fields once it lands
-_HISTORY_EVAL = ("sample_entropy", "usage_entropy", "mutual_information", "experts_used")
-_FINAL_EVAL = ("mutual_information", "mutual_information_predicted", "sample_entropy", "usage_entropy",
-               "selection_table", "soft_selection_table", "per_expert_accuracy", "samples_per_expert",
-               "experts_used")
 
 
 #: ``extra_metrics(trainer, result) -> fields`` added to metrics.json (``Trainer.fit``).
@@ -136,7 +131,7 @@ class Trainer:
         return step
 
     def evaluate(self, split: Split | None = None) -> dict[str, Any]:
-        """Exact metrics over the whole test split (or ``split``), paper-spec A.7."""
+        """Exact metrics over the whole test split (or ``split``), docs/papers.md A.7."""
         batches = self.data.eval_batches if split is None else TensorBatches(
             split, self.cfg.train.eval_batch_size, shuffle=False, seed=0,
             rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -241,7 +236,7 @@ class Trainer:
         if last or (epoch + 1) % self.cfg.train.eval_every == 0:
             metrics = self.evaluate()
             record.update({"test_error": metrics["error"], "test_loss": metrics["loss"]})
-            record.update({k: metrics[k] for k in _HISTORY_EVAL if k in metrics})
+            record.update({k: metrics[k] for k in fields.history_eval_fields() if k in metrics})
         self.state.history.append(record)
         self.state.epoch = epoch + 1
         if self.writer is not None:
@@ -342,7 +337,7 @@ class Trainer:
             "train_loss": train_metrics["loss"],
             "final_train_loss": history[-1].get("train_loss") if history else None,
         }
-        result.update({k: metrics[k] for k in _FINAL_EVAL if k in metrics})
+        result.update({k: metrics[k] for k in fields.final_eval_fields() if k in metrics})
         if self.data.num_clusters and self.num_experts:
             trained = [h for h in history if "dispatch_entropy" in h]
             result["dispatch_entropy"] = trained[-1]["dispatch_entropy"] if trained else None

@@ -22,7 +22,7 @@ checked and copied with one vectorised operation per field. Normalising a stored
 gives bit for bit the tensor `load_dataset` gives. A version-1 folder is refused with a
 one-line message to rewrite it.
 
-Reading (design.md, "Environment facts": shards that split unevenly over ranks give ranks
+Reading (docs/design.md, "Environment facts": shards that split unevenly over ranks give ranks
 different batch counts, which hangs data-parallel training):
 
 * Training (`ShardBatches`): every rank streams from *resampled* shards
@@ -44,7 +44,7 @@ different batch counts, which hangs data-parallel training):
   `webdataset.split_by_node`, with the rank passed explicitly), then by worker
   (`webdataset.split_by_worker`), each shard read once: every sample exactly once across
   ranks and workers. Evaluation reads the test shards this way into memory once and batches
-  them with `TensorBatches`, so metrics stay exact (paper-spec A.7) and equal the memory
+  them with `TensorBatches`, so metrics stay exact (docs/papers.md A.7) and equal the memory
   path's; the training split is materialised the same way only when the whole-set
   evaluation (or a synthetic cluster table) needs it.
 * Corruption: every shard is checked against the manifest (size, sha256) when a split is
