@@ -8,7 +8,7 @@ Each job is ``slurm/train.sbatch`` with 2 tasks on one node, CPU/gloo, the synth
 points at a wrapper) that appends wall-clock times to a file: process start, end of the
 first training step, exit. Reported per job, in seconds:
 
-* ``submit -> first step``: from ``sbatch`` until both ranks have finished their first step,
+* ``submit -> first step``: from ``sbatch`` until both ranks have computed their first step's loss,
   split into submit -> rank processes started (scheduling, job and step launch) and
   processes started -> first step (Python and torch imports, data, model, rendezvous).
 * ``signal -> requeued first step``: after epoch 1, ``scancel --signal=USR1 --batch`` (what
@@ -47,14 +47,14 @@ def record(event, when=None, **fields):
         f.write(json.dumps(line) + "\\n")
 record("start", started)
 from moe_dist.train.trainer import Trainer
-step = Trainer.train_step
+forward = Trainer.forward_loss  # the loop's first call of every training step
 def first_step(self, *args, **kwargs):
-    result = step(self, *args, **kwargs)
+    result = forward(self, *args, **kwargs)
     if not getattr(self, "_probed", False):
         self._probed = True
         record("first_step")
     return result
-Trainer.train_step = first_step
+Trainer.forward_loss = first_step
 from moe_dist.cli import main
 code = main(sys.argv[3:])  # argv: probe.py -m moe_dist.cli train ...
 record("exit", code=code)

@@ -108,11 +108,11 @@ class RunDir:
         return data
 
     def finished(self, cfg: Config | None = None) -> bool:
-        """Whether the run is finished: a complete metrics.json (and config.yaml). With
-        ``cfg``, also that it is ``cfg``'s run to its ``train.epochs``: a run whose epochs
-        were raised is not finished (training extends it), and a run of another config is
-        refused with ConfigError, as training would refuse to resume it."""
-        if not (self.metrics_path.is_file() and self.is_run()):
+        """Whether the run is finished: its metrics.json is complete. With ``cfg``, also that
+        it is ``cfg``'s run to its ``train.epochs``: a run whose epochs were raised is not
+        finished (training extends it), and a run of another config is refused with
+        ConfigError, as training would refuse to resume it."""
+        if not self.metrics_path.is_file():
             return False
         try:
             self.read_metrics()
@@ -120,6 +120,8 @@ class RunDir:
             return False  # a metrics.json from before writes were atomic, cut short
         if cfg is None:
             return True
+        if not self.is_run():
+            return False  # nothing to compare with: not cfg's run to trust
         saved = self.read_config()
         check_resumable(saved, cfg, str(self.path), finished=True)
         return saved.train.epochs == cfg.train.epochs

@@ -71,9 +71,9 @@ def _kill_while_writing(target: str, body: str, cwd: Path) -> None:
     assert child.returncode == -signal.SIGKILL
 
 
-def test_finished_needs_a_complete_metrics_json_and_a_config(tmp_path):
-    cfg = load_config(None, tiny_synthetic(tmp_path))
-    run = RunDir(tmp_path)
+def test_finished_needs_a_complete_metrics_json(tmp_path):
+    cfg = load_config(None, tiny_synthetic(tmp_path / "runs" / "a"))
+    run = RunDir(tmp_path / "runs" / "a")
     assert not run.finished()
     run.write_config(cfg)
     assert not run.finished()
@@ -84,7 +84,7 @@ def test_finished_needs_a_complete_metrics_json_and_a_config(tmp_path):
     run.write_metrics({"test_error": 0.1, "history": []})
     assert run.finished() and run.finished(cfg)
     assert run.read_config() == cfg
-    assert [r.path for r in find_finished_runs([tmp_path.parent])] == [tmp_path]
+    assert [r.path for r in find_finished_runs([tmp_path / "runs"])] == [run.path]
 
 
 def test_finished_with_a_config_compares_it(tmp_path):
