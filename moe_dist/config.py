@@ -8,6 +8,7 @@ cross-field checks (``top_k`` <= experts, positive sizes, known dataset names).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "engine": ("moe_dist", "deepspeed"),
 }
+
+#: The command that lists every key with its type, default and meaning (moe_dist/config_cli.py).
+KEYS_COMMAND = "moe-dist config keys"
 
 # Values renamed since runs were written: a saved config.yaml still says the old one.
 # ``engine: accelerate`` was the name of what is now ``moe_dist`` (accelerate did the
@@ -305,6 +309,40 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def config_keys() -> list[str]:
+    """Every dotted key of ``Config``, in declaration order (``name``, ..., ``parallel.zero_stage``)."""
+    return list(flatten(to_dict(Config())))
+
+
+def suggest_keys(key: str, limit: int = 3) -> list[str]:
+    """The keys or sections nearest to a misspelt ``key``: those of its own section with a near
+    last part (``train.epoch`` -> ``train.epochs``), near sections (``trian`` -> ``train``),
+    keys of other sections with a very near last part (``epochs``, ``data.epochs`` ->
+    ``train.epochs``), and for an unknown section the nearest whole keys."""
+    keys = config_keys()
+    section, _, last = key.rpartition(".")
+    sections = list(dict.fromkeys(k.split(".")[0] for k in keys if "." in k))
+    own = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    by_last: dict[str, list[str]] = {}
+    for k in keys:
+        by_last.setdefault(k.rpartition(".")[2], []).append(k)
+    close = [own[name] for name in difflib.get_close_matches(last, list(own), n=limit)]
+    if not section:
+        close += difflib.get_close_matches(key, sections, n=limit)
+    close += [k for name in difflib.get_close_matches(last, list(by_last), n=limit, cutoff=0.8) for k in by_last[name]]
+    if section and section not in sections:
+        close += difflib.get_close_matches(key, keys, n=limit)
+    return list(dict.fromkeys(close))[:limit]
+
+
+def unknown_key_hint(key: str) -> str:
+    """What follows "unknown key 'KEY'": the nearest valid keys, and where every key is listed."""
+    close = suggest_keys(key)
+    if close:
+        return f"; did you mean {' or '.join(close)}? ({KEYS_COMMAND} lists every key)"
+    return f" ({KEYS_COMMAND} lists every key)"
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
@@ -323,15 +361,17 @@ def _merge(base: Any, update: Any, origin: str) -> Any:
     try:
         return OmegaConf.merge(base, update)
     except ConfigKeyError as exc:
-        raise ConfigError(f"{origin}: unknown key {exc.full_key!r}") from None
+        raise ConfigError(f"{origin}: unknown key {exc.full_key!r}{unknown_key_hint(exc.full_key)}") from None
     except OmegaConfBaseException as exc:
         message = _one_line(exc).split(" full_key")[0]
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"{origin}: bad value for {key!r}: {message}" if key else f"{origin}: {message}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides; validated."""
+def merged_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides, as an OmegaConf
+    node: unknown keys and values of the wrong type are refused here, the value rules by
+    ``validate``. Cheap (no torch), so a sweep checks every job's overrides before running any."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
@@ -346,7 +386,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = _merge(merged, OmegaConf.create(loaded), str(path))
     if overrides:
         merged = _merge(merged, _parse_overrides(list(overrides)), "override")
-    cfg = OmegaConf.to_object(merged)
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then ``dotted.key=value`` overrides; validated."""
+    cfg = OmegaConf.to_object(merged_config(path, overrides))
     assert isinstance(cfg, Config)
     return validate(cfg)
 
@@ -408,7 +453,7 @@ def set_values(cfg: Config, values: dict[str, Any]) -> Config:
     node = OmegaConf.structured(cfg)
     for dotted, value in values.items():
         if OmegaConf.select(node, dotted, default=_ABSENT) is _ABSENT:
-            raise ConfigError(f"unknown config key {dotted!r}")
+            raise ConfigError(f"unknown config key {dotted!r}{unknown_key_hint(dotted)}")
         try:
             OmegaConf.update(node, dotted, value, merge=False)
         except OmegaConfBaseException as exc:

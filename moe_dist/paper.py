@@ -5,6 +5,7 @@ Keys are experiment names (``Config.name``). Errors are fractions; accuracies pe
 
 from __future__ import annotations
 
+from moe_dist.config import CONFIGS, Config, flatten, load_config, to_dict
 from moe_dist.fields import names, summary_fields
 
 # docs/papers.md A.9, the order of the tuples below: (train error, test error, family-wide std,
@@ -99,14 +100,43 @@ def published(name: str) -> dict[str, float]:
     return {}
 
 
-def format_summary(name: str, metrics: dict) -> str:
-    """A two- or three-column table of the final metrics, with the paper's value where known."""
-    paper = published(name)
-    rows = [(k, metrics[k], paper.get(k)) for k in summary_fields() if isinstance(metrics.get(k), (int, float))]
+#: The keys that make a run the paper's experiment of its name: a run that differs from the
+#: shipped config of that name (configs/<name>.yaml) in one of them is compared with nothing.
+SETTING_KEYS = ("data.name", "data.setting", "data.train_size", "data.test_size", "data.classes",
+                "model.arch", "model.kind", "moe.routing", "moe.num_experts", "moe.top_k",
+                "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma", "train.epochs", "train.batch_size")
+
+
+def setting_differences(cfg: Config) -> list[str]:
+    """How ``cfg`` differs from the paper's setting of its name (``key=value (paper: value)``);
+    empty when it matches, or when no shipped config bears its name."""
+    reference_file = CONFIGS / f"{cfg.name}.yaml"
+    if not cfg.name or not reference_file.is_file():
+        return []
+    ours, paper = flatten(to_dict(cfg)), flatten(to_dict(load_config(reference_file)))
+    return [f"{k}={ours[k]!r} (paper: {paper[k]!r})" for k in SETTING_KEYS if ours[k] != paper[k]]
+
+
+def format_summary(cfg: Config, metrics: dict, split: str = "test") -> str:
+    """A table of the final metrics with the paper's value beside them, where the run is the
+    paper's experiment (else a line says why the paper column is left out). ``split``: which
+    set ``metrics`` were computed on; its error is labelled so."""
+    differences = setting_differences(cfg)
+    paper = published(cfg.name) if split == "test" and not differences else {}
+    shown = dict(metrics)
+    if split != "test" and "test_error" in shown:
+        shown[f"{split}_error"] = shown.pop("test_error")
+    keys = [f"{split}_error" if k == "test_error" else k for k in summary_fields()]
+    rows = [(k, shown[k], paper.get(k)) for k in keys if isinstance(shown.get(k), (int, float))]
     lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
     for key, ours, ref in rows:
         lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
-    if "test_error" in metrics:
+    error = shown.get(f"{split}_error")
+    if isinstance(error, (int, float)):
         ref = f"{100 * (1 - paper['test_error']):>10.2f}" if "test_error" in paper else ""
-        lines.append(f"{'test accuracy %':<20} {100 * (1 - metrics['test_error']):>10.2f} {ref:>10}")
+        lines.append(f"{f'{split} accuracy %':<20} {100 * (1 - error):>10.2f} {ref:>10}")
+    if published(cfg.name) and not paper:
+        why = ("the paper reports test-set values" if split != "test" else
+               "this run is not the paper's setting: " + ", ".join(differences))
+        lines.append(f"paper column left out: {why}")
     return "\n".join(lines)

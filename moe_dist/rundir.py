@@ -16,7 +16,8 @@ A run folder holds
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ __all__ = ["RunDir", "find_finished_runs"]
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
+#: metrics.json layout. 2: epochs numbered from 1 (``history[].epoch`` = epochs completed,
+#: ``stopped_early_at`` the epoch in which it fired), ``train_seconds`` and ``total_seconds``.
+#: Files without ``format`` are version 1 (epochs from 0, ``wall_seconds`` = training time)
+#: and are read as version 2.
+METRICS_FORMAT = 2
 
 
 class RunDir:
@@ -105,7 +111,7 @@ class RunDir:
                                "a run killed while writing it; run it again to finish") from None
         if not isinstance(data, dict):
             raise MoEDistError(f"{self.metrics_path} does not hold a JSON object")
-        return data
+        return upgrade_metrics(data)
 
     def finished(self, cfg: Config | None = None) -> bool:
         """Whether the run is finished: its metrics.json is complete. With ``cfg``, also that
@@ -135,9 +141,22 @@ class RunDir:
                         keep: int = 2) -> Path:
         return checkpoint.save_checkpoint(self.checkpoints, epoch, payload, keep=keep, step=step)
 
-    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """The latest checkpoint (sha256-verified), or None when there is none yet."""
-        return checkpoint.load_checkpoint(self.checkpoints, map_location=map_location)
+    def load_checkpoint(self, map_location: str | torch.device = "cpu",
+                        on_skip: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """The newest checkpoint that verifies (sha256), or None when there is none yet;
+        ``on_skip`` hears about every damaged newer one that was passed over."""
+        return checkpoint.load_checkpoint(self.checkpoints, map_location=map_location, on_skip=on_skip)
+
+    def has_checkpoint_files(self) -> bool:
+        """Whether any checkpoint file is there, valid or not."""
+        return bool(checkpoint.checkpoint_files(self.checkpoints))
+
+    def clear(self) -> None:
+        """Remove what a run writes (``--overwrite``): config, metrics, checkpoints, events."""
+        if self.checkpoints.is_dir():
+            shutil.rmtree(self.checkpoints)
+        for path in (self.config_path, self.metrics_path, *self.path.glob("events.out.tfevents.*")):
+            path.unlink(missing_ok=True)
 
     def latest_weights(self) -> dict[str, torch.Tensor]:
         """The model state dict (full expert layout) of the latest checkpoint."""
@@ -145,6 +164,20 @@ class RunDir:
         if payload is None:
             raise CheckpointError(f"{self.path} has no checkpoint in {self.checkpoints}")
         return payload["model"]
+
+
+def upgrade_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.json of an older format in the current one (METRICS_FORMAT), so old and new
+    runs read alike: epochs renumbered from 1, ``wall_seconds`` named ``train_seconds``."""
+    if data.get("format", 1) >= METRICS_FORMAT:
+        return data
+    data = dict(data, format=METRICS_FORMAT)
+    data["history"] = [dict(h, epoch=h["epoch"] + 1) if "epoch" in h else h for h in data.get("history", [])]
+    if data.get("stopped_early_at") is not None:
+        data["stopped_early_at"] += 1
+    if "wall_seconds" in data:
+        data["train_seconds"] = data.pop("wall_seconds")
+    return data
 
 
 def find_finished_runs(paths: Iterable[str | Path]) -> Iterator[RunDir]:

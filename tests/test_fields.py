@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_dist import fields
+from moe_dist.rundir import RunDir
 from moe_dist.fields import CONDITIONAL, HISTORY, METRICS, TOPK
 from moe_dist.tables import markdown_table
 
@@ -48,7 +49,7 @@ def test_every_field_has_a_unit_a_one_line_meaning_and_a_unique_place():
         assert f.meaning and "\n" not in f.meaning, f
     with pytest.raises(KeyError, match="'nope' is not a field of metrics records"):
         fields.field("nope")
-    assert fields.names("test_error", "wall_seconds") == ("test_error", "wall_seconds")
+    assert fields.names("test_error", "train_seconds") == ("test_error", "train_seconds")
 
 
 def _record_keys(metrics: dict) -> dict[str, set[str]]:
@@ -84,7 +85,7 @@ def test_committed_metrics_files_hold_only_registry_fields(kind):
     files = sorted(RESULTS.glob(pattern))[:3]
     assert files, f"no committed {kind} run matches docs/results/{pattern}"
     for path in files:
-        by_record = _record_keys(json.loads(path.read_text()))
+        by_record = _record_keys(RunDir(path.parent).read_metrics())  # old formats read as the current one
         assert required in set().union(*by_record.values()), f"{path} is not a {kind} run (no {required})"
         for record, keys in by_record.items():
             known = {f.key for f in fields.fields(record)}
@@ -93,9 +94,11 @@ def test_committed_metrics_files_hold_only_registry_fields(kind):
 
 def test_the_registry_gives_the_lists_the_code_used_to_keep():
     # The hand-kept lists the registry replaced, in their order: reports, event files and
-    # metrics.json keep the same columns and keys.
+    # metrics.json keep the same columns and keys (wall_seconds is named train_seconds since
+    # metrics.json format 2, which also reports total_seconds).
     assert fields.summary_fields() == ("test_error", "train_error", "mutual_information", "sample_entropy",
-                                       "usage_entropy", "experts_used", "dispatch_entropy", "wall_seconds")
+                                       "usage_entropy", "experts_used", "dispatch_entropy", "train_seconds",
+                                       "total_seconds")
     assert fields.final_eval_fields() == (
         "mutual_information", "mutual_information_predicted", "sample_entropy", "usage_entropy", "selection_table",
         "soft_selection_table", "per_expert_accuracy", "samples_per_expert", "experts_used")
@@ -116,7 +119,7 @@ def test_the_registry_gives_the_lists_the_code_used_to_keep():
     assert "epoch" not in fields.history_tags()
     assert [f"{k}_{a}" for k, a in fields.report_aggregates()] == [
         "mutual_information_mean", "mutual_information_predicted_mean", "sample_entropy_mean", "usage_entropy_mean",
-        "dispatch_entropy_mean", "dispatch_entropy_std", "wall_seconds_mean", "step_seconds_mean",
+        "dispatch_entropy_mean", "dispatch_entropy_std", "train_seconds_mean", "step_seconds_mean",
         "peak_memory_mb_max"]
 
 

@@ -62,7 +62,8 @@ NO_GPU = "this launcher needs a CUDA GPU and torch finds none on this machine; "
      "parallel.zero_stage=3 must be 0, 1 or 2 (DeepSpeed's MoE does not support ZeRO-3)"),
     (LaunchPlan(device="cpu", num_processes=2, overrides=("parallel.ep_size=2", "moe.num_experts=5")), 0,
      "moe.num_experts=5 is not divisible by parallel.ep_size=2"),
-    (LaunchPlan(device="cpu", overrides=("train.epoch=3",)), 0, "override: unknown key 'train.epoch'"),
+    (LaunchPlan(device="cpu", overrides=("train.epoch=3",)), 0, "override: unknown key 'train.epoch'; "
+                                                                "did you mean train.epochs? (moe-dist config keys lists every key)"),
     (LaunchPlan(device="cpu", config="/no/such.yaml"), 0, "config file /no/such.yaml does not exist"),
 ])
 def test_preflight_stops_an_impossible_launch_with_one_line(plan, gpus, message):
@@ -233,7 +234,7 @@ def test_a_two_process_run_writes_one_event_stream_with_every_ranks_step_time(on
     assert {*per_rank, "perf/step_seconds/max", "perf/step_seconds/mean", "train/loss"} <= tags
     assert "perf/step_seconds/rank2" not in tags and "hparam/test_error" in tags
     for tag in (*per_rank, "perf/step_seconds/max", "perf/step_seconds/mean"):
-        assert [e.step for e in board.Scalars(tag)] == [0, 1, 2], tag  # one value per epoch
+        assert [e.step for e in board.Scalars(tag)] == [1, 2, 3], tag  # one value per epoch, from 1
     epoch_seconds = [e.value for e in board.Scalars("train/epoch_seconds")]
     for epoch in range(3):
         by_rank = [board.Scalars(tag)[epoch].value for tag in per_rank]

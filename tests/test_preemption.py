@@ -123,7 +123,8 @@ def test_sigusr1_mid_epoch_checkpoints_and_the_same_command_resumes_exactly(tmp_
 
     [(code, out)] = finish([start(cmd)])  # the same command, no flags
     assert code == 0, out[-3000:]
-    assert f"resumed {preempted} at epoch {state['epoch']}, batch {state['batch']}" in out
+    assert (f"resumed {preempted} after epoch {state['epoch']}, batch {state['batch']} "
+            f"of epoch {state['epoch'] + 1}") in out
     build_trainer(load_config(SYNTHETIC_MOE, overrides(straight))).fit()
     assert_same_final_state(straight, preempted)
 

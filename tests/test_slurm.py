@@ -164,7 +164,7 @@ def test_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, t
     assert "requeueing job" in text and "restart 1" in text
     if script == "train_multinode.sbatch":  # torchrun passed it on, rather than dying of it
         assert "closing signal SIGUSR1" in text and "User defined signal" not in text, text[-4000:]
-    resumed = [line for line in text.splitlines() if line.startswith(f"resumed {run} at epoch")]
+    resumed = [line for line in text.splitlines() if line.startswith(f"resumed {run} after epoch")]
     assert resumed and ", batch " in resumed[0], text[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 10 * STEPS_PER_EPOCH

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 from moe_dist.cli import main
 from moe_dist.config import load_config, save_config
 from moe_dist.errors import ConfigError
 from moe_dist.experiments import report
 from moe_dist.experiments.report import write_report
-from moe_dist.experiments.sweep import expand, load_sweep
+from moe_dist.experiments.sweep import SWEEPS_ROOT, expand, load_sweep
+from moe_dist.rundir import RunDir
 
 SYNTHETIC_MOE = str(CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml")
 TINY = ["data.train_size=500", "data.test_size=200", "train.epochs=2", "train.progress=false"]
@@ -92,7 +94,10 @@ def test_jobs_expand_members_grid_points_and_seeds_in_file_order(tmp_path, capsy
     ({"root": "r", "seeds": [0, "x"], "members": [{"name": "a", "config": SYNTHETIC_MOE}]}, "seeds must be"),
     ({"root": "r", "members": [{"name": "a", "config": SYNTHETIC_MOE, "grid": {"train.lr": 0.1}}]},
      "train.lr must map to a non-empty list"),
-    ({"members": [{"name": "a", "config": SYNTHETIC_MOE}]}, "needs root"),
+    ({"root": "r", "overrides": ["root=/tmp/x"], "members": [{"name": "a", "config": SYNTHETIC_MOE}]},
+     "member 'a': override: unknown key 'root'"),
+    ({"root": "r", "members": [{"name": "a", "config": SYNTHETIC_MOE, "overrides": ["moe.num_experts=many"]}]},
+     "member 'a': override: bad value for 'moe.num_experts'"),
 ])
 def test_sweep_file_errors_are_one_line_before_anything_runs(tmp_path, capsys, spec, message):
     sweep_file = write_sweep(tmp_path / "s.yaml", spec)
@@ -104,15 +109,75 @@ def test_sweep_file_errors_are_one_line_before_anything_runs(tmp_path, capsys, s
     assert not (tmp_path / "r").exists()
 
 
+def test_root_defaults_under_runs_and_root_option_replaces_it_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep_file = write_sweep(tmp_path / "mine.yaml", {"members": [{"name": "a", "config": SYNTHETIC_MOE}]})
+    assert [job.run_dir for job in expand(load_sweep(sweep_file))] == [Path("runs/sweeps/mine/a/seed0")]
+    assert main(["sweep", str(sweep_file), "--root", "elsewhere", "--seeds", "3", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("run_dir=elsewhere/a/seed3 seed=3")
+    # A command-line override the jobs would reject is refused at once, naming it.
+    for mode in ("--dry-run", "--list", "--index=0"):
+        assert main(["sweep", str(sweep_file), mode, "--root", "elsewhere", "root=/tmp/x"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+        assert "mine.yaml: member 'a': override: unknown key 'root'" in captured.err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+
+
+# Where the committed runs of each shipped sweep file are (docs/results/README.md).
+COMMITTED_ROOTS = {"fmnist_table7.yaml": "docs/results/fmnist", "fmnist_table7_gpu.yaml": "docs/results/fmnist_gpu",
+                   "mnist10k_table2.yaml": "docs/results/mnist10k", "synthetic_s1.yaml": "docs/results/synthetic"}
+
+
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_load_and_expand(path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parent)  # their paths are relative to the repository root
     assert path.read_text().startswith(f"# moe-dist sweep configs/sweeps/{path.name}")
-    jobs = expand(load_sweep(path))  # checks that every config file exists
+    sweep = load_sweep(path)
+    jobs = expand(sweep)  # checks that every config file exists and every override's key
     assert jobs and len({job.run_dir for job in jobs}) == len(jobs)
+    # By default a sweep writes under runs/, never among the committed results.
+    assert Path(sweep.root).parent == SWEEPS_ROOT and "docs" not in Path(sweep.root).parts
+    # Named explicitly, the committed root holds every job finished (the file says how).
+    committed = COMMITTED_ROOTS[path.name]
+    assert f"--root {committed}" in path.read_text()
+    assert [job.status() for job in expand(load_sweep(path, committed))] == ["done"] * len(jobs)
 
 
 # ---------------------------------------------------------------- sweep: real runs
+
+
+@pytest.mark.slow  # one committed run again: 164 full-batch steps, 60-90 s on 2 shared cores
+def test_a_shipped_sweep_reproduces_its_committed_run(tmp_path, capsys, monkeypatch):
+    """`moe-dist sweep FILE --only MEMBER --seeds S --root DIR` re-runs one of the committed
+    docs/results runs (the cheapest: s1 MoE nonlinear, seed 9, stopped early after 164 steps)
+    and gets its metrics: counts exactly, float sums to 1e-6 relative (another CPU may differ
+    in their last bits). train.num_threads=2: the thread count of the committed run, whose
+    config says 0 (torch's default, 2 on its 2 cores), so a larger machine sums alike."""
+    monkeypatch.chdir(REPO)  # the sweep file's paths are relative to the repository root
+    member, seed = "s1_moe_nonlinear", 9
+    committed = RunDir(REPO / "docs" / "results" / "synthetic" / member / f"seed{seed}")
+    assert main(["sweep", "configs/sweeps/synthetic_s1.yaml", "--only", member, "--seeds", str(seed),
+                 "--root", str(tmp_path), "train.num_threads=2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"[0] {member}/seed{seed} ... done")
+    run = RunDir(tmp_path / member / f"seed{seed}")
+    ours, theirs = run.read_metrics(), committed.read_metrics()
+    counts = ("epoch", "test_error", "train_error", "epochs_completed", "stopped_early_at", "steps", "experts_used")
+    sums = ("test_loss", "train_loss", "train_nll", "dispatch_entropy", "test_dispatch_entropy", "sample_entropy",
+            "usage_entropy", "mutual_information", "mutual_information_predicted")
+    assert len(ours["history"]) == len(theirs["history"]) == 165
+    # The summary, then every epoch's record (the stopping epoch's train_error is NaN).
+    pairs = [("final", ours, theirs)]
+    pairs += [(f"epoch {b['epoch']}", a, b) for a, b in zip(ours["history"], theirs["history"])]
+    for where, a, b in pairs:
+        assert set(a) & {*counts, *sums} == set(b) & {*counts, *sums}, where
+        for key in set(b) & set(counts):
+            assert a[key] == b[key] or math.isnan(a[key]) and math.isnan(b[key]), (where, key)
+        for key in set(b) & set(sums):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), (where, key)
+    mine, original = run.read_config(), committed.read_config()
+    mine.run_dir, mine.train.num_threads = original.run_dir, original.train.num_threads
+    assert mine == original
 
 
 def test_sweep_index_runs_only_that_job_and_a_rerun_skips_finished_jobs(tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_run_folder_holds_the_documented_interface(tmp_path, data_root):
     for key in ("test_error", "mutual_information", "sample_entropy", "usage_entropy", "selection_table", "history"):
         assert key in saved, key
     assert saved == json.loads(json.dumps(metrics))
-    assert [h["epoch"] for h in saved["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3]  # epochs completed, from 1 (as epoch_0001.pt)
     assert all({"train_loss", "test_error"} <= h.keys() for h in saved["history"])
     table = saved["selection_table"]
     assert len(table) == 5 and len(table[0]) == 10 and sum(map(sum, table)) == 500
@@ -58,7 +58,7 @@ def test_run_folder_holds_the_documented_interface(tmp_path, data_root):
     tags = events.Tags()
     for tag in ("train/loss", "train/importance", "eval/error", "moe/usage_entropy", "moe/mutual_information"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
-    assert [e.step for e in events.Scalars("eval/error")] == [0, 1, 2]
+    assert [e.step for e in events.Scalars("eval/error")] == [1, 2, 3]  # epochs completed, from 1
     assert events.Scalars("eval/error")[-1].value == pytest.approx(saved["test_error"], abs=1e-6)
     assert "moe/selection_table" in tags["images"]
 

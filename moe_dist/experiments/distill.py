@@ -171,7 +171,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not is_main():
         return 0
     print(f"\n{cfg.name}: {cfg.run_dir} (experts unchanged: {metrics['experts_unchanged']})")
-    print(format_summary(cfg.name, metrics))
+    print(format_summary(cfg, metrics))
     conditional = metrics["conditional"]
     print(f"\n{'routing':<8} {'test error':>10} {'expert FLOPs':>13} {'eval s':>8}")
     print(f"{'dense':<8} {metrics['test_error']:>10.4f} {1.0:>13.3f} {conditional['dense_eval_seconds']:>8.3f}")
@@ -185,7 +185,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``moe-dist distill SOURCE_RUN [--config FILE] [--k 1,2] [overrides ...]``."""
     p = add_leaf_parser(
-        subparsers, "distill", help="distil an attentive run into a softmax gate over its frozen experts (paper A.8)")
+        subparsers, "distill", help="distil an attentive run into a softmax gate over its frozen experts (paper A.8)",
+        description="Freeze the experts of a finished attentive MoE run, train a softmax gate initialised from\n"
+                    "its attentive gate, then evaluate it with top-k routing, where only k experts run per\n"
+                    "sample (paper section 5.1). Details: README, \"Distillation\".",
+        epilog="example (train a source, then distil it):\n"
+               "  moe-dist train --config configs/mnist/attentive_lcv.yaml run_dir=runs/attentive_lcv\n"
+               "  moe-dist distill runs/attentive_lcv --config configs/mnist/distilled_lcv.yaml --k 1,2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source_run", help="run folder of the attentive MoE to distil")
     p.add_argument("--config", default=None,
                    help="distillation config (e.g. configs/mnist/distilled_lcv.yaml); default: the source's")

@@ -41,7 +41,7 @@ from moe_dist.config import Config, flatten, to_dict
 from moe_dist.errors import MoEDistError
 from moe_dist.fields import report_aggregates
 from moe_dist.paper import PUBLISHED_KEYS, published
-from moe_dist.rundir import METRICS, RunDir
+from moe_dist.rundir import CONFIG, METRICS, RunDir
 from moe_dist.tables import markdown_table
 
 METHOD_ORDER = ("single", "vanilla", "vanilla_lcv", "vanilla_ls", "attentive", "attentive_lcv",
@@ -273,7 +273,7 @@ def _image_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
     # "I pred." is the paper's own definition (row = the chosen expert's predicted class,
     # docs/papers.md A.7), the one its "paper I" column was computed with; "I(E;Y)" uses true labels.
     headers = ("method", "n", "train err", "test err (mean ± std)", "best-by-train-error test err", "I(E;Y)",
-               "I pred.", "H_s", "H_u", "wall/run", "paper test err ± std", "paper I", "paper H_s", "paper H_u")
+               "I pred.", "H_s", "H_u", "train time/run", "paper test err ± std", "paper I", "paper H_s", "paper H_u")
     rows = []
     for g, r in pairs:
         paper = _pm(r["paper_test_error"], r["paper_std"], 3) if r["paper_test_error"] is not None else "–"
@@ -281,7 +281,7 @@ def _image_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
             _method_cell(g, r), r["n"], _num(r["train_error_mean"], 4),
             _pm(r["test_error_mean"], r["test_error_std"], 4), _num(r["best_test_error"], 4),
             _num(r["mutual_information_mean"], 3), _num(r["mutual_information_predicted_mean"], 3),
-            _num(r["sample_entropy_mean"], 3), _num(r["usage_entropy_mean"], 3), _duration(r["wall_seconds_mean"]),
+            _num(r["sample_entropy_mean"], 3), _num(r["usage_entropy_mean"], 3), _duration(r["train_seconds_mean"]),
             paper, _num(r["paper_mutual_information"], 3), _num(r["paper_sample_entropy"], 3),
             _num(r["paper_usage_entropy"], 3)))
     return markdown_table(headers, rows).splitlines()
@@ -289,14 +289,14 @@ def _image_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
 
 def _synthetic_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
     headers = ("method", "n", "train acc %", "test acc % (mean ± std)", "best-by-train-error test acc %",
-               "dispatch entropy (mean ± std)", "wall/run", "paper test acc %", "paper dispatch entropy")
+               "dispatch entropy (mean ± std)", "train time/run", "paper test acc %", "paper dispatch entropy")
     rows = []
     for g, r in pairs:
         std = None if r["test_error_std"] is None else 100 * r["test_error_std"]
         rows.append((
             _method_cell(g, r), r["n"], _num(_acc(r["train_error_mean"]), 2),
             _pm(_acc(r["test_error_mean"]), std, 2), _num(_acc(r["best_test_error"]), 2),
-            _pm(r["dispatch_entropy_mean"], r["dispatch_entropy_std"], 3), _duration(r["wall_seconds_mean"]),
+            _pm(r["dispatch_entropy_mean"], r["dispatch_entropy_std"], 3), _duration(r["train_seconds_mean"]),
             _num(_acc(r["paper_test_error"]), 2), _num(r["paper_dispatch_entropy"], 3)))
     return markdown_table(headers, rows).splitlines()
 
@@ -355,7 +355,7 @@ def write_figures(groups: list[Group], folder: Path) -> tuple[list[tuple[str, Pa
             for run in group.runs:
                 for record in run.metrics.get("history", []):
                     if isinstance(record.get("test_error"), (int, float)):
-                        by_epoch[int(record["epoch"]) + 1].append(float(record["test_error"]))
+                        by_epoch[int(record["epoch"])].append(float(record["test_error"]))
             if by_epoch:
                 epochs = sorted(by_epoch)
                 ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker=".",
@@ -423,9 +423,22 @@ def write_report(paths: list[str], out: Path, std_over: str = "seeds", title: st
     return markdown
 
 
+def unfinished_runs(paths: list[str]) -> list[Path]:
+    """Run folders (a config.yaml) below ``paths`` that are not finished: the report leaves
+    them out, and says so."""
+    folders = {p.parent.resolve(): p.parent for given in paths for p in Path(given).rglob(CONFIG)}
+    return sorted(folder for folder in folders.values() if not RunDir(folder).finished())
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     markdown = write_report(args.paths, Path(args.out), args.std, args.title)
-    print(f"wrote {markdown}, {markdown.with_suffix('.csv')} and {markdown.parent / 'figures'}/")
+    text = markdown.read_text()
+    print(text.split("\n## Figures")[0].rstrip())  # the tables; the figures are files
+    skipped = unfinished_runs(args.paths)
+    if skipped:
+        listed = ", ".join(str(p) for p in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"\nleft out {len(skipped)} unfinished run folder(s) (no complete metrics.json): {listed}")
+    print(f"\nwrote {markdown}, {markdown.with_suffix('.csv')} and {markdown.parent / 'figures'}/")
     return 0
 
 

@@ -213,10 +213,23 @@ def cmd_pretrained_gate(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``moe-dist study experts ...`` and ``moe-dist study pretrained-gate ...``."""
-    study = subparsers.add_parser("study", help="multi-run studies of the papers (expert count, pretrained gate)")
+    raw = argparse.RawDescriptionHelpFormatter
+    study = subparsers.add_parser(
+        "study", help="multi-run studies of the papers (expert count, pretrained gate)", formatter_class=raw,
+        description="The papers' multi-run studies: experts used as the number of experts grows (experts), and\n"
+                    "whether end-to-end training finds a good decomposition (pretrained-gate). Each writes\n"
+                    "its runs and a summary under --root. Details: README, \"Studies\".",
+        epilog="examples:\n  moe-dist study experts --config configs/mnist/vanilla.yaml --experts 5,10,15\n"
+               "  moe-dist study pretrained-gate --dataset mnist10k --splits 0,1 --seeds 0")
     sub = study.add_subparsers(dest="study", required=True, parser_class=IntermixedParser)
 
-    p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)")
+    p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)",
+                       description="Train the config at each expert count with each regulariser (L_cv, L_s) and\n"
+                                   "seed, one moe-dist train process per run, then tabulate and plot experts used,\n"
+                                   "H_u, error, step time and peak memory (study.md, study.csv, study.png).\n"
+                                   "Details: README, \"Studies\".",
+                       epilog="example:\n  moe-dist study experts --config configs/mnist/vanilla.yaml "
+                              "--experts 5,10,15 --seeds 0,1 data.name=mnist10k", formatter_class=raw)
     p.add_argument("--config", required=True, help="base MoE config, e.g. configs/mnist/vanilla.yaml")
     p.add_argument("--experts", type=comma_ints, default=[5, 10, 15], help="expert counts (default 5,10,15)")
     p.add_argument("--regularizers", type=lambda s: [r for r in s.split(",") if r], default=["lcv", "ls"],
@@ -229,7 +242,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
     p.set_defaults(func=cmd_experts)
 
-    p = sub.add_parser("pretrained-gate", help="pretrained gate / pretrained experts (paper Section 4.2, A.6)")
+    p = sub.add_parser("pretrained-gate", help="pretrained gate / pretrained experts (paper Section 4.2, A.6)",
+                       description="Paper section 4.2: gates and experts trained end-to-end (scratch) against an\n"
+                                   "intuitive decomposition (one expert pretrained per class pair), each gate then\n"
+                                   "reused with new experts; a summary next to the paper's Table 1. Details: README,\n"
+                                   "\"Studies\".",
+                       epilog="example:\n  moe-dist study pretrained-gate --dataset mnist10k --splits 0,1,2,3,4 "
+                              "--seeds 0",
+                       formatter_class=raw)
     p.add_argument("--dataset", default="mnist10k", help="mnist10k | fmnist_mnist (default mnist10k)")
     p.add_argument("--splits", type=comma_ints, default=[0], help="indices of the paper's class-pair splits")
     p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")

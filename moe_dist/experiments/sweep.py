@@ -9,7 +9,8 @@ wall time are its own.
 Sweep file (YAML; relative paths are relative to the working directory)::
 
     # moe-dist sweep configs/sweeps/fmnist_table7.yaml
-    root: runs/fmnist          # run folders: {root}/{member}/seed{seed};
+    root: runs/fmnist          # optional, default runs/sweeps/{file stem}; --root replaces it.
+                               # Run folders: {root}/{member}/seed{seed};
                                # grid members: {root}/{member}/{point}/seed{seed}
     seeds: [0, 1, 2]           # optional, default [0]; --seeds replaces it
     nproc: 1                   # optional, default 1: processes per job; --nproc replaces it
@@ -37,7 +38,9 @@ point (joined by ``,`` with the member's own grid point, if it has a grid).
 
 Overrides are applied in this order: the file's ``overrides``, the member's, the grid
 point's, the command line's, then ``run_dir=`` and ``seed=`` (so the folder layout holds).
-``config`` and override strings may contain ``{root}`` and ``{seed}``.
+``config`` and override strings may contain ``{root}`` and ``{seed}``. Every job's config and
+overrides are checked before any job runs (and before ``--list`` or ``--dry-run`` prints): a
+key that is not a config key, or a value of the wrong type, stops the sweep with one line.
 
 Several processes per job (expert parallelism): with ``--nproc N`` (or ``nproc: N``) > 1 each
 job runs under ``python -m torch.distributed.run --standalone --nproc_per_node N
@@ -78,6 +81,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from moe_dist.config import merged_config
 from moe_dist.errors import ConfigError
 from moe_dist.launch import moe_dist_command
 from moe_dist.rundir import RunDir
@@ -102,7 +106,7 @@ class MemberFile:
 class SweepFile:
     """The schema of a sweep file's top level."""
 
-    root: str = MISSING
+    root: str = ""  # empty: default_root(the file)
     seeds: list[int] = field(default_factory=lambda: [0])
     nproc: int = 1
     overrides: list[str] = field(default_factory=list)
@@ -111,6 +115,12 @@ class SweepFile:
 
 SWEEP_KEYS = tuple(f.name for f in fields(SweepFile))
 MEMBER_KEYS = tuple(f.name for f in fields(MemberFile))
+SWEEPS_ROOT = Path("runs", "sweeps")
+
+
+def default_root(path: Path) -> str:
+    """Where a sweep file without ``root`` writes: under runs/, never next to committed results."""
+    return str(SWEEPS_ROOT / path.stem)
 
 
 @dataclass(frozen=True)
@@ -234,8 +244,9 @@ def _member(entry: Any, position: int, earlier: dict[str, Member], where: str) -
                   member["distill"], _grid(grid, f"{where}: {name}.grid") if grid is not None else ())
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Parse and check a sweep file; every fault is a one-line ConfigError naming it."""
+def load_sweep(path: str | Path, root: str | Path | None = None) -> Sweep:
+    """Parse and check a sweep file; every fault is a one-line ConfigError naming it. ``root``
+    (``--root``) replaces the file's ``root``; without either, ``default_root(path)``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
@@ -244,9 +255,9 @@ def load_sweep(path: str | Path) -> Sweep:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with root and members")
+        raise ConfigError(f"{path}: the top level must be a mapping with members")
     errors = {
-        "root": f"{path}: needs root: FOLDER (the runs go to FOLDER/member/seedN)",
+        "root": f"{path}: root must be a folder (the runs go to FOLDER/member/seedN)",
         "seeds": f"{path}: seeds must be a non-empty list of non-negative integers, not {data.get('seeds')!r}",
         "nproc": f"{path}: nproc must be a positive integer (processes per job), not {data.get('nproc')!r}",
         "overrides": f"{path}: overrides must be a list of key=value strings",
@@ -254,15 +265,17 @@ def load_sweep(path: str | Path) -> Sweep:
     }
     sweep = _typed(SweepFile, data, errors,
                    lambda key: f"{path}: unknown key {key!r} (allowed: {', '.join(SWEEP_KEYS)})")
-    for key, fault in (("root", not sweep["root"]), ("members", not sweep["members"]),
-                       ("seeds", not sweep["seeds"] or min(sweep["seeds"]) < 0)):
+    for key, fault in (("members", not sweep["members"]), ("seeds", not sweep["seeds"] or min(sweep["seeds"]) < 0)):
         if fault:
             raise ConfigError(errors[key])
     members: dict[str, Member] = {}
     for position, entry in enumerate(sweep["members"]):
         member = _member(entry, position, members, str(path))
         members[member.name] = member
-    return Sweep(path, sweep["root"], tuple(sweep["seeds"]), _string_list(sweep["overrides"], f"{path}: overrides"),
+    if root is not None and not str(root):
+        raise ConfigError("--root needs a folder")
+    root = str(root) if root is not None else sweep["root"] or default_root(path)
+    return Sweep(path, root, tuple(sweep["seeds"]), _string_list(sweep["overrides"], f"{path}: overrides"),
                  tuple(members.values()), _nproc(sweep["nproc"], f"{path}: nproc"))
 
 
@@ -285,6 +298,19 @@ def _fill(text: str, root: str, seed: int) -> str:
     return text.replace("{root}", root).replace("{seed}", str(seed))
 
 
+def _check_keys(config: str, overrides: list[str], where: str, checked: set[tuple[str, ...]]) -> None:
+    """Refuse at once a key that is not a config key, or a value of the wrong type, which would
+    fail every job alike (a value rule, e.g. moe.num_experts=0, stays its job's own failure);
+    OmegaConf only, once per distinct config and overrides."""
+    if (config, *overrides) in checked:
+        return
+    try:
+        merged_config(config, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    checked.add((config, *overrides))
+
+
 def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, ...] = (),
            overrides: tuple[str, ...] = (), nproc: int | None = None) -> list[Job]:
     """The numbered jobs of a sweep, in run order; checks --only names and config files first.
@@ -297,6 +323,7 @@ def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, 
             raise ConfigError(f"--only {name}: no such member in {sweep.path} (members: {', '.join(names)})")
     by_name = {m.name: m for m in sweep.members}
     jobs: list[Job] = []
+    checked: set[tuple[str, ...]] = set()
     for member in sweep.members:
         if only and member.name not in only:
             continue
@@ -307,8 +334,9 @@ def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, 
                     raise ConfigError(f"{sweep.path}: member {member.name!r}: config file {config} does not exist")
                 run_dir = Path(sweep.root, member.name, point, f"seed{seed}")
                 args = [_fill(o, sweep.root, seed) for o in (*sweep.overrides, *member.overrides)]
-                args += [*point_overrides, *(_fill(o, sweep.root, seed) for o in overrides),
-                         f"run_dir={run_dir}", f"seed={seed}"]
+                args += [*point_overrides, *(_fill(o, sweep.root, seed) for o in overrides)]
+                _check_keys(config, args, f"{sweep.path}: member {member.name!r}", checked)
+                args += [f"run_dir={run_dir}", f"seed={seed}"]
                 source = None
                 if member.distill:
                     source = Path(sweep.root, member.distill, source_point, f"seed{seed}")
@@ -386,7 +414,7 @@ def _seeds_arg(text: str) -> tuple[int, ...]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep_file)
+    sweep = load_sweep(args.sweep_file, args.root)
     only = tuple(n for n in (args.only or "").split(",") if n)
     jobs = expand(sweep, _seeds_arg(args.seeds) if args.seeds else None, only, tuple(args.overrides), args.nproc)
     if args.index is not None:
@@ -416,10 +444,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a sweep file's members over seeds and grid points",
-                              usage="moe-dist sweep SWEEP_FILE [--seeds S[,S]] [--only NAME[,NAME]] [--index N] "
-                                    "[--nproc N] [--list | --dry-run] [key=value ...]",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_file", help="YAML sweep file (format above)")
+                              usage="moe-dist sweep SWEEP_FILE [--root DIR] [--seeds S[,S]] [--only NAME[,NAME]] "
+                                    "[--index N] [--nproc N] [--list | --dry-run] [key=value ...]",
+                              description="Run the members of a sweep file (configs, optionally with grids of "
+                                          "values) over seeds,\none subprocess per job, resumably: finished "
+                                          "runs are skipped, interrupted ones resume.\nThe file format, "
+                                          "folder layout and signals: README, \"Sweeps\".",
+                              epilog="examples:\n"
+                                     "  moe-dist sweep configs/sweeps/synthetic_s1.yaml --list     "
+                                     "# the numbered jobs and their status\n"
+                                     "  moe-dist sweep configs/sweeps/synthetic_s1.yaml --seeds 0,1 train.epochs=100\n"
+                                     "  moe-dist sweep configs/sweeps/mnist10k_table2.yaml --index 3   "
+                                     "# job 3 only (a SLURM array task)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_file", help="YAML sweep file (format: README, \"Sweeps\")")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="folder of the run folders, replacing the file's root (default: runs/sweeps/FILE_STEM)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the file's seeds")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these members")
     p.add_argument("--index", type=int, default=None, metavar="N", help="run only job N of the list (0-based)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -152,6 +153,10 @@ def build_engine(model: nn.Module, build_optimizer: Callable[..., torch.optim.Op
     Returns the engine and the client optimizer (for the LR schedule and checkpoints)."""
     check_zero_stage(zero_stage)
     deepspeed = import_deepspeed()
+    # DeepSpeed 0.19's ZeRO gathers with torch's all_gather_into_tensor, which torch 2.13 marks
+    # deprecated: a FutureWarning per gather in the middle of training that a user cannot act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     mark_expert_parameters(model, ep_size)

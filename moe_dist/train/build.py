@@ -8,6 +8,7 @@ after ``torch.manual_seed(cfg.seed)``, so a run's initial weights depend on its 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,7 @@ def build_trainer(cfg: Config, dataset: Dataset | None = None) -> Trainer:
     """A Trainer for ``cfg``: joins the launcher's process group (left again by
     ``Trainer.close`` if this call joined it), then data, model and engine. ``dataset``
     replaces loading ``cfg.data`` (procedures that share one dataset between runs)."""
+    started = time.perf_counter()
     configure_process(cfg)
     existed = group_exists()
     join_process_group(process_group_backend(cfg))
@@ -157,4 +159,5 @@ def build_trainer(cfg: Config, dataset: Dataset | None = None) -> Trainer:
     model = build_network(cfg, data.dataset, ctx)
     engine = build_engine(cfg, model, ctx, device, lambda m, split=None: build_optimizer(m, cfg, split))
     scheduler = build_scheduler(engine.optimizer, cfg)
-    return Trainer(cfg, RunDir(cfg.run_dir), engine, data, scheduler, owns_process_group=owns_group)
+    return Trainer(cfg, RunDir(cfg.run_dir), engine, data, scheduler, owns_process_group=owns_group,
+                   started=started)

@@ -24,10 +24,16 @@ __all__ = ["log_epoch", "log_final", "SummaryWriter"]
 def log_epoch(writer: SummaryWriter, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None,
               lr: float, step_seconds_by_rank: list[float], class_names: list[str]) -> None:
     """One epoch's scalars (and the selection table when it was evaluated)."""
-    tags = fields.history_tags()  # the tags of moe_dist/fields.py; a new loss part gets train/<part>
+    # Each value once: the tags of moe_dist/fields.py (the evaluation's copies in the record
+    # have none: they are logged below as eval/*, moe/*); a new loss part gets train/<part>;
+    # the task loss alone when it is the whole loss (no gate losses).
+    tags, evaluated = fields.history_tags(), set(fields.history_eval_fields()) | {"test_error", "test_loss"}
     for k, v in record.items():
-        if isinstance(v, (int, float)) and k != "epoch":
-            writer.add_scalar(tags.get(k) or f"train/{k.removeprefix('train_')}", v, epoch)
+        if not isinstance(v, (int, float)) or k == "epoch" or k in evaluated:
+            continue
+        if k == "train_nll" and v == record.get("train_loss"):
+            continue
+        writer.add_scalar(tags.get(k) or f"train/{k.removeprefix('train_')}", v, epoch)
     writer.add_scalar("train/lr", lr, epoch)
     for rank, seconds in enumerate(step_seconds_by_rank):  # not in the history: timings differ
         writer.add_scalar(f"perf/step_seconds/rank{rank}", seconds, epoch)

@@ -2,7 +2,7 @@
 
 SLURM warns a job before it takes the nodes away (``#SBATCH --signal=B:USR1@120``, a
 preemption with ``preempt_send_user_signal``) and sends SIGTERM at preemption, time limit
-and ``scancel``. On SIGUSR1 or SIGTERM the trainer
+and ``scancel``. On SIGUSR1, SIGTERM or SIGINT (Ctrl+C) the trainer
 
 1. finishes the optimizer step it is in (the handler only sets a flag);
 2. agrees with the other ranks: after every step one all-reduce (MAX) of the flag, so all
@@ -15,7 +15,8 @@ and ``scancel``. On SIGUSR1 or SIGTERM the trainer
 The same command run again resumes from that checkpoint with no flags, and ends with the
 parameters an uninterrupted run has. While ``fit()`` runs, SIGTERM therefore no longer ends
 the process at once (a rank stuck in a collective needs SIGKILL, which SLURM sends after
-``KillWait``); SIGINT (Ctrl-C) is unchanged. Who requeues: the sbatch scripts (``slurm/``), after
+``KillWait``). A second Ctrl+C, pressed more than a second after the first, interrupts at
+once without a checkpoint (KeyboardInterrupt). Who requeues: the sbatch scripts (``slurm/``), after
 SIGUSR1 only; which process gets which signal in each launch pattern: README, "SLURM".
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -34,7 +36,11 @@ if TYPE_CHECKING:
 PREEMPTED_EXIT_CODE = 75
 """sysexits.h EX_TEMPFAIL: stopped early with a checkpoint; run the same command to continue."""
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+#: A second SIGINT this long after the first interrupts at once (KeyboardInterrupt, no
+#: checkpoint): a user pressing Ctrl+C again. Sooner, it is the same Ctrl+C delivered twice
+#: (the terminal signals the whole process group, and torchrun or a sweep passes it on too).
+SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 class Preempted(Exception):
@@ -59,10 +65,16 @@ class PreemptionFlag:
         self.signum = 0  # the first signal this process got
         self.agreed_signum = 0  # the last agreed() result
         self._on_signal = on_signal
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # No escalation on a second signal: SLURM and srun may both deliver the same one.
+        # No escalation on a second SIGUSR1/SIGTERM: SLURM and srun may both deliver the same one.
+        now = time.monotonic()
+        if signum == signal.SIGINT and self.signum and now - self._first_at > SECOND_INTERRUPT_AFTER_S:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self._first_at = now
         self.signum = self.signum or signum
         if self._on_signal is not None:
             self._on_signal(signum)

@@ -17,6 +17,7 @@ Legend: B = batch (this rank's share), C = classes, E = experts.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,9 +29,10 @@ from moe_dist import fields
 from moe_dist.config import Config, check_resumable, from_dict, to_dict
 from moe_dist.data import Split, TensorBatches
 from moe_dist.data.augment import cifar_augment
+from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.losses import model_loss
 from moe_dist.parallel import all_gather_floats, all_reduce, barrier, destroy_distributed
-from moe_dist.rundir import RunDir
+from moe_dist.rundir import METRICS_FORMAT, RunDir
 from moe_dist.train.engines import Engine
 from moe_dist.train.evaluate import evaluate, global_batch_size
 from moe_dist.train.events import SummaryWriter, log_epoch, log_final
@@ -61,15 +63,25 @@ class EpochOutcome:
     """What an epoch's steps produced: its history record, or a stop."""
 
     record: dict[str, Any] = field(default_factory=dict)
-    stopped_early: bool = False  # early stopping fired (the epoch's record is still complete)
+    stopped_early: str | None = None  # why early stopping fired (the epoch's record is still complete)
     preempted: bool = False  # a signal stopped it mid-epoch; position and sums are in the state
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The line printed after each epoch: its number, losses, test metrics when evaluated, time."""
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for key, label, unit in (("train_loss", "train loss", ""), ("test_error", "test error", ""), ("usage_entropy", "H_u", " bits"),
+                             ("mutual_information", "I(E;Y)", " bits"), ("dispatch_entropy", "dispatch entropy", "")):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{label} {record[key]:.4f}{unit}")
+    return ", ".join(parts) + f", {record['epoch_seconds']:.1f} s"
 
 
 class Trainer:
     """Trains one run: holds its config, run folder, engine, data and LR schedule."""
 
     def __init__(self, cfg: Config, run: RunDir, engine: Engine, data: Any, scheduler: Any, *,
-                 owns_process_group: bool = False) -> None:
+                 owns_process_group: bool = False, started: float | None = None) -> None:
         self.cfg = cfg
         self.run = run
         self.engine = engine
@@ -81,6 +93,8 @@ class Trainer:
         self.bar: tqdm | None = None
         self.step_seconds_by_rank: list[float] = []  # the last epoch's mean step time of every rank
         self._owns_process_group = owns_process_group
+        self._started = time.perf_counter() if started is None else started  # this session, for total_seconds
+        self._earlier_seconds = 0.0  # total_seconds of the sessions before this one
 
     # ----------------------------------------------------------------------------- handles
     @property
@@ -103,6 +117,16 @@ class Trainer:
     @property
     def num_experts(self) -> int:
         return self.cfg.moe.num_experts if self.cfg.model.kind == "moe" else 0
+
+    def say(self, line: str) -> None:
+        """One line to the user from the main rank, above the progress bar when there is one.
+        To stderr, as the bar: stdout stays for results (the final table, ``eval --json``)."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load full-layout weights (a checkpoint's ``model``, any ep_size) into this rank's part."""
@@ -161,12 +185,12 @@ class Trainer:
                            restore_counts=self.ctx.rank == 0)
         augment = self._augmenter(epoch, first)
         batches = self.data.train_batches
-        stopped, step_seconds, timed_steps = False, 0.0, 0  # this session's steps only
+        stopped, step_seconds, timed_steps = None, 0.0, 0  # this session's steps only
         for index, (x, y_B, idx_B) in enumerate(batches.batches(epoch, first), first):
             x = augment(x)
             start = time.perf_counter()
             step = self.forward_loss(x, y_B, global_batch_size(batches, index))
-            stopped = self.state.early_stop(step.values["loss"], self.cfg.train)
+            stopped = self.state.early_stop(step.values["loss"], self.cfg.train)  # the reason, or None
             if not stopped:
                 self.engine.update(step.loss)
                 self.state.step += 1
@@ -193,6 +217,11 @@ class Trainer:
         """Train to ``train.epochs`` (resuming the run folder's checkpoint), then finish.
         ``extra_metrics(trainer, result)`` adds a procedure's own fields to metrics.json
         (distillation's top-k evaluation), so the file is still written once, complete."""
+        if self.run.finished(self.cfg):  # every rank reads it: they all return the same
+            self.say(f"{self.run.path} is finished (train.epochs={self.cfg.train.epochs}): nothing to train "
+                     f"(`moe-dist eval {self.run.path}` evaluates it again)")
+            self.close()
+            return self.run.read_metrics()
         self._start()
         metrics: dict[str, Any] | None = None
         while self.state.epoch < self.cfg.train.epochs and self.state.stopped_early < 0:
@@ -210,12 +239,13 @@ class Trainer:
         self._resume()
         if self.is_main:
             self.run.write_config(self.cfg)
-            # purge_step drops events a killed session logged after its last checkpoint.
-            self.writer = SummaryWriter(str(self.run.path), purge_step=self.state.epoch)
+            # purge_step drops events a killed session logged after its last checkpoint (epochs
+            # are logged at their number, from 1, as everywhere: epoch_0003.pt follows epoch 3).
+            self.writer = SummaryWriter(str(self.run.path), purge_step=self.state.epoch + 1)
         if self.cfg.train.progress and self.is_main:
             steps = len(self.data.train_batches)
             self.bar = tqdm(total=self.cfg.train.epochs * steps, initial=self.state.epoch * steps + self.state.batch,
-                            desc=self.cfg.name or self.run.path.name, mininterval=1.0, leave=False)
+                            desc=self.cfg.name or self.run.path.name, mininterval=1.0)
         self.preemption.install()  # SIGUSR1/SIGTERM: stop after the current step (close() restores)
 
     def _fit_epoch(self) -> dict[str, Any] | None:
@@ -227,7 +257,8 @@ class Trainer:
             self._stop_preempted(time.perf_counter() - start)
         if outcome.stopped_early:
             self.state.stopped_early = epoch
-        record = {"epoch": epoch, **outcome.record}
+            self.say(f"early stopping in epoch {epoch + 1} of {self.cfg.train.epochs}: {outcome.stopped_early}")
+        record = {"epoch": epoch + 1, **outcome.record}  # epochs completed, from 1
         self.scheduler.step()
         record["epoch_seconds"] = time.perf_counter() - start
         self.state.wall_seconds += record["epoch_seconds"]
@@ -239,8 +270,9 @@ class Trainer:
             record.update({k: metrics[k] for k in fields.history_eval_fields() if k in metrics})
         self.state.history.append(record)
         self.state.epoch = epoch + 1
+        self.say(epoch_line(record, self.cfg.train.epochs))
         if self.writer is not None:
-            log_epoch(self.writer, epoch, record, metrics, self.engine.optimizer.param_groups[0]["lr"],
+            log_epoch(self.writer, epoch + 1, record, metrics, self.engine.optimizer.param_groups[0]["lr"],
                       self.step_seconds_by_rank, self.data.dataset.class_names)
         if last or self.state.epoch % self.cfg.train.checkpoint_every == 0:
             self.checkpoint()
@@ -276,6 +308,7 @@ class Trainer:
         optimizer_state = self.engine.optimizer_state()
         if not self.is_main:
             return
+        self.state.total_seconds = self._total_seconds()
         payload = {
             "config": to_dict(self.cfg),
             "model": model_state,
@@ -289,27 +322,48 @@ class Trainer:
                                  keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self) -> None:
+        """Continue from the newest checkpoint that verifies (damaged newer ones are skipped,
+        and said); refuse what would overwrite a finished run or train fewer epochs."""
         # Loaded on the CPU whatever the device: the RNG states must stay CPU ByteTensors
         # (torch.set_rng_state rejects a CUDA tensor), and load_state_dict copies weights and
         # optimizer moments to their parameters' device.
-        payload = self.run.load_checkpoint(map_location="cpu")
+        try:
+            payload = self.run.load_checkpoint(map_location="cpu", on_skip=lambda why: self.say(f"{self.run.path}: {why}"))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; move {self.run.path} away, or `moe-dist train --overwrite` "
+                                  "to train it again from scratch") from None
         if payload is None:
+            if self.run.metrics_path.exists():
+                raise ConfigError(f"{self.run.path} holds a finished run's metrics.json but no checkpoint to continue "
+                                  "from: use another run_dir, or `moe-dist train --overwrite` to train it again")
             return
         check_resumable(from_dict(payload["config"]), self.cfg, str(self.run.path))
+        state = TrainState.from_json(payload["state"])
+        if state.epoch > self.cfg.train.epochs:
+            raise ConfigError(f"{self.run.path} has trained {state.epoch} epochs, more than train.epochs="
+                              f"{self.cfg.train.epochs}: raise it to continue, or evaluate the run with "
+                              f"`moe-dist eval {self.run.path}`")
+        self._load_checkpoint(payload)
+        self.state, self._earlier_seconds = state, state.total_seconds
+        within = f", batch {state.batch} of epoch {state.epoch + 1}" if state.batch else ""
+        self.say(f"resumed {self.run.path} after epoch {state.epoch}{within}")
+
+    def _load_checkpoint(self, payload: dict[str, Any]) -> None:
+        """Weights, optimizer moments, LR schedule and RNG of a checkpoint."""
         self.engine.load_model_state(payload["model"])
         if payload["optimizer"]:
             self.engine.load_optimizer_state(payload["optimizer"])
-        elif self.is_main:
-            print(f"{self.run.path}: the checkpoint holds no optimizer state (DeepSpeed ZeRO >= 1); "
-                  "optimizer moments restart")
+        else:
+            self.say(f"{self.run.path}: the checkpoint holds no optimizer state (DeepSpeed ZeRO >= 1); "
+                     "optimizer moments restart")
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng_cpu"])
         if torch.cuda.is_available() and payload.get("rng_cuda") is not None:
             torch.cuda.set_rng_state_all(payload["rng_cuda"])
-        self.state = TrainState.from_json(payload["state"])
-        if self.is_main:
-            within = f", batch {self.state.batch}" if self.state.batch else ""
-            print(f"resumed {self.run.path} at epoch {self.state.epoch}{within}")
+
+    def _total_seconds(self) -> float:
+        """Wall time of every session of the run so far."""
+        return self._earlier_seconds + time.perf_counter() - self._started
 
     # ----------------------------------------------------------------------------- the end
     def finish(self, metrics: dict[str, Any] | None = None,
@@ -344,9 +398,10 @@ class Trainer:
             result["test_dispatch_entropy"] = metrics.get("dispatch_entropy")
         result.update({
             "epochs_completed": self.state.epoch,
-            "stopped_early_at": self.state.stopped_early if self.state.stopped_early >= 0 else None,
+            "stopped_early_at": self.state.stopped_early + 1 if self.state.stopped_early >= 0 else None,
             "steps": self.state.step,
-            "wall_seconds": self.state.wall_seconds,
+            "train_seconds": self.state.wall_seconds,
+            "total_seconds": self._total_seconds(),
             "step_seconds": self.state.wall_seconds / max(self.state.step, 1),
             "peak_memory_mb": peak_memory_mb(self.device),
             "hardware": hardware_description(self.device),
@@ -354,6 +409,7 @@ class Trainer:
             "engine": self.cfg.engine,
             "ep_size": self.ctx.ep_size,
             "torch": torch.__version__,
+            "format": METRICS_FORMAT,
             "history": history,
         })
         return result
