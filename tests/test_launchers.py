@@ -212,9 +212,11 @@ def test_deepspeed_launcher_zero2_trains_like_the_accelerate_engine(one_machine_
     run = tmp_path / "run"
     env = {"CONFIG": config_file(tmp_path), "DEVICE": "cpu", "ZERO_STAGE": "2", "NUM_PROCESSES": "2",
            "EP_SIZE": "2", "MAIN_PORT": str(free_port()), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    wait_all([start("deepspeed.sh", run_overrides(run, data_root), env, tmp_path)])
+    [out] = wait_all([start("deepspeed.sh", run_overrides(run, data_root), env, tmp_path)])
     result = json.loads((run / "metrics.json").read_text())
     assert result["engine"] == "deepspeed" and result["num_processes"] == 2
+    # warnings a user cannot act on are silenced where they arise (deepspeed_engine.py)
+    assert "FutureWarning" not in out and "all_gather_into_tensor" not in out, out[-3000:]
     assert_same_run(result, json.loads((one_machine_run / "metrics.json").read_text()), 3)
 
 
