@@ -293,13 +293,13 @@ def test_tensorboard_serves_the_runs_scalars_and_images(small_run):
         assert "train/loss" in tags.get("."), tags
         assert {"perf/step_seconds/rank0", "eval/error", "moe/usage_entropy"} <= set(tags["."])
         loss = json.loads(_get(f"{base}/data/plugin/scalars/scalars?run=.&tag=train/loss"))
-        assert [step for _, step, _ in loss] == [0, 1]
+        assert [step for _, step, _ in loss] == [1, 2]  # epochs from 1, as everywhere
         assert [value for *_, value in loss] == pytest.approx([h["train_loss"] for h in result["history"]],
                                                              rel=1e-6)
         images = json.loads(_get(f"{base}/data/plugin/images/tags"))["."]
         assert "moe/selection_table" in images
         samples = json.loads(_get(f"{base}/data/plugin/images/images?run=.&tag=moe/selection_table"))
-        assert [s["step"] for s in samples] == [0, 1]
+        assert [s["step"] for s in samples] == [1, 2]
         png = _get(f"{base}/data/plugin/images/individualImage?{samples[-1]['query']}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     finally:

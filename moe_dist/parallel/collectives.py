@@ -15,6 +15,11 @@ gradient reduction *sums* (``moe_dist.parallel.grads``). Every collective here i
 every rank of its group, with zero rows if need be, so no rank can wait forever.
 
 ``group=None`` is the default (world) group.
+
+Why not ``torch.distributed.nn.functional``: in torch 2.13 its ``all_reduce`` and
+``all_to_all_single`` warn on every call that they are deprecated in favour of the private
+``torch.distributed._functional_collectives``, and it has no all-gather of blocks of
+different lengths; these few autograd Functions are the exact adjoints the tests check.
 """
 
 from __future__ import annotations
