@@ -170,6 +170,20 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def _collective_error(exc: RuntimeError) -> MoEDistError | None:
+    """The one-line error of a collective that timed out or lost a rank (None: another
+    error), after leaving the broken group: a gloo group left to the interpreter's exit can
+    abort it (docs/design.md, environment facts), which would bury the line in a core dump."""
+    if "torch.distributed" not in sys.modules:  # no collective can have run
+        return None
+    from moe_dist.parallel import collective_failure, destroy_distributed
+
+    error = collective_failure(exc)
+    if error is not None:
+        destroy_distributed()
+    return error
+
+
 def main(argv: list[str] | None = None) -> int:
     from moe_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
@@ -182,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl+C (the first checkpoints, as SIGTERM does)
         print("moe-dist: interrupted; nothing written since the last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a collective outside a trainer's fit (which raises CollectiveError itself)
+        error = _collective_error(exc)
+        if error is None:
+            raise
+        print(f"moe-dist: error: {error}", file=sys.stderr)
+        return 2
     except MoEDistError as exc:
         print(f"moe-dist: error: {exc}", file=sys.stderr)
         return 2

@@ -52,10 +52,11 @@ KEYS_COMMAND = "moe-dist config keys"
 # single-process mixed precision, never the multi-process gradient sums).
 RENAMED_VALUES: dict[str, dict[str, str]] = {"engine": {"accelerate": "moe_dist"}}
 
-# Keys that may differ between a run and its resumption: extending a run is allowed, and
-# checkpoints are independent of the expert layout (parallel.ep_size).
+# Keys that may differ between a run and its resumption: extending a run is allowed,
+# checkpoints are independent of the expert layout (parallel.ep_size), and how long ranks wait
+# for each other (parallel.timeout_s) does not change what they compute.
 RESUMABLE_CHANGES = frozenset({"train.epochs", "train.progress", "train.num_threads", "train.eval_every",
-                               "parallel.ep_size"})
+                               "parallel.ep_size", "parallel.timeout_s"})
 
 
 @dataclass
@@ -202,6 +203,10 @@ class ParallelConfig:
     zero_stage: int = 0
     """engine=deepspeed only: ZeRO stage 0, 1 or 2 (optimizer state / gradient sharding;
     expert parameters are sharded over their expert-data-parallel group)."""
+    timeout_s: float = 600.0
+    """Seconds a rank waits in a collective for the others before the run stops with an error
+    naming it (a rank that died or hangs); long enough for a checkpoint write or an uneven
+    evaluation. Applies to the process group the run joins."""
 
 
 @dataclass
@@ -232,7 +237,8 @@ NON_NEGATIVE = ("data.train_size", "data.test_size", "model.width", "train.batch
                 "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma", "train.early_stop_rise",
                 "train.early_stop_loss", "train.early_stop_after", "train.num_threads",
                 "moe.capacity_factor", "parallel.zero_stage", "data.num_workers")
-POSITIVE_FLOATS = ("train.lr", "moe.temperature", "model.expert_init_scale", "train.lr_decay_factor")
+POSITIVE_FLOATS = ("train.lr", "moe.temperature", "model.expert_init_scale", "train.lr_decay_factor",
+                   "parallel.timeout_s")
 FREEZABLE = ("experts", "gate")
 
 
@@ -255,6 +261,15 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ConfigError(f"moe.top_k={top_k} must be a positive integer")
     if top_k > num_experts:
         raise ConfigError(f"moe.top_k={top_k} exceeds moe.num_experts={num_experts}")
+
+
+def check_ep_size(ep_size: int, num_experts: int | None) -> None:
+    """parallel.ep_size <= moe.num_experts (None: no experts): every expert-parallel rank
+    holds at least one expert. It need not divide it: the blocks may differ by one
+    (moe_dist.parallel.groups.expert_blocks)."""
+    if num_experts is not None and ep_size > num_experts:
+        raise ConfigError(f"parallel.ep_size={ep_size} exceeds moe.num_experts={num_experts}: "
+                          "every expert-parallel rank must hold at least one expert")
 
 
 def check_routing_fits_arch(routing: str, arch: str) -> None:
@@ -286,9 +301,8 @@ def validate(cfg: Config) -> Config:
         for name in _get(cfg, key):
             if name not in FREEZABLE:
                 raise ConfigError(f"{key} entry {name!r} is not one of: {', '.join(FREEZABLE)}")
-    if cfg.model.kind == "moe" and cfg.moe.num_experts % cfg.parallel.ep_size:  # a single model has no experts
-        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by "
-                          f"parallel.ep_size={cfg.parallel.ep_size}")
+    if cfg.model.kind == "moe":  # a single model has no experts: any ep_size
+        check_ep_size(cfg.parallel.ep_size, cfg.moe.num_experts)
     patch = cfg.model.arch == "patch_cnn"
     if (cfg.data.name == "synthetic") != patch:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit data.name={cfg.data.name!r} "

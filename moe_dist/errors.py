@@ -17,3 +17,9 @@ class DataError(MoEDistError):
 
 class CheckpointError(MoEDistError):
     """A checkpoint that is missing, truncated, tampered with or incompatible."""
+
+
+class CollectiveError(MoEDistError):
+    """A collective that timed out (``parallel.timeout_s``) or lost its connection to another
+    rank: one of the ranks died or hangs. The process group is then unusable; the run's last
+    checkpoint is complete, so the same command resumes once every rank is healthy."""

@@ -7,7 +7,8 @@ with their environment variables; on success it prints the number of processes p
 exit status 2. Checked: the numbers (processes, machines, node rank, port), the device (a GPU
 launcher on a machine without enough GPUs), the accelerate config file, the training config
 with its overrides (unknown keys, bad values), ``parallel.ep_size`` against the world size and
-the expert count, and for ``engine=deepspeed`` the ZeRO stage and that DeepSpeed is installed.
+the expert count (at most E; it need not divide E), and for ``engine=deepspeed`` the ZeRO
+stage, that ``parallel.ep_size`` divides the expert count, and that DeepSpeed is installed.
 
 Also :func:`moe_dist_command`: the command line that starts ``moe-dist`` on N local
 processes, for the procedures that start training processes themselves (sweep, study).
@@ -136,9 +137,11 @@ def preflight(plan: LaunchPlan, gpu_count: int | None = None) -> int:
     world = nproc * plan.num_machines
     check_layout(world, cfg.parallel.ep_size, cfg.moe.num_experts if cfg.model.kind == "moe" else None)
     if cfg.engine == "deepspeed":
-        from moe_dist.parallel.deepspeed_engine import check_zero_stage
+        from moe_dist.parallel.deepspeed_engine import check_even_experts, check_zero_stage
 
         check_zero_stage(cfg.parallel.zero_stage)
+        if cfg.model.kind == "moe":
+            check_even_experts(cfg.parallel.ep_size, cfg.moe.num_experts)
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'")
     return nproc

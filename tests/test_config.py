@@ -44,7 +44,7 @@ def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
     (["train.epochs=many"], "bad value for 'train.epochs'"),
     (["model.arch=mnist"], "does not fit data.name='synthetic'"),
     (["train.freeze=[router]"], "train.freeze entry 'router'"),
-    (["parallel.ep_size=3"], "not divisible by parallel.ep_size=3"),
+    (["parallel.ep_size=6"], "parallel.ep_size=6 exceeds moe.num_experts=5"),
     (["epochs"], "not of the form dotted.key=value"),
 ])
 def test_bad_config_names_key_and_allowed_values(overrides, message):
@@ -70,7 +70,7 @@ def test_cli_prints_one_line_error_and_exits_2(capsys, tmp_path):
 
 def test_single_model_takes_any_ep_size():
     # no experts to divide: a sweep with --nproc 2 parallel.ep_size=2 may hold single models
-    cfg = load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=2"])
-    assert cfg.parallel.ep_size == 2 and cfg.model.kind == "single"
-    with pytest.raises(ConfigError, match="not divisible by parallel.ep_size=2"):
-        load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=2", "model.kind=moe"])
+    cfg = load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=6"])
+    assert cfg.parallel.ep_size == 6 and cfg.model.kind == "single"
+    with pytest.raises(ConfigError, match="parallel.ep_size=6 exceeds moe.num_experts=5"):
+        load_config(CONFIG_ROOT / "synthetic" / "s1_single_linear.yaml", ["parallel.ep_size=6", "model.kind=moe"])

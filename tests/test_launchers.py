@@ -60,8 +60,12 @@ NO_GPU = "this launcher needs a CUDA GPU and torch finds none on this machine; "
     (LaunchPlan(device="tpu"), 0, "DEVICE='tpu' is not one of: cuda, cpu"),
     (LaunchPlan(device="cpu", num_processes=2, overrides=("engine=deepspeed", "parallel.zero_stage=3")), 0,
      "parallel.zero_stage=3 must be 0, 1 or 2 (DeepSpeed's MoE does not support ZeRO-3)"),
-    (LaunchPlan(device="cpu", num_processes=2, overrides=("parallel.ep_size=2", "moe.num_experts=5")), 0,
-     "moe.num_experts=5 is not divisible by parallel.ep_size=2"),
+    (LaunchPlan(device="cpu", num_processes=6, overrides=("parallel.ep_size=6", "moe.num_experts=5")), 0,
+     "parallel.ep_size=6 exceeds moe.num_experts=5: every expert-parallel rank must hold at least one expert"),
+    (LaunchPlan(device="cpu", num_processes=2,
+                overrides=("engine=deepspeed", "parallel.ep_size=2", "moe.num_experts=5")), 0,
+     "engine=deepspeed needs moe.num_experts=5 divisible by parallel.ep_size=2; "
+     "engine=moe_dist places uneven expert blocks"),
     (LaunchPlan(device="cpu", overrides=("train.epoch=3",)), 0, "override: unknown key 'train.epoch'; "
                                                                 "did you mean train.epochs? (moe-dist config keys lists every key)"),
     (LaunchPlan(device="cpu", config="/no/such.yaml"), 0, "config file /no/such.yaml does not exist"),

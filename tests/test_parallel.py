@@ -470,8 +470,9 @@ def test_layout_errors_are_clear():
     check_layout(4, 2, 8)
     with pytest.raises(ConfigError, match="does not divide the world size 6"):
         check_layout(6, 4, 8)
-    with pytest.raises(ConfigError, match="num_experts=6 is not divisible by parallel.ep_size=4"):
-        check_layout(4, 4, 6)
+    check_layout(4, 4, 6)  # uneven blocks 2 + 2 + 1 + 1 (tests/test_uneven_experts.py)
+    with pytest.raises(ConfigError, match="parallel.ep_size=8 exceeds moe.num_experts=6"):
+        check_layout(8, 8, 6)
     with pytest.raises(ConfigError, match="does not divide the world size 1"):
         ParallelContext.create(ep_size=2, num_experts=4)
     ctx = ParallelContext(rank=3, world_size=4, ep_size=2)

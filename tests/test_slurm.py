@@ -4,16 +4,20 @@ Opt-in (``pytest -m slurm``; about 3 minutes on 2 busy cores): a session fixture
 slurm-wlm with apt-get when it is missing (root only; skipped with the reason otherwise) and
 starts slurmctld with two slurmd "nodes" on this host. Every job trains on CPU with gloo
 (``CPU=1``): the single-node script with 2 tasks, the multi-node script with one torchrun on
-each of 2 nodes, the array script over a sweep, and a job that is signalled mid-training
-like a preempted one, requeues itself and resumes to the uninterrupted run's parameters.
+each of 2 nodes, the array script over a sweep, a job that is signalled mid-training
+like a preempted one, requeues itself and resumes to the uninterrupted run's parameters, and
+a job one of whose ranks is SIGKILLed, which fails within seconds.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -172,3 +176,46 @@ def test_signalled_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, t
     reference = json.loads((two_rank_runs["dir"] / "single" / "metrics.json").read_text())
     strip = lambda hist: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in hist]  # noqa: E731
     assert strip(metrics["history"]) == strip(reference["history"])
+
+
+def job_ranks(job: int) -> dict[int, psutil.Process]:
+    """The training processes of ``job`` by SLURM_PROCID (its "nodes" are slurmd daemons on
+    this host): python -m moe_dist.cli, not srun or the batch shell, whose command lines name it too."""
+    ranks = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.cmdline()[1:3] == ["-m", "moe_dist.cli"] and proc.environ().get("SLURM_JOB_ID") == str(job):
+                ranks[int(proc.environ()["SLURM_PROCID"])] = proc
+        except (psutil.Error, KeyError, ValueError):
+            continue
+    return ranks
+
+
+def test_a_killed_rank_fails_the_job_within_seconds(slurm, tmp_path):
+    """SIGKILL of one of the two tasks mid-epoch (tests/test_rank_failure.py does it under
+    torchrun): the other fails its next collective, srun (--kill-on-bad-exit=1) ends the step,
+    and the job has failed, with no rank left, well within a minute."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, "train.sbatch", log, *overrides(run), options=["--ntasks-per-node=2"])
+    pointer = run / "checkpoints" / "latest.json"
+    ranks = {}
+    try:
+        slurm.wait(job, lambda infos: infos[0]["JobState"] not in ("PENDING", "RUNNING")
+                   or (pointer.exists() and json.loads(pointer.read_text())["epoch"] >= 1), timeout=300, poll=0.02)
+        ranks = job_ranks(job)
+        assert sorted(ranks) == [0, 1], log.read_text()[-3000:]
+        killed_at = time.time()
+        ranks[0].send_signal(signal.SIGKILL)
+        [info] = slurm.wait_finished(job, timeout=60)
+        seconds = time.time() - killed_at
+        _, alive = psutil.wait_procs(list(ranks.values()), timeout=max(60 - seconds, 1))
+    finally:
+        slurm.cancel(job)
+        for proc in ranks.values():
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log.read_text()[-3000:]
+    assert seconds < 60 and not alive, (seconds, alive)
+    assert not (run / "metrics.json").exists()

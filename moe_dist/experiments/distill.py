@@ -155,7 +155,7 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
     for k in ks:
         if not 1 <= k <= cfg.moe.num_experts:
             raise ConfigError(f"distill: --k {k} must be between 1 and moe.num_experts={cfg.moe.num_experts}")
-    with process_group(process_group_backend(cfg)):
+    with process_group(process_group_backend(cfg), cfg.parallel.timeout_s):
         metrics = build_trainer(cfg).fit(extra_metrics=_distillation_metrics(RunDir(source_run), ks))
     if not metrics["experts_unchanged"]:
         raise MoEDistError(f"distill: the experts of {cfg.run_dir} differ from those of {source_run} "

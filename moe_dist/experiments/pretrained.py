@@ -299,7 +299,7 @@ def run_pretrained_gate_study(dataset: str, splits: Mapping[int, Sequence[Sequen
 
     study = PretrainedGateStudy(dataset, root, overrides)
     runs: dict[str, list[Path]] = {stage: [] for stage in STAGES}
-    with process_group(process_group_backend(study.scratch_cfg)):
+    with process_group(process_group_backend(study.scratch_cfg), study.scratch_cfg.parallel.timeout_s):
         for seed in seeds:
             for stage, run in study.scratch(seed).items():
                 runs[stage].append(run)

@@ -90,7 +90,8 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
                 args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
                         f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
                 runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
-    with process_group(process_group_backend(next(iter(runs_args.values()))[0])):
+    first = next(iter(runs_args.values()))[0]  # the runs share one group: the first run's settings
+    with process_group(process_group_backend(first), first.parallel.timeout_s):
         for cfg, args in runs_args.values():
             if RunDir(cfg.run_dir).finished(cfg):
                 continue

@@ -49,9 +49,10 @@ gives every job its own rendezvous on a free port (concurrent sweeps do not coll
 the signal list makes torchrun pass SIGUSR1 on to the ranks instead of dying of it (torch >=
 2.9). ``parallel.ep_size`` comes from the config and the overrides as for any run, e.g.
 ``moe-dist sweep FILE --nproc 2 parallel.ep_size=2``; a layout that cannot work (ep_size not
-dividing N or the experts) fails the job with the trainer's one-line error. The ranks of an
-MNIST-family or synthetic job follow the single-process run (README, "Several processes"),
-distill members included. ``--dry-run`` prints the torchrun commands, ``--list`` marks such jobs.
+dividing N, or above the expert count) fails the job with the trainer's one-line error. The
+ranks of an MNIST-family or synthetic job follow the single-process run (README, "Several
+processes"), distill members included. ``--dry-run`` prints the torchrun commands, ``--list``
+marks such jobs.
 
 A job whose run folder is finished (``moe_dist.rundir``: a complete ``metrics.json``) is
 skipped; a job with a checkpoint but no finished run is started again and the trainer

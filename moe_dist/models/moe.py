@@ -14,8 +14,9 @@ Routing modes (design choice 2):
 
 Where the experts live is the dispatcher's business (``moe_dist.parallel.dispatch``): the
 default :class:`~moe_dist.parallel.dispatch.LocalDispatch` runs all E experts on the local
-batch; :func:`moe_dist.parallel.parallelize` gives each rank E / ep_size experts and an
-expert-parallel dispatcher (all-to-all), and the gate losses then cover the global batch.
+batch; :func:`moe_dist.parallel.parallelize` gives each rank a contiguous block of the
+experts (sizes differing by at most one) and an expert-parallel dispatcher (all-to-all), and
+the gate losses then cover the global batch.
 This module itself makes no ``torch.distributed`` call. The gate is replicated: it scores
 all E experts on every rank.
 

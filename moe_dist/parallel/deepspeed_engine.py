@@ -34,7 +34,7 @@ from moe_dist.parallel.groups import ParallelContext, check_layout
 from moe_dist.parallel.model import moe_modules
 
 __all__ = ["import_deepspeed", "init_deepspeed", "deepspeed_context", "mark_expert_parameters",
-           "build_engine", "expert_group_name", "check_zero_stage"]
+           "build_engine", "expert_group_name", "check_zero_stage", "check_even_experts"]
 
 
 def check_zero_stage(zero_stage: int) -> None:
@@ -42,6 +42,15 @@ def check_zero_stage(zero_stage: int) -> None:
     if zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage={zero_stage} must be 0, 1 or 2 "
                           "(DeepSpeed's MoE does not support ZeRO-3)")
+
+
+def check_even_experts(ep_size: int, num_experts: int | None) -> None:
+    """engine=deepspeed keeps the even layout (E / ep_size experts per rank): the uneven blocks
+    of ``groups.expert_blocks`` are checked against moe_dist's own engine only (README,
+    "Several processes"). A one-line ConfigError naming the alternative; no group work."""
+    if num_experts is not None and num_experts % ep_size:
+        raise ConfigError(f"engine=deepspeed needs moe.num_experts={num_experts} divisible by "
+                          f"parallel.ep_size={ep_size}; engine=moe_dist places uneven expert blocks")
 
 
 def import_deepspeed():
@@ -90,6 +99,7 @@ def deepspeed_context(ep_size: int, num_experts: int | None) -> ParallelContext:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     check_layout(world, ep_size, num_experts)
+    check_even_experts(ep_size, num_experts)
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)

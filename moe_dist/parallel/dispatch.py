@@ -5,15 +5,17 @@ that model code holds no ``torch.distributed`` call (docs/design.md, "Code style
 
 * :class:`LocalDispatch`, the default: one process, all E experts here, losses over the
   local batch. Bit-for-bit the single-process behaviour.
-* :class:`ExpertParallelDispatch`: this rank holds ``E / ep_size`` experts of its EP group
-  (``moe_dist.parallel.groups``) and a share of the global batch.
+* :class:`ExpertParallelDispatch`: this rank holds a contiguous block of its EP group's
+  experts (``moe_dist.parallel.groups.expert_blocks``: sizes differ by at most one, so
+  ``ep_size`` need not divide E) and a share of the global batch.
 
   - ``dense`` / ``attentive``: gather the EP group's inputs, run the local experts on all of
     them, and send each sample's outputs (and, attentive, hidden states) back to its rank
     with one all-to-all: every expert sees every sample of the group (docs/design.md, choice 3).
   - ``topk``: index-based. The (sample, slot) pairs are sorted by expert, which groups them
-    by destination rank; one all-to-all of the per-expert counts, one variable-split
-    all-to-all of the routed rows, the local experts run on a padded ``[E_local, N, ...]``
+    by destination rank (blocks are contiguous in rank order); one all-to-all of the
+    per-expert counts (padded to the largest block, so every rank sends the same shape), one
+    variable-split all-to-all of the routed rows, the local experts run on a padded ``[L, N, ...]``
     batch, and the reverse all-to-all brings each pair's output back, where it is scattered
     to its (sample, slot). Cost and bytes scale with the routed pairs, not with E (no
     one-hot ``[S, E, capacity]`` tensors). Dropless by default; with a capacity factor each
@@ -30,7 +32,7 @@ Every rank runs every collective of a forward pass whatever its batch (even zero
 so a rank that routes nothing to some expert, or has an uneven last batch, cannot hang.
 
 Shape legend: B local batch; G gathered batch (the EP group's or the world's); E all
-experts; L local experts (E / ep_size); P EP group size; K experts per sample; S = B*K
+experts; L local experts (this rank's block; Lmax the largest block); P EP group size; K experts per sample; S = B*K
 (sample, slot) pairs; R rows received for the local experts; N rows per local expert
 (padded); C expert output features; H hidden features; D flattened input features.
 """
@@ -237,7 +239,14 @@ class ExpertParallelDispatch(LocalDispatch):
         self.ep_size = ctx.ep_size
         self.world_size = ctx.world_size
         self.num_experts = num_experts
-        self.local_experts = ctx.local_experts(num_experts)
+        self.blocks = ctx.expert_blocks(num_experts)
+        self.local_experts = self.blocks[ctx.ep_rank]
+        # expert id -> the EP rank that holds it; and (rank, local index) -> expert id, padded
+        # to the largest block with E, the index of a zero count appended in topk
+        self._owner_E = [r for r, block in enumerate(self.blocks) for _ in block]
+        widest = max(len(block) for block in self.blocks)
+        self._slot_PL = [[block[i] if i < len(block) else num_experts for i in range(widest)]
+                         for block in self.blocks]
 
     def __deepcopy__(self, memo):  # process groups cannot be copied; copies share them
         return self
@@ -272,11 +281,16 @@ class ExpertParallelDispatch(LocalDispatch):
         out_LGC, hidden_LGH = _run_shared(experts, x_G)
         C = out_LGC.shape[-1]
         z_LGF = torch.cat([out_LGC, hidden_LGH.to(out_LGC.dtype)], -1) if need_hidden else out_LGC
-        L = z_LGF.shape[0]
-        # rows by sample (already in rank order) so that each rank's samples are one split
-        recv = coll.all_to_all_rows(z_LGF.transpose(0, 1), [B] * P, sizes, self.ctx.ep_group)
-        F_ = z_LGF.shape[-1]
-        z_EBF = recv.view(P, B, L, F_).permute(0, 2, 1, 3).reshape(P * L, B, F_)
+        L, F_ = z_LGF.shape[0], z_LGF.shape[-1]
+        # Sample-major (samples already in rank order), so that each rank's samples are one
+        # split. Blocks may differ by one expert, so a sample's row is L * F wide here but
+        # L_j * F on rank j: the all-to-all moves flat elements, split per rank.
+        counts = [len(block) for block in self.blocks]
+        recv_splits = [B * n * F_ for n in counts]
+        recv = coll.all_to_all_rows(z_LGF.transpose(0, 1).reshape(-1), recv_splits,
+                                    [g * L * F_ for g in sizes], self.ctx.ep_group)
+        z_EBF = torch.cat([part.view(B, n, F_).transpose(0, 1)  # rank order = global expert order
+                           for part, n in zip(recv.split(recv_splits), counts)])
         if need_hidden:
             return z_EBF[..., :C], z_EBF[..., C:]
         return z_EBF, None
@@ -287,7 +301,7 @@ class ExpertParallelDispatch(LocalDispatch):
         if P == 1:
             return super().topk(experts, x, index_BK, num_experts, capacity_factor)
         B, K = index_BK.shape
-        L = num_experts // P
+        L = len(self.local_experts)
         expert_S = index_BK.reshape(-1)
         counts_E = torch.bincount(expert_S, minlength=num_experts)
         if capacity_factor > 0:
@@ -299,22 +313,26 @@ class ExpertParallelDispatch(LocalDispatch):
         order = torch.argsort(kept_expert, stable=True)
         send_pairs = pairs_S[order]  # pair ids grouped by expert, hence by destination rank
         send_E = torch.bincount(kept_expert, minlength=num_experts)
-        recv_PL = coll.all_to_all_counts(send_E.view(P, L), self.ctx.ep_group)
+        # counts per (rank, local expert), padded to the largest block: the same shape on
+        # every rank, zeros in the padding (so they add no row anywhere)
+        slot_PL = torch.tensor(self._slot_PL, device=x.device)
+        send_PL = torch.cat([send_E, send_E.new_zeros(1)])[slot_PL]
+        recv_PL = coll.all_to_all_counts(send_PL, self.ctx.ep_group)
         # Remote destinations a pair's token must reach at least once (bytes lower bound):
-        dest_BK = index_BK // L
+        dest_BK = torch.tensor(self._owner_E, device=x.device)[index_BK]
         if capacity_factor > 0:
             dest_BK = torch.where(keep_S.view(B, K), dest_BK, torch.full_like(dest_BK, self.ctx.ep_rank))
         dest_sorted = dest_BK.sort(dim=1).values
         distinct_BK = torch.ones_like(dest_sorted, dtype=torch.bool)
         distinct_BK[:, 1:] = dest_sorted[:, 1:] != dest_sorted[:, :-1]
         min_remote = (distinct_BK & (dest_sorted != self.ctx.ep_rank)).sum()
-        host = torch.cat([send_E.view(P, L).sum(1), recv_PL.sum(1), recv_PL.sum(0), min_remote.view(1)]).tolist()
+        host = torch.cat([send_PL.sum(1), recv_PL.sum(1), recv_PL.sum(0)[:L], min_remote.view(1)]).tolist()
         send_splits, recv_splits = host[:P], host[P:2 * P]
         counts_L, min_remote = host[2 * P:2 * P + L], host[-1]
 
         x_send = x[send_pairs // K]
         x_recv = coll.all_to_all_rows(x_send, recv_splits, send_splits, self.ctx.ep_group)
-        local_R = torch.arange(L, device=x.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
+        local_R = torch.arange(recv_PL.shape[1], device=x.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
         out_RC, padded = run_expert_batch(experts, x_recv, local_R,
                                           counts_L=torch.tensor(counts_L, device=x.device),
                                           cap=max(counts_L) if counts_L else 0)

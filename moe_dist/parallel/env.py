@@ -29,11 +29,22 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
+from moe_dist.config import ParallelConfig
 from moe_dist.errors import ConfigError
 
 __all__ = ["WorldInfo", "world_info_from_env", "init_distributed", "join_process_group", "destroy_distributed",
-           "process_group", "barrier", "is_main", "first_slurm_host"]
+           "process_group", "barrier", "is_main", "first_slurm_host", "group_timeout", "DEFAULT_TIMEOUT_S"]
+
+#: parallel.timeout_s's default, for callers without a config.
+DEFAULT_TIMEOUT_S: float = ParallelConfig.timeout_s
+# The timeout init_distributed created the default group with (None: no group, or one that
+# accelerate or DeepSpeed created); failure messages quote it, groups made later reuse it.
+_group_timeout_s: float | None = None
+# torch's defaults for a group made without a timeout (gloo 30 min, NCCL 10 min; the NCCL one
+# is None in a build without NCCL), restored when the group is left.
+_TORCH_GROUP_TIMEOUTS = {name: getattr(c10d, name, None) for name in ("default_pg_timeout", "default_pg_nccl_timeout")}
 
 
 @dataclass(frozen=True)
@@ -145,12 +156,16 @@ def _export_rendezvous(info: WorldInfo, env: dict) -> None:
                           "SLURM set it; export it for other launchers)")
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> WorldInfo:
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> WorldInfo:
     """Join the job's default process group if there is more than one process.
 
     A no-op for a single process and when a group already exists (accelerate or DeepSpeed
     created it). ``backend`` defaults to nccl (CUDA tensors) + gloo (CPU tensors) with CUDA, else gloo.
+    ``timeout_s`` (``parallel.timeout_s``) bounds every collective of the group: gloo raises in
+    the waiting rank (docs/launching.md, T7), NCCL's watchdog aborts the process. torch's own
+    default, 30 min, would let a hung rank hold every device of the job that long.
     """
+    global _group_timeout_s
     info = world_info_from_env()
     if not info.distributed or dist.is_initialized():
         if dist.is_initialized() and dist.get_world_size() != info.world_size:
@@ -167,32 +182,56 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    _group_timeout_s = timeout_s
+    _new_groups_time_out_after(timedelta(seconds=timeout_s))
     return info
 
 
-def join_process_group(backend: str | None = None) -> bool:
+def _new_groups_time_out_after(timeout: timedelta | None) -> None:
+    """Make ``timeout`` (None: torch's own) the timeout of groups created without one.
+    ``dist.new_group`` does not inherit the default group's: it reads torch's module defaults
+    at each call, 30 min for gloo (torch 2.13; docs/launching.md, T7), so a rank waiting for a
+    hung one in an all-to-all of the expert-parallel groups (moe_dist.parallel.groups) or of
+    DeepSpeed's would hold the job that long. Setting the defaults covers every such group."""
+    for name, torch_default in _TORCH_GROUP_TIMEOUTS.items():
+        if isinstance(torch_default, timedelta):
+            setattr(c10d, name, timeout if timeout is not None else torch_default)
+
+
+def group_timeout() -> timedelta | None:
+    """The collective timeout the default group was created with by :func:`init_distributed`
+    (None otherwise); groups made after it default to it too (``_new_groups_time_out_after``)."""
+    return None if _group_timeout_s is None else timedelta(seconds=_group_timeout_s)
+
+
+def join_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """:func:`init_distributed`; True when this call created the group, so that the caller
     (and only it) leaves it with :func:`destroy_distributed`."""
     created = not (dist.is_available() and dist.is_initialized())
-    init_distributed(backend)
+    init_distributed(backend, timeout_s)
     return created and dist.is_initialized()
 
 
 def destroy_distributed() -> None:
     """Leave the process group. Without this about one gloo run in ten aborts at exit
     (docs/design.md, environment facts)."""
+    global _group_timeout_s
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _group_timeout_s is not None:
+        _new_groups_time_out_after(None)
+    _group_timeout_s = None
 
 
 @contextmanager
-def process_group(backend: str | None = None) -> Iterator[WorldInfo]:
+def process_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[WorldInfo]:
     """Hold the launcher's process group for a procedure that builds several trainers in one
     process (distill, the studies). Each Trainer then finds the group and leaves it alone, so
     it is joined once and left once: under torchrun (2.13, gloo) a group destroyed and
     initialised again in the same processes fails about one time in two (a reset connection
-    or a hang in the next collective). A no-op in a single process and when a group exists."""
-    created = join_process_group(backend)
+    or a hang in the next collective). A no-op in a single process and when a group exists.
+    ``timeout_s``: the procedure's ``parallel.timeout_s``, which its trainers then share."""
+    created = join_process_group(backend, timeout_s)
     try:
         yield world_info_from_env()
     finally:

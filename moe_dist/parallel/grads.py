@@ -4,7 +4,9 @@ Every rank's loss is its share of the global loss and the collectives of the for
 have exact adjoints (``collectives``), so after ``backward`` rank r holds dL/dtheta_r for its
 copy of each parameter; the single-process gradient of a replicated parameter is the *sum*
 of those over its copies. Replicated parameters are summed over the world, sharded expert
-parameters over their expert-data-parallel group (the ranks that hold the same experts).
+parameters over their expert-data-parallel group (the ranks that hold the same experts:
+the same ``ep_rank``, hence the same block of global ids and the same shapes, also when the
+blocks of an EP group differ in size).
 Nothing is averaged, so the scaling is right by construction; the equivalence tests prove
 it against one process on the concatenated batch.
 

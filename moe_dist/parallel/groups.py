@@ -2,9 +2,12 @@
 
 Every rank holds a distinct share of the global batch (data parallelism over the whole
 world). The world is cut into blocks of ``ep_size`` consecutive ranks, the expert-parallel
-(EP) groups: the ranks of one block share the E experts, ``E / ep_size`` each, rank
-``ep_rank`` of a block holding global experts ``ep_rank * E_local .. (ep_rank + 1) * E_local - 1``.
-Ranks with the same ``ep_rank`` in different blocks hold the same experts: they form the
+(EP) groups: the ranks of one block share the E experts in contiguous blocks of global ids
+whose sizes differ by at most one, larger blocks first (:func:`expert_blocks`; E = 5 on 2
+ranks: 0-2 | 3-4; on 4 ranks: 0-1 | 2 | 3 | 4), so ``ep_size`` need not divide E (it must
+not exceed it: every rank holds at least one expert). This is the rule by which the batch is
+split over ranks too. Ranks with the same ``ep_rank`` in different blocks hold the same
+experts (the same block, hence the same shapes): they form the
 expert-data-parallel (EDP) groups, over which expert gradients are summed. Consecutive
 blocks keep the all-to-all inside a node when ``ep_size`` divides the processes per node.
 
@@ -17,20 +20,33 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from moe_dist.config import check_ep_size
 from moe_dist.errors import ConfigError
 
-__all__ = ["ParallelContext", "check_layout"]
+__all__ = ["ParallelContext", "check_layout", "expert_blocks"]
+
+
+def expert_blocks(num_experts: int, ep_size: int) -> list[range]:
+    """The global expert ids of each EP rank: contiguous, in rank order, sizes differing by
+    at most one with the larger blocks first (5 experts on 2 ranks: 3 + 2; on 4: 2 + 1 + 1 + 1).
+
+    Contiguous blocks in rank order keep a gathered state in global id order (``state``) and
+    let the top-k dispatch send pairs sorted by expert id as one split per rank."""
+    check_ep_size(ep_size, num_experts)
+    base, extra = divmod(num_experts, ep_size)
+    starts = [r * base + min(r, extra) for r in range(ep_size + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(ep_size)]
 
 
 def check_layout(world_size: int, ep_size: int, num_experts: int | None) -> None:
-    """Raise ConfigError unless ``ep_size`` divides the world size and the expert count."""
+    """Raise ConfigError unless ``ep_size`` divides the world size and is at most the expert
+    count (it need not divide it: blocks are uneven, :func:`expert_blocks`)."""
     if ep_size < 1:
         raise ConfigError(f"parallel.ep_size={ep_size} must be a positive integer")
     if world_size % ep_size:
         raise ConfigError(f"parallel.ep_size={ep_size} does not divide the world size {world_size}: "
                           f"launch a multiple of {ep_size} processes")
-    if num_experts is not None and num_experts % ep_size:
-        raise ConfigError(f"moe.num_experts={num_experts} is not divisible by parallel.ep_size={ep_size}")
+    check_ep_size(ep_size, num_experts)
 
 
 @dataclass
@@ -103,11 +119,18 @@ class ParallelContext:
         """The data-parallel group: the whole world (None: the default group)."""
         return None
 
+    def expert_blocks(self, num_experts: int) -> list[range]:
+        """Global expert ids of each rank of the EP group, in group order."""
+        check_layout(self.world_size, self.ep_size, num_experts)
+        return expert_blocks(num_experts, self.ep_size)
+
+    def expert_counts(self, num_experts: int) -> tuple[int, ...]:
+        """Experts held by each rank of the EP group, in group order (e.g. (3, 2))."""
+        return tuple(len(block) for block in self.expert_blocks(num_experts))
+
     def local_experts(self, num_experts: int) -> range:
         """Global ids of the experts this rank holds."""
-        check_layout(self.world_size, self.ep_size, num_experts)
-        per_rank = num_experts // self.ep_size
-        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+        return self.expert_blocks(num_experts)[self.ep_rank]
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}, ep_size {self.ep_size} "

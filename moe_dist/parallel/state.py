@@ -2,11 +2,13 @@
 
 A saved model or optimizer state always has the single-process layout: every expert-bank
 tensor holds all E experts along dim 0, expert e at index e (its global id). On save, each
-sharded tensor is all-gathered over the expert-parallel group, whose ranks hold the global
-ids in rank order; on load, each rank slices its own ids. A run saved at any ep_size loads
-at any other, and in one process. (A torchtitan-derived project wrote every rank's
-renumbered *local* keys, so experts came back under the wrong ids; the tests here use
-experts with distinct weights to catch exactly that.)
+sharded tensor is all-gathered over the expert-parallel group, whose ranks hold contiguous
+blocks of global ids in rank order, blocks that may differ in size by one
+(``groups.expert_blocks``; hence the variable-size gather of ``collectives``); on load, each
+rank slices its own ids. A run saved at any ep_size loads at any other, and in one process.
+(A torchtitan-derived project wrote every rank's renumbered *local* keys, so experts came
+back under the wrong ids; the tests here use experts with distinct weights to catch exactly
+that.)
 
 Replicated tensors are the same on every rank and are taken from the local copy.
 Every function here is collective over the world when ep_size > 1: call it on all ranks.
@@ -17,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from moe_dist.parallel import collectives as coll
 from moe_dist.parallel.groups import ParallelContext
 from moe_dist.parallel.model import moe_modules, sharded_prefixes
 
@@ -27,10 +29,10 @@ __all__ = ["full_model_state", "load_full_model_state", "full_optimizer_state",
            "load_full_optimizer_state", "slice_model_state"]
 
 
-def _gather_experts(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    pieces = [torch.empty_like(t) for _ in range(ctx.ep_size)]
-    dist.all_gather(pieces, t.contiguous(), group=ctx.ep_group)
-    return torch.cat(pieces)
+def _gather_experts(t: torch.Tensor, ctx: ParallelContext, num_experts: int) -> torch.Tensor:
+    """This rank's block of an expert tensor -> all E experts, in global id order."""
+    counts = ctx.expert_counts(num_experts)
+    return coll.all_gather_rows(t.detach(), counts, ctx.ep_rank, ctx.ep_group)
 
 
 def _local_range(model: nn.Module, ctx: ParallelContext) -> dict[str, range]:
@@ -39,27 +41,35 @@ def _local_range(model: nn.Module, ctx: ParallelContext) -> dict[str, range]:
     return {p: ctx.local_experts(m.num_experts) for p, (_, m) in zip(prefixes, moe_modules(model))}
 
 
+def _expert_count(model: nn.Module, ctx: ParallelContext) -> dict[str, int]:
+    """prefix -> E of the bank, for every sharded bank."""
+    return {p: m.num_experts for p, (_, m) in zip(sharded_prefixes(model, ctx), moe_modules(model))}
+
+
 def full_model_state(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with all E experts in every expert tensor (global id order)."""
     state = model.state_dict()
-    prefixes = sharded_prefixes(model, ctx)
-    if not prefixes:
+    totals = _expert_count(model, ctx)
+    if not totals:
         return state
-    return {k: _gather_experts(v, ctx) if k.startswith(prefixes) else v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        prefix = next((p for p in totals if k.startswith(p)), None)
+        out[k] = v if prefix is None else _gather_experts(v, ctx, totals[prefix])
+    return out
 
 
 def slice_model_state(model: nn.Module, state: dict[str, torch.Tensor],
                       ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """A full-layout state dict cut down to this rank's experts."""
-    ranges = _local_range(model, ctx)
+    ranges, totals = _local_range(model, ctx), _expert_count(model, ctx)
     if not ranges:
         return dict(state)
     out = {}
     for k, v in state.items():
         prefix = next((p for p in ranges if k.startswith(p)), None)
         if prefix is not None:
-            mine = ranges[prefix]
-            full = next(m for p, (_, m) in zip(ranges, moe_modules(model)) if p == prefix).num_experts
+            mine, full = ranges[prefix], totals[prefix]
             if v.shape[0] != full:
                 raise ValueError(f"{k} holds {v.shape[0]} experts, expected {full} (a full-layout state)")
             v = v[mine.start:mine.stop]
@@ -78,14 +88,14 @@ def _param_order(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _sharded_params(model: nn.Module, ctx: ParallelContext) -> dict[int, range]:
-    """id(param) -> the global expert ids of its slice, for sharded parameters."""
-    ranges = _local_range(model, ctx)
+def _sharded_params(model: nn.Module, ctx: ParallelContext) -> dict[int, tuple[range, int]]:
+    """id(param) -> (the global expert ids of its slice, E), for sharded parameters."""
+    ranges, totals = _local_range(model, ctx), _expert_count(model, ctx)
     out = {}
     for name, p in model.named_parameters():
         for prefix, mine in ranges.items():
             if name.startswith(prefix):
-                out[id(p)] = mine
+                out[id(p)] = (mine, totals[prefix])
     return out
 
 
@@ -103,7 +113,8 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
         entry = state["state"][idx]
         p = params[idx]
         if id(p) in sharded:
-            entry = {k: _gather_experts(v, ctx) if torch.is_tensor(v) and v.shape == p.shape else v
+            total = sharded[id(p)][1]
+            entry = {k: _gather_experts(v, ctx, total) if torch.is_tensor(v) and v.shape == p.shape else v
                      for k, v in entry.items()}
         new_state[idx] = entry
     return {"state": new_state, "param_groups": state["param_groups"]}
@@ -119,8 +130,8 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
         for idx, entry in state["state"].items():
             p = params[int(idx)]
             if id(p) in sharded:
-                mine = sharded[id(p)]
-                full_shape = (p.shape[0] * ctx.ep_size,) + tuple(p.shape[1:])
+                mine, total = sharded[id(p)]
+                full_shape = (total,) + tuple(p.shape[1:])
                 entry = {k: v[mine.start:mine.stop] if torch.is_tensor(v) and tuple(v.shape) == full_shape else v
                          for k, v in entry.items()}
             new_state[idx] = entry

@@ -113,13 +113,14 @@ def _parallel_context(cfg: Config, cpu: bool) -> ParallelContext:
     ep_size = cfg.parallel.ep_size if world_size() > 1 else 1
     num_experts = cfg.moe.num_experts if cfg.model.kind == "moe" else None
     if cfg.engine == "deepspeed":
-        from moe_dist.parallel.deepspeed_engine import deepspeed_context, init_deepspeed
+        from moe_dist.parallel.deepspeed_engine import check_even_experts, deepspeed_context, init_deepspeed
 
         if cfg.train.mixed_precision != "no":
             raise ConfigError("engine='deepspeed' runs in float32 here (its bf16/fp16 modes cast the "
                               "gate too); use train.mixed_precision=no or engine=moe_dist")
+        check_even_experts(ep_size, num_experts)  # before DeepSpeed builds any group
         init_deepspeed(cpu)
-        return deepspeed_context(cfg.parallel.ep_size if world_size() > 1 else 1, num_experts)
+        return deepspeed_context(ep_size, num_experts)
     return ParallelContext.create(ep_size, num_experts)
 
 
@@ -151,7 +152,7 @@ def build_trainer(cfg: Config, dataset: Dataset | None = None) -> Trainer:
     started = time.perf_counter()
     configure_process(cfg)
     existed = group_exists()
-    join_process_group(process_group_backend(cfg))
+    join_process_group(process_group_backend(cfg), cfg.parallel.timeout_s)
     ctx = _parallel_context(cfg, runs_on_cpu(cfg))  # DeepSpeed makes a group even for one process
     owns_group = not existed and group_exists()
     device = choose_device(cfg)

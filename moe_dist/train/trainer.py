@@ -31,7 +31,7 @@ from moe_dist.data import Split, TensorBatches
 from moe_dist.data.augment import cifar_augment
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.losses import model_loss
-from moe_dist.parallel import all_gather_floats, all_reduce, barrier, destroy_distributed
+from moe_dist.parallel import all_gather_floats, all_reduce, barrier, collective_failure, destroy_distributed
 from moe_dist.rundir import METRICS_FORMAT, RunDir
 from moe_dist.train.engines import Engine
 from moe_dist.train.evaluate import evaluate, global_batch_size
@@ -216,8 +216,25 @@ class Trainer:
     def fit(self, extra_metrics: ExtraMetrics | None = None) -> dict[str, Any]:
         """Train to ``train.epochs`` (resuming the run folder's checkpoint), then finish.
         ``extra_metrics(trainer, result)`` adds a procedure's own fields to metrics.json
-        (distillation's top-k evaluation), so the file is still written once, complete."""
-        if self.run.finished(self.cfg):  # every rank reads it: they all return the same
+        (distillation's top-k evaluation), so the file is still written once, complete.
+        A collective that times out (``parallel.timeout_s``) or loses a rank raises
+        :class:`~moe_dist.errors.CollectiveError`, one line that names it."""
+        try:
+            return self._fit(extra_metrics)
+        except RuntimeError as exc:
+            error = collective_failure(exc)
+            if error is None:
+                raise
+            # Another rank died or hangs: the group is unusable and the last checkpoint is
+            # complete. Restore the signal handlers and leave the group (if this trainer
+            # joined it) so that nothing waits on it again; the caller decides how to exit.
+            self.close()
+            raise error from exc
+
+    def _fit(self, extra_metrics: ExtraMetrics | None) -> dict[str, Any]:
+        finished = self.run.finished(self.cfg)  # every rank reads it: they all decide alike...
+        barrier()  # ...when none reads after rank 0 rewrote config.yaml in _start (a resume could hang)
+        if finished:
             self.say(f"{self.run.path} is finished (train.epochs={self.cfg.train.epochs}): nothing to train "
                      f"(`moe-dist eval {self.run.path}` evaluates it again)")
             self.close()
@@ -259,7 +276,8 @@ class Trainer:
             self.state.stopped_early = epoch
             self.say(f"early stopping in epoch {epoch + 1} of {self.cfg.train.epochs}: {outcome.stopped_early}")
         record = {"epoch": epoch + 1, **outcome.record}  # epochs completed, from 1
-        self.scheduler.step()
+        if not outcome.stopped_early:  # the run ends: no later epoch uses the schedule (and a
+            self.scheduler.step()      # stop in the first step has no optimizer step to follow)
         record["epoch_seconds"] = time.perf_counter() - start
         self.state.wall_seconds += record["epoch_seconds"]
         last = epoch + 1 == self.cfg.train.epochs or self.state.stopped_early >= 0
