@@ -91,10 +91,11 @@ def loss_share(out, y, global_batch: int):
     return nll + sum(out.aux_losses.values()), nll
 
 
-def single_process_run(routing: str, batches):
-    """The reference: one process, the concatenated batch."""
-    model = make_model(routing)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def single_process_run(routing: str, batches, make=None, adam=None):
+    """The reference: one process, the concatenated batch (``make(routing)`` builds the model,
+    default this file's ``make_model``; ``adam``: Adam's keyword arguments)."""
+    model = (make or make_model)(routing)
+    opt = torch.optim.Adam(model.parameters(), **(adam or {"lr": 1e-3}))
     record = {}
     for step, (x, y) in enumerate(batches):
         torch.manual_seed(100 + step)
@@ -108,6 +109,7 @@ def single_process_run(routing: str, batches):
                           grads={n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
     record["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+    record["optimizer"] = opt.state_dict()
     return record
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_dist import losses
 from moe_dist.config import LossConfig, ModelConfig, MoEConfig, load_config
 from moe_dist.errors import ConfigError
 from moe_dist.models import build_model
@@ -25,6 +24,7 @@ from moe_dist.parallel import ParallelContext, check_layout
 from moe_dist.parallel.groups import expert_blocks
 from procs import spawn
 from test_parallel import PARAM_TOL, TOL, _GradView, assert_same_run, loss_share, make_batches, rank_slice
+from test_parallel import single_process_run as parallel_reference
 
 REPO = Path(__file__).resolve().parent.parent
 E = 5
@@ -69,23 +69,7 @@ def make_model(case: str, seed: int = 0):
 
 
 def single_process_run(routing: str, batches) -> dict:
-    model = make_model(routing)
-    opt = torch.optim.Adam(model.parameters(), **ADAM)
-    record = {}
-    for step, (x, y) in enumerate(batches):
-        torch.manual_seed(100 + step)
-        out = model(x)
-        total = losses.mixture_nll(out.output, y) + sum(out.aux_losses.values())
-        opt.zero_grad()
-        total.backward()
-        if step == 0:
-            record.update(output=out.output.detach(), total=total.detach(),
-                          aux={k: v.detach() for k, v in out.aux_losses.items()},
-                          grads={n: p.grad.clone() for n, p in model.named_parameters()})
-        opt.step()
-    record["params"] = {k: v.clone() for k, v in model.state_dict().items()}
-    record["optimizer"] = opt.state_dict()
-    return record
+    return parallel_reference(routing, batches, make=make_model, adam=ADAM)
 
 
 def equivalence_worker(rank: int, world: int, out_dir: str) -> None:
