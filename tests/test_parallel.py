@@ -113,6 +113,39 @@ def single_process_run(routing: str, batches, make=None, adam=None):
     return record
 
 
+def distributed_run(model, ctx, batches, rank: int, world: int, adam=None) -> dict:
+    """One rank's share of ``single_process_run``: this rank's slice of every global batch, its
+    loss share, summed gradients, Adam; the first step's values and the final parameters and
+    optimizer state in the full layout (collective: call it on every rank)."""
+    import torch.distributed as dist
+
+    from moe_dist.parallel import GradientReducer, full_model_state, full_optimizer_state
+
+    reduce_grads = GradientReducer(model, ctx)
+    opt = torch.optim.Adam(model.parameters(), **(adam or {"lr": 1e-3}))
+    record = {}
+    for step, (x, y) in enumerate(batches):
+        mine = rank_slice(len(x), rank, world)
+        torch.manual_seed(100 + step)
+        out = model(x[mine])
+        total, _ = loss_share(out, y[mine], len(x))
+        opt.zero_grad()
+        total.backward()
+        reduce_grads()
+        if step == 0:
+            parts = torch.stack([total.detach()] + [v.detach() for v in out.aux_losses.values()])
+            dist.all_reduce(parts)
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            record.update(output=out.output.detach(), total=parts[0], aux=dict(zip(out.aux_losses, parts[1:])),
+                          counts=out.samples_per_expert, routing_stats=out.routing_stats, batch=x[mine].shape[0],
+                          # gradients in the full layout, gathered like a checkpoint
+                          grads=full_model_state(_GradView(model, grads), ctx))
+        opt.step()
+    record["params"] = full_model_state(model, ctx)
+    record["optimizer"] = full_optimizer_state(opt, model, ctx)
+    return record
+
+
 def equivalence_worker(rank: int, world: int, out_dir: str, ep_sizes: list[int]) -> None:
     import torch.distributed as dist
 
@@ -123,30 +156,7 @@ def equivalence_worker(rank: int, world: int, out_dir: str, ep_sizes: list[int])
     for ep in ep_sizes:
         ctx = ParallelContext.create(ep_size=ep, num_experts=E)
         for routing in ROUTINGS:
-            model = parallelize(make_model(routing), ctx)
-            reduce_grads = GradientReducer(model, ctx)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            record = {}
-            for step, (x, y) in enumerate(batches):
-                mine = rank_slice(len(x), rank, world)
-                torch.manual_seed(100 + step)
-                out = model(x[mine])
-                total, _ = loss_share(out, y[mine], len(x))
-                opt.zero_grad()
-                total.backward()
-                reduce_grads()
-                if step == 0:
-                    parts = torch.stack([total.detach()] + [v.detach() for v in out.aux_losses.values()])
-                    dist.all_reduce(parts)
-                    grads = {n: p.grad for n, p in model.named_parameters()}
-                    record.update(output=out.output.detach(), total=parts[0],
-                                  aux=dict(zip(out.aux_losses, parts[1:])),
-                                  counts=out.samples_per_expert,
-                                  routing_stats=out.routing_stats,
-                                  # gradients in the full layout, gathered like a checkpoint
-                                  grads=full_model_state(_GradView(model, grads), ctx))
-                opt.step()
-            record["params"] = full_model_state(model, ctx)
+            record = distributed_run(parallelize(make_model(routing), ctx), ctx, batches, rank, world)
             torch.save(record, Path(out_dir) / f"w{world}_ep{ep}_{routing}_rank{rank}.pt")
         # capacity factor: each rank drops what exceeds its capacity, before the all-to-all
         model = parallelize(make_capacity_model(), ctx)

@@ -23,7 +23,8 @@ from moe_dist.models import build_model
 from moe_dist.parallel import ParallelContext, check_layout
 from moe_dist.parallel.groups import expert_blocks
 from procs import spawn
-from test_parallel import PARAM_TOL, TOL, _GradView, assert_same_run, loss_share, make_batches, rank_slice
+from test_parallel import PARAM_TOL, TOL, assert_same_run, make_batches
+from test_parallel import distributed_run
 from test_parallel import single_process_run as parallel_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,35 +74,14 @@ def single_process_run(routing: str, batches) -> dict:
 
 
 def equivalence_worker(rank: int, world: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from moe_dist.parallel import GradientReducer, full_model_state, full_optimizer_state, parallelize
+    from moe_dist.parallel import parallelize
 
     batches = make_batches(STEPS, GLOBAL_BATCH)
     ctx = ParallelContext.create(ep_size=world, num_experts=E)
     for routing in ROUTINGS:
         model = parallelize(make_model(routing), ctx)
-        reduce_grads = GradientReducer(model, ctx)
-        opt = torch.optim.Adam(model.parameters(), **ADAM)
-        record = {"local_experts": model.experts.num_experts}
-        for step, (x, y) in enumerate(batches):
-            mine = rank_slice(len(x), rank, world)
-            torch.manual_seed(100 + step)
-            out = model(x[mine])
-            total, _ = loss_share(out, y[mine], len(x))
-            opt.zero_grad()
-            total.backward()
-            reduce_grads()
-            if step == 0:
-                parts = torch.stack([total.detach()] + [v.detach() for v in out.aux_losses.values()])
-                dist.all_reduce(parts)
-                grads = {n: p.grad for n, p in model.named_parameters()}
-                record.update(output=out.output.detach(), total=parts[0], aux=dict(zip(out.aux_losses, parts[1:])),
-                              routing_stats=out.routing_stats, batch=x[mine].shape[0],
-                              grads=full_model_state(_GradView(model, grads), ctx))
-            opt.step()
-        record["params"] = full_model_state(model, ctx)
-        record["optimizer"] = full_optimizer_state(opt, model, ctx)
+        record = {"local_experts": model.experts.num_experts,
+                  **distributed_run(model, ctx, batches, rank, world, adam=ADAM)}
         torch.save(record, Path(out_dir) / f"w{world}_{routing}_rank{rank}.pt")
 
 
