@@ -285,6 +285,20 @@ def test_expert_blocks_are_contiguous_and_differ_by_at_most_one(ep_size, sizes):
     assert ctx.local_experts(E) == blocks[1 % ep_size] and ctx.expert_counts(E) == tuple(sizes)
 
 
+@pytest.mark.parametrize("ep_size,sizes", [(1, [20]), (2, [10, 10]), (3, [10, 5, 5]), (4, [5, 5, 5, 5])])
+def test_expert_groups_stay_on_one_rank(ep_size, sizes):
+    # hierarchical routing: 4 groups of 5 experts; a group is never split over ranks
+    blocks = expert_blocks(20, ep_size, unit=5)
+    assert [len(b) for b in blocks] == sizes
+    assert [i for b in blocks for i in b] == list(range(20))
+    assert all(b.start % 5 == 0 for b in blocks)
+
+
+def test_more_ranks_than_expert_groups_is_refused():
+    with pytest.raises(ConfigError, match="parallel.ep_size=5 exceeds moe.num_groups=4: a group of experts lives on one rank"):
+        expert_blocks(20, 5, unit=5)
+
+
 def test_ep_size_may_leave_a_remainder_but_not_exceed_the_experts():
     check_layout(2, 2, 5)
     check_layout(4, 4, 5)

@@ -233,13 +233,13 @@ class ExpertParallelDispatch(LocalDispatch):
 
     distributed = True
 
-    def __init__(self, ctx: ParallelContext, num_experts: int) -> None:
+    def __init__(self, ctx: ParallelContext, num_experts: int, unit: int = 1) -> None:
         super().__init__()
         self.ctx = ctx
         self.ep_size = ctx.ep_size
         self.world_size = ctx.world_size
         self.num_experts = num_experts
-        self.blocks = ctx.expert_blocks(num_experts)
+        self.blocks = ctx.expert_blocks(num_experts, unit)
         self.local_experts = self.blocks[ctx.ep_rank]
         # expert id -> the EP rank that holds it; and (rank, local index) -> expert id, padded
         # to the largest block with E, the index of a zero count appended in topk

@@ -26,15 +26,25 @@ from moe_dist.errors import ConfigError
 __all__ = ["ParallelContext", "check_layout", "expert_blocks"]
 
 
-def expert_blocks(num_experts: int, ep_size: int) -> list[range]:
+def expert_blocks(num_experts: int, ep_size: int, unit: int = 1) -> list[range]:
     """The global expert ids of each EP rank: contiguous, in rank order, sizes differing by
     at most one with the larger blocks first (5 experts on 2 ranks: 3 + 2; on 4: 2 + 1 + 1 + 1).
 
+    ``unit`` consecutive experts form an indivisible group that lives on one rank (hierarchical
+    routing's groups): the E / unit groups are split by the same rule (20 experts in 4 groups
+    on 3 ranks: groups 2 + 1 + 1, experts 10 + 5 + 5).
+
     Contiguous blocks in rank order keep a gathered state in global id order (``state``) and
     let the top-k dispatch send pairs sorted by expert id as one split per rank."""
-    check_ep_size(ep_size, num_experts)
-    base, extra = divmod(num_experts, ep_size)
-    starts = [r * base + min(r, extra) for r in range(ep_size + 1)]
+    if unit < 1 or num_experts % unit:
+        raise ValueError(f"{num_experts} experts do not split into groups of {unit}")
+    if unit == 1:
+        check_ep_size(ep_size, num_experts)
+    elif ep_size > num_experts // unit:
+        raise ConfigError(f"parallel.ep_size={ep_size} exceeds moe.num_groups={num_experts // unit}: "
+                          "a group of experts lives on one rank")
+    base, extra = divmod(num_experts // unit, ep_size)
+    starts = [unit * (r * base + min(r, extra)) for r in range(ep_size + 1)]
     return [range(starts[r], starts[r + 1]) for r in range(ep_size)]
 
 
@@ -119,18 +129,19 @@ class ParallelContext:
         """The data-parallel group: the whole world (None: the default group)."""
         return None
 
-    def expert_blocks(self, num_experts: int) -> list[range]:
-        """Global expert ids of each rank of the EP group, in group order."""
+    def expert_blocks(self, num_experts: int, unit: int = 1) -> list[range]:
+        """Global expert ids of each rank of the EP group, in group order (``unit``: experts
+        that must share a rank, see :func:`expert_blocks`)."""
         check_layout(self.world_size, self.ep_size, num_experts)
-        return expert_blocks(num_experts, self.ep_size)
+        return expert_blocks(num_experts, self.ep_size, unit)
 
-    def expert_counts(self, num_experts: int) -> tuple[int, ...]:
+    def expert_counts(self, num_experts: int, unit: int = 1) -> tuple[int, ...]:
         """Experts held by each rank of the EP group, in group order (e.g. (3, 2))."""
-        return tuple(len(block) for block in self.expert_blocks(num_experts))
+        return tuple(len(block) for block in self.expert_blocks(num_experts, unit))
 
-    def local_experts(self, num_experts: int) -> range:
+    def local_experts(self, num_experts: int, unit: int = 1) -> range:
         """Global ids of the experts this rank holds."""
-        return self.expert_blocks(num_experts)[self.ep_rank]
+        return self.expert_blocks(num_experts, unit)[self.ep_rank]
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}, ep_size {self.ep_size} "

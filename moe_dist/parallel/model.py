@@ -20,13 +20,19 @@ from torch import nn
 from moe_dist.parallel.dispatch import ExpertParallelDispatch
 from moe_dist.parallel.groups import ParallelContext, check_layout
 
-__all__ = ["moe_modules", "parallelize", "sharded_prefixes", "split_parameters"]
+__all__ = ["moe_modules", "parallelize", "placement_unit", "sharded_prefixes", "split_parameters"]
 
 
 def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every MoE layer: modules with an expert bank and a dispatcher."""
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, "dispatcher") and isinstance(getattr(m, "experts", None), nn.Module)]
+
+
+def placement_unit(moe: nn.Module) -> int:
+    """Experts of ``moe`` that must share a rank: its group size under hierarchical routing
+    (so a sample routed to one group travels to one rank), else 1."""
+    return int(getattr(moe, "placement_unit", 1))
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
@@ -42,12 +48,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
         check_layout(ctx.world_size, ctx.ep_size, E)
         if ctx.ep_size > 1:
             bank = moe.experts
-            mine = ctx.local_experts(E)
+            mine = ctx.local_experts(E, placement_unit(moe))
             if bank.num_experts != E:
                 raise ValueError(f"the expert bank holds {bank.num_experts} experts, expected all {E}: "
                                  "parallelize a freshly built model once")
             moe.experts = type(bank).from_modules(bank.to_modules()[mine.start:mine.stop])
-        moe.dispatcher = ExpertParallelDispatch(ctx, E)
+        moe.dispatcher = ExpertParallelDispatch(ctx, E, placement_unit(moe))
     return model
 
 

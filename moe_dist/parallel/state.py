@@ -23,39 +23,44 @@ from torch import nn
 
 from moe_dist.parallel import collectives as coll
 from moe_dist.parallel.groups import ParallelContext
-from moe_dist.parallel.model import moe_modules, sharded_prefixes
+from moe_dist.parallel.model import moe_modules, placement_unit, sharded_prefixes
 
 __all__ = ["full_model_state", "load_full_model_state", "full_optimizer_state",
            "load_full_optimizer_state", "slice_model_state"]
 
 
-def _gather_experts(t: torch.Tensor, ctx: ParallelContext, num_experts: int) -> torch.Tensor:
+def _gather_experts(t: torch.Tensor, ctx: ParallelContext, blocks: list[range]) -> torch.Tensor:
     """This rank's block of an expert tensor -> all E experts, in global id order."""
-    counts = ctx.expert_counts(num_experts)
-    return coll.all_gather_rows(t.detach(), counts, ctx.ep_rank, ctx.ep_group)
+    return coll.all_gather_rows(t.detach(), [len(b) for b in blocks], ctx.ep_rank, ctx.ep_group)
+
+
+def _blocks(model: nn.Module, ctx: ParallelContext) -> dict[str, list[range]]:
+    """prefix -> every EP rank's global expert ids, for every sharded bank."""
+    prefixes = sharded_prefixes(model, ctx)
+    return {p: ctx.expert_blocks(m.num_experts, placement_unit(m))
+            for p, (_, m) in zip(prefixes, moe_modules(model))}
 
 
 def _local_range(model: nn.Module, ctx: ParallelContext) -> dict[str, range]:
     """prefix -> the global expert ids this rank holds, for every sharded bank."""
-    prefixes = sharded_prefixes(model, ctx)
-    return {p: ctx.local_experts(m.num_experts) for p, (_, m) in zip(prefixes, moe_modules(model))}
+    return {p: blocks[ctx.ep_rank] for p, blocks in _blocks(model, ctx).items()}
 
 
 def _expert_count(model: nn.Module, ctx: ParallelContext) -> dict[str, int]:
     """prefix -> E of the bank, for every sharded bank."""
-    return {p: m.num_experts for p, (_, m) in zip(sharded_prefixes(model, ctx), moe_modules(model))}
+    return {p: blocks[-1].stop for p, blocks in _blocks(model, ctx).items()}
 
 
 def full_model_state(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with all E experts in every expert tensor (global id order)."""
     state = model.state_dict()
-    totals = _expert_count(model, ctx)
-    if not totals:
+    blocks = _blocks(model, ctx)
+    if not blocks:
         return state
     out = {}
     for k, v in state.items():
-        prefix = next((p for p in totals if k.startswith(p)), None)
-        out[k] = v if prefix is None else _gather_experts(v, ctx, totals[prefix])
+        prefix = next((p for p in blocks if k.startswith(p)), None)
+        out[k] = v if prefix is None else _gather_experts(v, ctx, blocks[prefix])
     return out
 
 
@@ -88,14 +93,14 @@ def _param_order(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _sharded_params(model: nn.Module, ctx: ParallelContext) -> dict[int, tuple[range, int]]:
-    """id(param) -> (the global expert ids of its slice, E), for sharded parameters."""
-    ranges, totals = _local_range(model, ctx), _expert_count(model, ctx)
+def _sharded_params(model: nn.Module, ctx: ParallelContext) -> dict[int, list[range]]:
+    """id(param) -> every EP rank's global expert ids, for sharded parameters."""
+    blocks = _blocks(model, ctx)
     out = {}
     for name, p in model.named_parameters():
-        for prefix, mine in ranges.items():
+        for prefix, ranks_blocks in blocks.items():
             if name.startswith(prefix):
-                out[id(p)] = (mine, totals[prefix])
+                out[id(p)] = ranks_blocks
     return out
 
 
@@ -113,8 +118,8 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
         entry = state["state"][idx]
         p = params[idx]
         if id(p) in sharded:
-            total = sharded[id(p)][1]
-            entry = {k: _gather_experts(v, ctx, total) if torch.is_tensor(v) and v.shape == p.shape else v
+            blocks = sharded[id(p)]
+            entry = {k: _gather_experts(v, ctx, blocks) if torch.is_tensor(v) and v.shape == p.shape else v
                      for k, v in entry.items()}
         new_state[idx] = entry
     return {"state": new_state, "param_groups": state["param_groups"]}
@@ -130,8 +135,9 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
         for idx, entry in state["state"].items():
             p = params[int(idx)]
             if id(p) in sharded:
-                mine, total = sharded[id(p)]
-                full_shape = (total,) + tuple(p.shape[1:])
+                blocks = sharded[id(p)]
+                mine = blocks[ctx.ep_rank]
+                full_shape = (blocks[-1].stop,) + tuple(p.shape[1:])
                 entry = {k: v[mine.start:mine.stop] if torch.is_tensor(v) and tuple(v.shape) == full_shape else v
                          for k, v in entry.items()}
             new_state[idx] = entry
