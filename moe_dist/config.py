@@ -53,10 +53,11 @@ KEYS_COMMAND = "moe-dist config keys"
 RENAMED_VALUES: dict[str, dict[str, str]] = {"engine": {"accelerate": "moe_dist"}}
 
 # Keys that may differ between a run and its resumption: extending a run is allowed,
-# checkpoints are independent of the expert layout (parallel.ep_size), and how long ranks wait
-# for each other (parallel.timeout_s) does not change what they compute.
+# checkpoints are independent of the expert layout (parallel.ep_size) and of the engine that
+# wrote them (engine, parallel.zero_stage: every engine saves the native optimizer layout), and
+# how long ranks wait for each other (parallel.timeout_s) does not change what they compute.
 RESUMABLE_CHANGES = frozenset({"train.epochs", "train.progress", "train.num_threads", "train.eval_every",
-                               "parallel.ep_size", "parallel.timeout_s"})
+                               "parallel.ep_size", "parallel.timeout_s", "engine", "parallel.zero_stage"})
 
 
 @dataclass

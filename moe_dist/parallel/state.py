@@ -26,7 +26,7 @@ from moe_dist.parallel.groups import ParallelContext
 from moe_dist.parallel.model import moe_modules, placement_unit, sharded_prefixes
 
 __all__ = ["full_model_state", "load_full_model_state", "full_optimizer_state",
-           "load_full_optimizer_state", "slice_model_state"]
+           "load_full_optimizer_state", "slice_model_state", "gather_optimizer_state", "slice_optimizer_state"]
 
 
 def _gather_experts(t: torch.Tensor, ctx: ParallelContext, blocks: list[range]) -> torch.Tensor:
@@ -108,11 +108,18 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
                          ctx: ParallelContext) -> dict[str, Any]:
     """``optimizer.state_dict()`` with the per-parameter tensors of sharded parameters
     (Adam's moments, momentum buffers) gathered to all E experts."""
-    state = optimizer.state_dict()
+    return gather_optimizer_state(optimizer.state_dict(), _param_order(optimizer), model, ctx)
+
+
+def gather_optimizer_state(state: dict[str, Any], params: list[nn.Parameter], model: nn.Module,
+                           ctx: ParallelContext) -> dict[str, Any]:
+    """A state in ``optimizer.state_dict()`` form whose integer ids index ``params`` (this
+    rank's parameters), with the per-parameter tensors of sharded parameters gathered to all
+    E experts. Engines that keep the state elsewhere (DeepSpeed's ZeRO partitions) build
+    that form first."""
     sharded = _sharded_params(model, ctx)
     if not sharded:
         return state
-    params = _param_order(optimizer)
     new_state = {}
     for idx in sorted(state["state"]):
         entry = state["state"][idx]
@@ -125,21 +132,27 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
     return {"state": new_state, "param_groups": state["param_groups"]}
 
 
+def slice_optimizer_state(state: dict[str, Any], params: list[nn.Parameter], model: nn.Module,
+                          ctx: ParallelContext) -> dict[str, Any]:
+    """A full-layout optimizer state cut down to this rank's experts; its integer ids index
+    ``params``."""
+    sharded = _sharded_params(model, ctx)
+    if not sharded:
+        return state
+    new_state = {}
+    for idx, entry in state["state"].items():
+        p = params[int(idx)]
+        if id(p) in sharded:
+            blocks = sharded[id(p)]
+            mine = blocks[ctx.ep_rank]
+            full_shape = (blocks[-1].stop,) + tuple(p.shape[1:])
+            entry = {k: v[mine.start:mine.stop] if torch.is_tensor(v) and tuple(v.shape) == full_shape else v
+                     for k, v in entry.items()}
+        new_state[idx] = entry
+    return {"state": new_state, "param_groups": state["param_groups"]}
+
+
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
                               state: dict[str, Any], ctx: ParallelContext) -> None:
     """Load a full-layout optimizer state into this rank's optimizer (slicing the experts)."""
-    sharded = _sharded_params(model, ctx)
-    if sharded:
-        params = _param_order(optimizer)
-        new_state = {}
-        for idx, entry in state["state"].items():
-            p = params[int(idx)]
-            if id(p) in sharded:
-                blocks = sharded[id(p)]
-                mine = blocks[ctx.ep_rank]
-                full_shape = (blocks[-1].stop,) + tuple(p.shape[1:])
-                entry = {k: v[mine.start:mine.stop] if torch.is_tensor(v) and tuple(v.shape) == full_shape else v
-                         for k, v in entry.items()}
-            new_state[idx] = entry
-        state = {"state": new_state, "param_groups": state["param_groups"]}
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(slice_optimizer_state(state, _param_order(optimizer), model, ctx))

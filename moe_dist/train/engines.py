@@ -26,6 +26,7 @@ from moe_dist.config import Config
 from moe_dist.errors import ConfigError
 from moe_dist.parallel import (GradientReducer, ParallelContext, full_model_state, full_optimizer_state,
                                load_full_model_state, load_full_optimizer_state)
+from moe_dist.parallel.state import gather_optimizer_state, slice_optimizer_state
 
 __all__ = ["mixed_precision_autocast", "Engine", "LocalEngine", "ExpertParallelEngine", "DeepSpeedEngine", "build_engine"]
 
@@ -72,11 +73,18 @@ class Engine:
         load_full_model_state(self.module, state, self.ctx)
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer state in the single-process layout ({} when the engine shards it)."""
+        """The optimizer state in the single-process layout (collective when sharded)."""
         return full_optimizer_state(self.optimizer, self.module, self.ctx)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         load_full_optimizer_state(self.optimizer, self.module, state, self.ctx)
+
+    def scheduler_state(self, scheduler: Any) -> dict[str, Any]:
+        """The LR scheduler's state, per-group values in the native engine's group order."""
+        return scheduler.state_dict()
+
+    def load_scheduler_state(self, scheduler: Any, state: dict[str, Any]) -> None:
+        scheduler.load_state_dict(state)
 
 
 class LocalEngine(Engine):
@@ -117,12 +125,15 @@ class ExpertParallelEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed reduces the gradients (its expert groups) and may shard the optimizer (ZeRO)."""
+    """DeepSpeed reduces the gradients (its expert groups) and may shard the optimizer (ZeRO).
+    Checkpoints hold the optimizer state in the native engine's layout (``native_groups``;
+    moe_dist.parallel.deepspeed_engine), so either engine resumes the other's runs."""
 
-    def __init__(self, engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
-                 device: torch.device, zero_stage: int) -> None:
+    def __init__(self, engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer, native_groups: Any,
+                 ctx: ParallelContext, device: torch.device) -> None:
         super().__init__(engine, model, optimizer, ctx, device)
-        self.zero_stage = zero_stage
+        self.native_groups = native_groups
+        self.native_params = [p for _, params in native_groups for p in params]
 
     def update(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over the N ranks; our loss is a share (module doc of
@@ -130,10 +141,33 @@ class DeepSpeedEngine(Engine):
         self.network.backward(loss * self.ctx.world_size)
         self.network.step()  # also zeroes the gradients
 
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        from moe_dist.parallel.deepspeed_engine import refresh_master_weights
+
+        super().load_model_state(state)
+        refresh_master_weights(self.network)
+
     def optimizer_state(self) -> dict[str, Any]:
-        # ZeRO 1-2 partitions the optimizer state over ranks in its own flat layout: not saved
-        # (the weights are; a resumed run restarts the moments).
-        return {} if self.zero_stage > 0 else super().optimizer_state()
+        from moe_dist.parallel.deepspeed_engine import native_optimizer_state
+
+        local = native_optimizer_state(self.network, self.optimizer, self.native_groups)
+        return gather_optimizer_state(local, self.native_params, self.module, self.ctx)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        from moe_dist.parallel.deepspeed_engine import load_native_optimizer_state
+
+        local = slice_optimizer_state(state, self.native_params, self.module, self.ctx)
+        load_native_optimizer_state(self.network, self.optimizer, self.native_groups, local)
+
+    def scheduler_state(self, scheduler: Any) -> dict[str, Any]:
+        from moe_dist.parallel.deepspeed_engine import native_scheduler_state
+
+        return native_scheduler_state(scheduler.state_dict(), self.network, self.optimizer, self.native_groups)
+
+    def load_scheduler_state(self, scheduler: Any, state: dict[str, Any]) -> None:
+        from moe_dist.parallel.deepspeed_engine import deepspeed_scheduler_state
+
+        scheduler.load_state_dict(deepspeed_scheduler_state(state, self.network, self.optimizer, self.native_groups))
 
 
 def _accelerator(cfg: Config, cpu: bool) -> Any:
@@ -159,9 +193,10 @@ def build_engine(cfg: Config, model: nn.Module, ctx: ParallelContext, device: to
     if cfg.engine == "deepspeed":
         from moe_dist.parallel.deepspeed_engine import build_engine as build_deepspeed
 
-        engine, optimizer = build_deepspeed(model.to(device), lambda split_groups: build_optimizer(model, split_groups),
-                                            cfg.parallel.zero_stage, ctx.ep_size)
-        return DeepSpeedEngine(engine, model, optimizer, ctx, device, cfg.parallel.zero_stage)
+        engine, optimizer, native_groups = build_deepspeed(
+            model.to(device), lambda split_groups: build_optimizer(model, split_groups), cfg.parallel.zero_stage,
+            ctx.ep_size)
+        return DeepSpeedEngine(engine, model, optimizer, native_groups, ctx, device)
     if ctx.distributed:
         if cfg.train.mixed_precision == "fp16":
             raise ConfigError("train.mixed_precision='fp16' is not supported with several processes "

@@ -331,7 +331,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "model": model_state,
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.engine.scheduler_state(self.scheduler),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "state": self.state.to_json(),
@@ -372,9 +372,9 @@ class Trainer:
         if payload["optimizer"]:
             self.engine.load_optimizer_state(payload["optimizer"])
         else:
-            self.say(f"{self.run.path}: the checkpoint holds no optimizer state (DeepSpeed ZeRO >= 1); "
-                     "optimizer moments restart")
-        self.scheduler.load_state_dict(payload["scheduler"])
+            self.say(f"{self.run.path}: the checkpoint holds no optimizer state (written by engine=deepspeed at "
+                     "ZeRO >= 1 before moe_dist saved it); optimizer moments restart")
+        self.engine.load_scheduler_state(self.scheduler, payload["scheduler"])
         torch.set_rng_state(payload["rng_cpu"])
         if torch.cuda.is_available() and payload.get("rng_cuda") is not None:
             torch.cuda.set_rng_state_all(payload["rng_cuda"])
