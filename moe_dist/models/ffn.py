@@ -106,12 +106,17 @@ class _GroupedLinear(torch.autograd.Function):
         x_RI, w_EOI = ctx.saved_tensors
         grad_RO = grad_RO.contiguous()
         grad_x = torch.empty_like(x_RI)
-        grad_w = torch.zeros_like(w_EOI)  # zeros: an expert without rows gets no gradient
-        grad_b = w_EOI.new_zeros(w_EOI.shape[:2])
+        # empty, not zeros: every expert's slice is written once (zeroed if it got no rows),
+        # which saves a pass over E * O * I elements per step (32 MB at E = 64 here)
+        grad_w = torch.empty_like(w_EOI)
+        grad_b = w_EOI.new_empty(w_EOI.shape[:2])
         parts = zip(x_RI.split(ctx.splits), grad_RO.split(ctx.splits), grad_x.split(ctx.splits))
         for e, (x_NI, g_NO, gx_NI) in enumerate(parts):
             if x_NI.shape[0]:
                 torch.mm(g_NO, w_EOI[e], out=gx_NI)
                 torch.mm(g_NO.t(), x_NI, out=grad_w[e])
                 torch.sum(g_NO, 0, out=grad_b[e])
+            else:
+                grad_w[e].zero_()
+                grad_b[e].zero_()
         return grad_x, grad_w, grad_b, None
