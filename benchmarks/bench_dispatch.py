@@ -4,22 +4,29 @@ Two gloo processes (one thread each), expert parallelism over both (ep_size 2), 
 token-level layer: E = 8 FFN experts (hidden 256, FFN 1024), top-2, 4096 tokens per rank.
 
 * ``ours``: ``moe_dist.models.MoE`` (routing topk) with ``ExpertParallelDispatch``:
-  index-based, variable-split all-to-all of the routed rows only, dropless.
+  index-based, each token's row sent once per destination rank, one output back per
+  (token, expert) pair, dropless.
 * ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same weights and routing, dropless
   (``drop_tokens=False``: its capacity becomes the largest expert count), and
   ``deepspeed-cf1``: its default capacity factor 1.0 (tokens over capacity dropped).
-* ``dense``: the same expert FLOPs (each rank's experts on as many rows as the routing gives
-  them, in one batched computation) with no routing, no gate and no communication, each
-  process on its own: the *dispatch overhead ratio* of a layer is its step time over this
-  one. It runs interleaved with the layers, under the same load.
+* ``dense-grouped`` / ``dense-bmm``: the same expert FLOPs (each rank's experts on as many
+  rows as the routing gives them, split evenly) with no routing, no gate and no
+  communication, each process on its own: with the kernel our dispatch runs
+  (``forward_grouped``) and with one ``baddbmm``. The *dispatch overhead ratio* of a layer
+  is its step time over the faster of the two. They run interleaved with the layers, under
+  the same load.
 
 Reported: forward+backward step time (median over steps, the slower rank's time per step),
-tokens/s over both ranks, the overhead ratio; bytes each rank sends to the other per step
-(all-to-all payloads, forward and backward, measured by wrapping
-``torch.distributed.all_to_all_single``) against the minimum the routing requires (each
-token's hidden vector once to each *other* rank holding one of its experts, and the result
-back, forward and backward); and the step time of ``ours`` (and DeepSpeed) as the number of
-experts grows at fixed k (E = 4 ... 64, all sizes interleaved step by step), with t(E=64)/t(E=4).
+tokens/s over both ranks and ours over DeepSpeed's, the overhead ratio; bytes each rank
+sends to the other per step (all-to-all payloads, measured by wrapping
+``torch.distributed.all_to_all_single``): ``send`` (forward, before the experts run: the
+tokens and any counts or routing metadata) and ``return`` (forward, after: the outputs)
+against the minimum of one direction (each token's row once to each *other* rank holding
+one of its experts), and the total of send, return and their gradients against 4x that
+minimum. Our return carries one row per remote (token, expert) pair (the caller weights the
+K outputs and reads the top-1 output itself), printed as a ratio too. Then the step time of
+``ours`` (and DeepSpeed) as the number of experts grows at fixed k (E = 4 ... 64, all sizes
+interleaved step by step), with t(E=64)/t(E=4).
 
 Run: ``python benchmarks/bench_dispatch.py`` (about four minutes on 2 busy CPU cores);
 ``--quick`` for a smoke run; ``--json FILE`` to save the numbers. Needs DeepSpeed for its
@@ -80,27 +87,35 @@ def build_layers(num_experts: int, with_deepspeed: bool):
 
 
 class DenseExperts(torch.nn.Module):
-    """This rank's experts on ``rows`` rows in total, no routing: ``[L, rows / L, HIDDEN]``."""
+    """This rank's experts on ``rows`` rows in total, no routing, split evenly over them.
 
-    def __init__(self, num_local: int, rows: int):
+    ``grouped=True``: the kernel our dispatch runs (``FFNExpertBank.forward_grouped`` on
+    rows sorted by expert); ``False``: one ``baddbmm`` on ``[L, rows / L, HIDDEN]``. The
+    overhead ratios are taken against the faster of the two.
+    """
+
+    def __init__(self, num_local: int, rows: int, grouped: bool):
         super().__init__()
         from moe_dist.models.ffn import FFNExpertBank
 
         torch.manual_seed(0)
         self.bank = FFNExpertBank.create(num_local, hidden_size=HIDDEN, ffn_size=FFN)
         self.rows = rows
+        self.grouped = grouped
 
     def forward(self, x):
         L = self.bank.num_experts
         n = self.rows // L
-        x_LND = x.repeat(math.ceil(self.rows / x.shape[0]), 1)[: L * n].view(L, n, -1)
-        return self.bank(x_LND, shared=False)[0]
+        x_RD = x.repeat(math.ceil(self.rows / x.shape[0]), 1)[: L * n]
+        if self.grouped:
+            return self.bank.forward_grouped(x_RD, torch.full((L,), n))[0]
+        return self.bank(x_RD.view(L, n, -1), shared=False)[0]
 
 
 def layer_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor):
     xi = x.requires_grad_(True) if not x.requires_grad else x
     out = layer(xi)
-    if name == "dense":
+    if name.startswith("dense"):
         (out * cotangent.repeat(math.ceil(out.numel() / cotangent.numel()), 1).view(-1)[: out.numel()]
          .view_as(out)).sum().backward()
         layer.zero_grad(set_to_none=True)
@@ -113,10 +128,13 @@ def layer_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor):
 
 
 class ByteCounter:
-    """Wraps dist.all_to_all_single: bytes this rank sends to *other* ranks."""
+    """Wraps dist.all_to_all_single: bytes this rank sends to *other* ranks, in total
+    (``bytes``) and per ``phase`` (set by the caller: ``by_phase[phase]``)."""
 
     def __init__(self):
         self.bytes = 0
+        self.phase = "all"
+        self.by_phase: dict[str, int] = {}
         self._orig = dist.all_to_all_single
 
     def __enter__(self):
@@ -126,7 +144,9 @@ class ByteCounter:
             rows = input.shape[0] if input.dim() else 1
             splits = input_split_sizes or [rows // n] * n
             row_bytes = input.numel() * input.element_size() // max(rows, 1)
-            self.bytes += (sum(splits) - splits[me]) * row_bytes
+            sent = (sum(splits) - splits[me]) * row_bytes
+            self.bytes += sent
+            self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + sent
             return self._orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
         dist.all_to_all_single = counting
@@ -136,19 +156,45 @@ class ByteCounter:
         dist.all_to_all_single = self._orig
 
 
-def timed_steps(layers: dict, x, cotangent, steps: int, warmup: int) -> dict[str, float]:
-    """Median step time of each layer; sides alternate; each step's time is the slower rank's."""
+def counted_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor) -> dict[str, int]:
+    """One forward+backward step; bytes sent before the experts run (``send``: the tokens,
+    counts and routing metadata), after them in the forward (``return``: the outputs) and in
+    the backward (``backward``)."""
+    experts = layer.experts if name == "ours" else layer.deepspeed_moe.experts
+    with ByteCounter() as counter:
+        def to_return(*_):
+            counter.phase = "return"
+
+        hook = experts.register_forward_pre_hook(to_return)  # DeepSpeed's experts; our padded path
+        grouped = experts.forward_grouped if name == "ours" else None
+        if grouped is not None:  # our FFN experts run through forward_grouped, not forward
+            experts.forward_grouped = lambda *a, **kw: (to_return(), grouped(*a, **kw))[1]
+        counter.phase = "send"
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        counter.phase = "backward"
+        ((out.output if name == "ours" else out[0]) * cotangent).sum().backward()
+        hook.remove()
+        if grouped is not None:
+            del experts.forward_grouped
+        layer.zero_grad(set_to_none=True)
+    return {"send": 0, "return": 0, "backward": 0, **counter.by_phase}
+
+
+def timed_steps(layers: dict, x, cotangent, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times of each layer (all layers interleaved step by step, so that they share the
+    machine's load); each step's time is the slower rank's."""
     times = {name: [] for name in layers}
     for step in range(warmup + steps):
         for name, layer in layers.items():
             dist.barrier()
             start = time.perf_counter()
-            layer_step(name, layer, x.clone(), cotangent)
+            layer_step(name.split("@")[0], layer, x.clone(), cotangent)  # "ours@64": ours, E = 64
             elapsed = torch.tensor([time.perf_counter() - start])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if step >= warmup:
                 times[name].append(float(elapsed))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
@@ -173,56 +219,66 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     layers, ctx = build_layers(8, with_ds)
     with torch.no_grad():  # routing balance and the minimum bytes of this routing
         stats = layers["ours"](x).routing_stats
-    t = timed_steps({**layers, "dense": DenseExperts(8 // EP, stats["expert_rows"])}, x, cot,
-                    args.steps, args.warmup)
-    t_dense = t.pop("dense")
+    dense = {f"dense-{kind}": DenseExperts(8 // EP, stats["expert_rows"], kind == "grouped")
+             for kind in ("grouped", "bmm")}
+    steps = timed_steps({**layers, **dense}, x, cot, args.steps, args.warmup)
+    t = {n: statistics.median(v) for n, v in steps.items()}
+    best = {n: min(v) for n, v in steps.items()}  # the least disturbed step, on a loaded machine
+    t_dense = {n: t.pop(n) for n in dense}
+    fastest = min(t_dense.values())
     if rank == 0:
         result["step_seconds"] = t
+        result["best_step_seconds"] = best
         result["tokens_per_second"] = {n: EP * args.tokens / v for n, v in t.items()}
         result["dense_step_seconds"] = t_dense
-        result["overhead_ratio"] = {n: v / t_dense for n, v in t.items()}
+        result["overhead_ratio"] = {n: v / fastest for n, v in t.items()}
+        if "deepspeed" in t:
+            result["tokens_per_second_ours_over_deepspeed"] = t["deepspeed"] / t["ours"]
+            result["best_ours_over_deepspeed"] = best["deepspeed"] / best["ours"]
+        result["best_overhead_ratio"] = {n: best[n] / min(best[d] for d in dense) for n in t}
 
-    # ---- bytes per step (forward + backward), this rank to the other
-    sent = {}
-    for name, layer in layers.items():
-        with ByteCounter() as counter:
-            layer_step(name, layer, x.clone(), cot)
-        sent[name] = counter.bytes
+    # ---- bytes per step, this rank to the other: send (tokens), return (outputs), backward
+    phases = ("send", "return", "backward")
+    sent = {name: counted_step(name, layer, x, cot) for name, layer in layers.items()}
     row_bytes = HIDDEN * 4
-    minimum = stats["min_remote_rows"] * row_bytes * 2 * 2  # there and back, forward and backward
-    totals = torch.tensor([float(sent[n]) for n in layers] + [float(minimum)])
+    # each token once to each other rank holding one of its experts (send); the same back
+    # (return) if the K outputs were combined there; our return carries one row per pair
+    minimum = stats["min_remote_rows"] * row_bytes
+    pairs = stats["remote_rows_returned"] * row_bytes
+    totals = torch.tensor([float(sent[n][ph]) for n in layers for ph in phases] + [float(minimum), float(pairs)])
     dist.all_reduce(totals)
+    totals = (totals / world).tolist()
     if rank == 0:
-        names = list(layers)
-        result["bytes_sent_per_step"] = {n: totals[i].item() / world for i, n in enumerate(names)}
-        result["bytes_minimum_per_step"] = totals[-1].item() / world
-        result["bytes_ratio_to_minimum"] = {n: totals[i].item() / totals[-1].item() for i, n in enumerate(names)}
+        per = {n: dict(zip(phases, totals[3 * i:3 * i + 3])) for i, n in enumerate(layers)}
+        minimum, pairs = totals[-2:]
+        result["bytes_per_step"] = per
+        result["bytes_minimum_per_direction"] = minimum
+        result["bytes_remote_pairs"] = pairs
+        result["bytes_ratio_to_minimum"] = {
+            n: {"send": v["send"] / minimum, "return": v["return"] / minimum,
+                "total": sum(v.values()) / (4 * minimum)} for n, v in per.items()}
         result["routed_rows_per_rank_ours"] = stats["routed"]
         result["padding_ratio_ours"] = 1 - stats["expert_rows"] / stats["padded_rows"]
     del layers
 
     # ---- step time vs number of experts, fixed k (all sizes interleaved, like the sides)
+    # dense-grouped: the expert kernel alone on the same (balanced) rows, to tell the
+    # kernel's own cost of smaller groups and larger weights from the dispatch's
     swept = {}
     for E in args.experts:
         layers, _ = build_layers(E, with_ds)
         layers.pop("deepspeed-cf1", None)
-        swept.update({(E, n): layer for n, layer in layers.items()})
-    names = {key: key[1] for key in swept}
-    times = {key: [] for key in swept}
-    for step in range(1 + args.steps):
-        for key, layer in swept.items():
-            dist.barrier()
-            start = time.perf_counter()
-            layer_step(names[key], layer, x.clone(), cot)
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if step:
-                times[key].append(float(elapsed))
-    sweep = {E: {n: statistics.median(times[(E, n)]) for (E2, n) in swept if E2 == E} for E in args.experts}
+        layers["dense-grouped"] = DenseExperts(E // EP, K * args.tokens, True)
+        swept.update({f"{n}@{E}": layer for n, layer in layers.items()})
+    times = timed_steps(swept, x, cot, args.steps, 1)
+    sweep = {E: {n.split("@")[0]: statistics.median(v) for n, v in times.items() if n.endswith(f"@{E}")}
+             for E in args.experts}
+    low = {E: {n.split("@")[0]: min(v) for n, v in times.items() if n.endswith(f"@{E}")} for E in args.experts}
     if rank == 0:
         result["experts_sweep_step_seconds"] = {str(E): v for E, v in sweep.items()}
         first, last = args.experts[0], args.experts[-1]
         result["t_last_over_t_first"] = {n: sweep[last][n] / sweep[first][n] for n in sweep[first]}
+        result["best_t_last_over_t_first"] = {n: low[last][n] / low[first][n] for n in low[first]}
         Path(out_path).write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()
@@ -231,12 +287,23 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 def report(r: dict, experts: list[int]) -> str:
     lines = [f"E = 8, k = {r['k']}, hidden {r['hidden']}, FFN {r['ffn']}, {r['tokens_per_rank']} tokens per rank, "
              f"ep_size {r['ep_size']}, 2 gloo processes x 1 thread",
-             f"{'layer':<15} {'step s':>8} {'tokens/s':>10} {'overhead':>9} {'MB sent':>8} {'/ minimum':>9}"]
+             f"{'layer':<15} {'step s':>8} {'tokens/s':>10} {'overhead':>9} {'send/min':>9} {'return/min':>11} "
+             f"{'total/min':>10}"]
     for n, t in r["step_seconds"].items():
-        lines.append(f"{n:<15} {t:>8.3f} {r['tokens_per_second'][n]:>10.0f} {r['overhead_ratio'][n]:>9.2f} "
-                     f"{r['bytes_sent_per_step'][n] / 2**20:>8.2f} {r['bytes_ratio_to_minimum'][n]:>9.2f}")
-    lines.append(f"{'dense':<15} {r['dense_step_seconds']:>8.3f}  (the same expert FLOPs per process, no dispatch)")
-    lines.append(f"minimum bytes per step per rank: {r['bytes_minimum_per_step'] / 2**20:.2f} MB; "
+        b = r["bytes_ratio_to_minimum"][n]
+        lines.append(f"{n:<15} {t:>8.3f} {r['tokens_per_second'][n]:>10.0f} {r['overhead_ratio'][n]:>9.3f} "
+                     f"{b['send']:>9.3f} {b['return']:>11.3f} {b['total']:>10.3f}")
+    for n, t in r["dense_step_seconds"].items():
+        lines.append(f"{n:<15} {t:>8.3f}  (the same expert FLOPs per process, no dispatch)")
+    if "tokens_per_second_ours_over_deepspeed" in r:
+        lines.append(f"tokens/s ours / deepspeed (dropless): {r['tokens_per_second_ours_over_deepspeed']:.3f} "
+                     f"(fastest steps: {r['best_ours_over_deepspeed']:.3f})")
+    lines.append("overhead from the fastest steps: "
+                 + ", ".join(f"{n} {v:.3f}" for n, v in r["best_overhead_ratio"].items()))
+    lines.append(f"minimum bytes per direction per step per rank: {r['bytes_minimum_per_direction'] / 2**20:.2f} MB "
+                 f"(send: each token once per other rank holding one of its experts; total/min counts send, "
+                 f"return and their gradients against 4x it); one row per remote (token, expert) pair: "
+                 f"{r['bytes_remote_pairs'] / r['bytes_minimum_per_direction']:.3f}x; "
                  f"our padding ratio {r['padding_ratio_ours']:.3f}")
     lines.append("step seconds vs number of experts (k fixed):")
     sweep = r["experts_sweep_step_seconds"]
@@ -245,7 +312,9 @@ def report(r: dict, experts: list[int]) -> str:
     for E in experts:
         lines.append(f"{E:>4} " + " ".join(f"{sweep[str(E)][n]:>10.3f}" for n in names))
     lines.append(f"t(E={experts[-1]})/t(E={experts[0]}): "
-                 + ", ".join(f"{n} {v:.2f}" for n, v in r["t_last_over_t_first"].items()))
+                 + ", ".join(f"{n} {v:.3f}" for n, v in r["t_last_over_t_first"].items())
+                 + "; fastest steps: "
+                 + ", ".join(f"{n} {v:.3f}" for n, v in r["best_t_last_over_t_first"].items()))
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ E = 5
 STEPS = 3
 GLOBAL_BATCH = 7  # 4 + 3 on 2 ranks, 2 + 2 + 2 + 1 on 4
 # topk_pair: top-2 with a gate biased towards experts 0 and 1, which sit together on EP rank 0
-# in both layouts: every sample of the other ranks sends both its rows to one remote rank, and
+# in both layouts: every sample of the other ranks has both its experts on one remote rank (its row goes once), and
 # the ranks holding experts 2-4 receive nothing.
 ROUTINGS = ("dense", "topk", "attentive", "topk_pair")
 WORLDS = (2, 4)  # ep_size = world: 3 + 2 and 2 + 1 + 1 + 1 experts
@@ -131,10 +131,11 @@ def test_uneven_blocks_equal_one_process(equivalence_runs, world, routing):
     if routing.startswith("topk"):
         assert sum(r["routing_stats"]["expert_rows"] for r in records) == GLOBAL_BATCH * 2
         assert all(r["routing_stats"]["dropped"] == 0 for r in records)
-    if routing == "topk_pair":  # experts 0 and 1 on rank 0: the others send both rows there
+    if routing == "topk_pair":  # experts 0 and 1 on rank 0: the others send each row there once
         for r, rec in enumerate(records[1:], start=1):
-            assert rec["routing_stats"]["remote_rows_sent"] == 2 * rec["batch"], r
+            assert rec["routing_stats"]["remote_rows_sent"] == rec["batch"], r
             assert rec["routing_stats"]["min_remote_rows"] == rec["batch"], r
+            assert rec["routing_stats"]["remote_rows_returned"] == 2 * rec["batch"], r
             assert rec["routing_stats"]["expert_rows"] == 0, r
         assert records[0]["routing_stats"]["expert_rows"] == GLOBAL_BATCH * 2
 

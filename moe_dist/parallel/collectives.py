@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["all_reduce_sum", "all_reduce_max", "all_gather_rows", "all_to_all_rows",
-           "all_to_all_counts", "group_size"]
+           "all_to_all_counts", "exchange_rows", "group_size"]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -137,6 +137,13 @@ def all_to_all_rows(x: torch.Tensor, out_splits: Sequence[int], in_splits: Seque
     if not x.requires_grad:
         return _all_to_all(x, out_splits, in_splits, group)
     return _AllToAllRows.apply(x, out_splits, in_splits, group)
+
+
+def exchange_rows(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``all_to_all_rows`` without autograd, for autograd Functions that write their own
+    backward (``moe_dist.parallel.dispatch``): ``out_splits`` and ``in_splits`` are ints."""
+    return _all_to_all(x, out_splits, in_splits, group)
 
 
 def all_to_all_counts(counts_PE: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

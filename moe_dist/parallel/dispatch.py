@@ -12,15 +12,22 @@ that model code holds no ``torch.distributed`` call (docs/design.md, "Code style
   - ``dense`` / ``attentive``: gather the EP group's inputs, run the local experts on all of
     them, and send each sample's outputs (and, attentive, hidden states) back to its rank
     with one all-to-all: every expert sees every sample of the group (docs/design.md, choice 3).
-  - ``topk``: index-based. The (sample, slot) pairs are sorted by expert, which groups them
-    by destination rank (blocks are contiguous in rank order); one all-to-all of the
-    per-expert counts (padded to the largest block, so every rank sends the same shape), one
-    variable-split all-to-all of the routed rows, the local experts run on a padded ``[L, N, ...]``
-    batch, and the reverse all-to-all brings each pair's output back, where it is scattered
-    to its (sample, slot). Cost and bytes scale with the routed pairs, not with E (no
-    one-hot ``[S, E, capacity]`` tensors). Dropless by default; with a capacity factor each
-    rank sends at most ``ceil(cf * B_r * K / E)`` pairs per expert (top-1 choices first)
-    and the dropped pairs contribute zero.
+  - ``topk``: index-based, one copy per destination rank. A sample's row goes once to each
+    rank that holds at least one of its (kept) chosen experts, with K small integers saying
+    which local experts there want it; the receiving rank runs each of them on the row and
+    sends back one output per (sample, slot) pair, placed at ``y[b, k]`` on the sample's
+    rank (the caller weights them and reads the top-1 output on its own). Exchanges: one
+    fixed-size all-to-all of counts (units and pairs per destination and local expert) and
+    its one host sync for the splits, one of the metadata, one of the token rows, one of the
+    outputs; the backward mirrors them in two hand-written autograd Functions
+    (:class:`_SendRows`, :class:`_ReturnRows`) with no other autograd node between the
+    gather and the scatter. The local experts run on their rows sorted by expert (ragged
+    ``forward_grouped`` for FFN experts, else a padded ``[L, N, ...]`` batch). Bytes: the
+    token rows sent are the per-rank minimum (``min_remote_rows``); the return carries one
+    row per remote pair. Cost and bytes scale with the routed pairs, not with E (no one-hot
+    ``[S, E, capacity]`` tensors). Dropless by default; with a capacity factor each rank
+    sends at most ``ceil(cf * B_r * K / E)`` pairs per expert (top-1 choices first) and
+    the dropped pairs contribute zero.
   - gate losses over the *global* batch (docs/design.md, choice 4): L_cv from the all-reduced
     importance vector; L_s from each rank's rows of the distance matrix against the gathered
     batch, normalised by the global maximum. Each rank returns its *share*, so that the
@@ -32,9 +39,10 @@ Every rank runs every collective of a forward pass whatever its batch (even zero
 so a rank that routes nothing to some expert, or has an uneven last batch, cannot hang.
 
 Shape legend: B local batch; G gathered batch (the EP group's or the world's); E all
-experts; L local experts (this rank's block; Lmax the largest block); P EP group size; K experts per sample; S = B*K
-(sample, slot) pairs; R rows received for the local experts; N rows per local expert
-(padded); C expert output features; H hidden features; D flattened input features.
+experts; L local experts (this rank's block; W the widest block); P EP group size; K experts
+per sample; S = B*K (sample, slot) pairs; U units (sample, destination rank) sent or received;
+Q local pairs computed here; R rows of an expert batch; N rows per local expert (padded); C
+expert output features; H hidden features; D flattened input features; F = U*K entries.
 """
 
 from __future__ import annotations
@@ -219,6 +227,8 @@ def _stats(routed: int, kept: int, padded: int, **extra: int) -> dict[str, int]:
 
     routed: (sample, slot) pairs requested; dropped: pairs over capacity; expert_rows: real
     rows in this rank's expert batch; padded_rows: rows of that batch with its padding.
+    Expert-parallel only: remote_rows_sent, min_remote_rows, remote_rows_returned (see
+    :meth:`ExpertParallelDispatch.topk`).
     """
     return {"routed": routed, "dropped": routed - kept, "expert_rows": extra.pop("expert_rows", kept),
             "padded_rows": padded, **extra}
@@ -241,12 +251,11 @@ class ExpertParallelDispatch(LocalDispatch):
         self.num_experts = num_experts
         self.blocks = ctx.expert_blocks(num_experts, unit)
         self.local_experts = self.blocks[ctx.ep_rank]
-        # expert id -> the EP rank that holds it; and (rank, local index) -> expert id, padded
-        # to the largest block with E, the index of a zero count appended in topk
+        # expert id -> the EP rank that holds it
         self._owner_E = [r for r, block in enumerate(self.blocks) for _ in block]
-        widest = max(len(block) for block in self.blocks)
-        self._slot_PL = [[block[i] if i < len(block) else num_experts for i in range(widest)]
-                         for block in self.blocks]
+        self._widest = max(len(block) for block in self.blocks)
+        self._maps_device: torch.device | None = None  # where _maps_cache lives (see _maps)
+        self._maps_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __deepcopy__(self, memo):  # process groups cannot be copied; copies share them
         return self
@@ -295,53 +304,43 @@ class ExpertParallelDispatch(LocalDispatch):
             return z_EBF[..., :C], z_EBF[..., C:]
         return z_EBF, None
 
+    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per expert id: its EP rank and its index in that rank's block (cached per device)."""
+        if self._maps_device != device:
+            owner = torch.tensor(self._owner_E, device=device)
+            local = torch.tensor([i for block in self.blocks for i in range(len(block))], device=device)
+            self._maps_cache, self._maps_device = (owner, local), device
+        return self._maps_cache
+
     def topk(self, experts, x: torch.Tensor, index_BK: torch.Tensor, num_experts: int,
              capacity_factor: float = 0.0):
-        P = self.ep_size
-        if P == 1:
+        """One row per (sample, destination rank), the outputs back per (sample, slot).
+
+        See :class:`_Route` for the exchange; the local experts run on their pairs' rows
+        sorted by expert (``forward_grouped``, or a padded batch). Returns, like
+        :meth:`LocalDispatch.topk`, ``(y_BKC, counts_E, stats)``; the stats add
+        ``remote_rows_sent`` (rows of this rank's samples sent to other ranks),
+        ``min_remote_rows`` (distinct (sample, other rank) among the kept pairs: the least
+        any dispatch must send; equal to the former) and ``remote_rows_returned`` (outputs
+        other ranks send back for this rank's pairs: one per remote pair, since the caller
+        weights and reads each slot's output, ``MoEOutput.top_expert_output``).
+        """
+        if self.ep_size == 1:
             return super().topk(experts, x, index_BK, num_experts, capacity_factor)
         B, K = index_BK.shape
-        L = len(self.local_experts)
-        expert_S = index_BK.reshape(-1)
-        counts_E = torch.bincount(expert_S, minlength=num_experts)
+        counts_E = torch.bincount(index_BK.reshape(-1), minlength=num_experts)
+        keep_S = None
         if capacity_factor > 0:
             keep_S = capacity_keep(index_BK, num_experts, routing_capacity(capacity_factor, B * K, num_experts))
-            pairs_S = keep_S.nonzero().squeeze(1)
-        else:
-            pairs_S = torch.arange(B * K, device=x.device)
-        kept_expert = expert_S[pairs_S]
-        order = torch.argsort(kept_expert, stable=True)
-        send_pairs = pairs_S[order]  # pair ids grouped by expert, hence by destination rank
-        send_E = torch.bincount(kept_expert, minlength=num_experts)
-        # counts per (rank, local expert), padded to the largest block: the same shape on
-        # every rank, zeros in the padding (so they add no row anywhere)
-        slot_PL = torch.tensor(self._slot_PL, device=x.device)
-        send_PL = torch.cat([send_E, send_E.new_zeros(1)])[slot_PL]
-        recv_PL = coll.all_to_all_counts(send_PL, self.ctx.ep_group)
-        # Remote destinations a pair's token must reach at least once (bytes lower bound):
-        dest_BK = torch.tensor(self._owner_E, device=x.device)[index_BK]
-        if capacity_factor > 0:
-            dest_BK = torch.where(keep_S.view(B, K), dest_BK, torch.full_like(dest_BK, self.ctx.ep_rank))
-        dest_sorted = dest_BK.sort(dim=1).values
-        distinct_BK = torch.ones_like(dest_sorted, dtype=torch.bool)
-        distinct_BK[:, 1:] = dest_sorted[:, 1:] != dest_sorted[:, :-1]
-        min_remote = (distinct_BK & (dest_sorted != self.ctx.ep_rank)).sum()
-        host = torch.cat([send_PL.sum(1), recv_PL.sum(1), recv_PL.sum(0)[:L], min_remote.view(1)]).tolist()
-        send_splits, recv_splits = host[:P], host[P:2 * P]
-        counts_L, min_remote = host[2 * P:2 * P + L], host[-1]
-
-        x_send = x[send_pairs // K]
-        x_recv = coll.all_to_all_rows(x_send, recv_splits, send_splits, self.ctx.ep_group)
-        local_R = torch.arange(recv_PL.shape[1], device=x.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
-        out_RC, padded = run_expert_batch(experts, x_recv, local_R,
-                                          counts_L=torch.tensor(counts_L, device=x.device),
-                                          cap=max(counts_L) if counts_L else 0)
-        y_send = coll.all_to_all_rows(out_RC, send_splits, recv_splits, self.ctx.ep_group)
-        y_SC = y_send.new_zeros((B * K,) + tuple(y_send.shape[1:])).index_copy(0, send_pairs, y_send)
+        route = _Route.plan(self, index_BK, keep_S)
+        x_Q = _SendRows.apply(x, route)
+        out_QC, padded = _run_sorted(experts, x_Q, route.counts_L)
+        y_SC = _ReturnRows.apply(out_QC, route)
         me = self.ctx.ep_rank
-        remote_sent = sum(send_splits) - send_splits[me]
-        stats = _stats(B * K, send_pairs.numel(), padded, expert_rows=sum(recv_splits),
-                       remote_rows_sent=remote_sent, min_remote_rows=min_remote)
+        stats = _stats(B * K, sum(route.send_pairs), padded, expert_rows=sum(route.recv_pairs),
+                       remote_rows_sent=sum(route.send_units) - route.send_units[me],
+                       min_remote_rows=route.min_remote,
+                       remote_rows_returned=sum(route.send_pairs) - route.send_pairs[me])
         return y_SC.view(B, K, y_SC.shape[-1]), counts_E, stats
 
     # ------------------------------------------------------------------ gate losses
@@ -366,3 +365,138 @@ class ExpertParallelDispatch(LocalDispatch):
         dist_BG = losses.normalize_distances(dist_BG, coll.all_reduce_max(local_max, group))
         S, T = losses.similarity_terms(dist_BG, probs_BE, probs_GE)
         return losses.combine_similarity_terms(S, T, layout.total, beta, gamma, variant)
+
+
+# ---------------------------------------------------------------------- top-k exchange
+
+
+@dataclass
+class _Route:
+    """The exchange plan of one expert-parallel top-k forward pass, both directions.
+
+    A *unit* is a (sample, destination rank) with at least one kept pair there: the sample's
+    row travels once per unit, whatever the number of its experts on that rank, so the rows
+    sent are the per-rank minimum. With each unit goes a small integer row ``meta_K``: for
+    slot k, the local index of the chosen expert if that pair is kept and goes to this rank,
+    else -1. The receiver expands units into pairs (sorted by local expert for the bank) and
+    returns one output per pair, in (source rank, unit, slot) order, which is the order in
+    which the sender sorted its pairs (by rank, stable over sample-major pairs).
+
+    Send side (this rank's samples): ``sample_U`` the sample of each unit in send order
+    (grouped by destination), ``pair_P`` the id ``b * K + k`` of each kept pair in the same
+    order. Receive side (this rank's experts): ``unit_Q`` the received unit of each local
+    pair, pairs sorted by local expert, and ``place_Q`` its position in the return order.
+    """
+
+    group: object
+    num_pairs: int
+    send_units: tuple[int, ...]
+    recv_units: tuple[int, ...]
+    send_pairs: tuple[int, ...]
+    recv_pairs: tuple[int, ...]
+    counts_L: list[int]
+    min_remote: int
+    sample_U: torch.Tensor
+    pair_P: torch.Tensor
+    unit_Q: torch.Tensor
+    place_Q: torch.Tensor
+
+    @classmethod
+    def plan(cls, dispatch: ExpertParallelDispatch, index_BK: torch.Tensor, keep_S: torch.Tensor | None):
+        B, K = index_BK.shape
+        P, W, me = dispatch.ep_size, dispatch._widest, dispatch.ctx.ep_rank
+        owner_E, local_E = dispatch._maps(index_BK.device)
+        dest_BK = owner_E[index_BK]
+        if keep_S is not None:  # a dropped pair goes nowhere: "rank P", sorted last
+            dest_BK = dest_BK.masked_fill(~keep_S.view(B, K), P)
+        local_BK = local_E[index_BK]
+        # slot k opens a unit unless an earlier slot of the sample goes to the same rank
+        earlier_KK = torch.ones(K, K, dtype=torch.bool, device=index_BK.device).tril(-1)
+        first_BK = ~((dest_BK.unsqueeze(2) == dest_BK.unsqueeze(1)) & earlier_KK).any(2) & (dest_BK < P)
+        dest_S = dest_BK.reshape(-1)
+        order_S = torch.argsort(dest_S, stable=True)  # by rank, then sample, then slot
+        unit_pair_U = order_S[first_BK.reshape(-1)[order_S]]
+        sample_U = torch.div(unit_pair_U, K, rounding_mode="floor")
+        dest_U = dest_S[unit_pair_U]
+        meta_UK = torch.where(dest_BK[sample_U] == dest_U.unsqueeze(1), local_BK[sample_U], -1)
+        # per destination: units, then kept pairs per local expert (padded to the widest block)
+        pairs_PW = torch.bincount(dest_S * W + local_BK.reshape(-1), minlength=(P + 1) * W)[:P * W]
+        msg_PW = torch.cat([torch.bincount(dest_U, minlength=P)[:P].unsqueeze(1), pairs_PW.view(P, W)], 1)
+        recv_PW = coll.all_to_all_counts(msg_PW, dispatch.ctx.ep_group)
+        min_remote = (first_BK & (dest_BK != me)).sum().view(1)
+        host = torch.cat([msg_PW.reshape(-1), recv_PW.reshape(-1), min_remote]).tolist()
+        sent, got = host[:P * (W + 1)], host[P * (W + 1):-1]
+        send_units, recv_units = tuple(sent[::W + 1]), tuple(got[::W + 1])
+        send_pairs = tuple(sum(sent[j * (W + 1) + 1:(j + 1) * (W + 1)]) for j in range(P))
+        recv_pairs = tuple(sum(got[j * (W + 1) + 1:(j + 1) * (W + 1)]) for j in range(P))
+        counts_L = [sum(got[j * (W + 1) + 1 + i] for j in range(P)) for i in range(len(dispatch.local_experts))]
+        meta_UK = coll.exchange_rows(meta_UK.to(_meta_dtype(W)), recv_units, send_units, dispatch.ctx.ep_group)
+        unit_Q, place_Q = _local_pairs(meta_UK, W, sum(recv_pairs))
+        return cls(dispatch.ctx.ep_group, B * K, send_units, recv_units, send_pairs, recv_pairs, counts_L,
+                   host[-1], sample_U, order_S[:sum(send_pairs)], unit_Q, place_Q)
+
+
+def _meta_dtype(widest: int) -> torch.dtype:
+    """The smallest integer type of the local expert indices (and -1): a row's metadata costs
+    K bytes next to its D * 4 (int8 up to 127 local experts)."""
+    return torch.int8 if widest <= 127 else torch.int16 if widest <= 32767 else torch.int32
+
+
+def _local_pairs(meta_UK: torch.Tensor, widest: int, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Received units -> local pairs sorted by local expert: ``(unit_Q, place_Q)`` (see _Route)."""
+    K = meta_UK.shape[1]
+    local_F = meta_UK.reshape(-1).long()  # F = U * K entries, unit-major
+    valid_F = local_F >= 0
+    order_F = torch.argsort(torch.where(valid_F, local_F, widest), stable=True)[:num_pairs]
+    place_F = torch.cumsum(valid_F, 0) - 1
+    return torch.div(order_F, K, rounding_mode="floor"), place_F[order_F]
+
+
+class _SendRows(torch.autograd.Function):
+    """Forward: one row per unit to its rank, there one copy per local pair (by expert).
+    Backward: the pairs' gradients summed per unit, sent back, summed per sample."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, route: _Route) -> torch.Tensor:
+        ctx.route, ctx.batch = route, x.shape[0]
+        rows = coll.exchange_rows(x.index_select(0, route.sample_U), route.recv_units, route.send_units,
+                                  route.group)
+        return rows.index_select(0, route.unit_Q)
+
+    @staticmethod
+    def backward(ctx, grad_Q: torch.Tensor):
+        route = ctx.route
+        grad_U = grad_Q.new_zeros((sum(route.recv_units),) + grad_Q.shape[1:]).index_add_(0, route.unit_Q, grad_Q)
+        grad = coll.exchange_rows(grad_U, route.send_units, route.recv_units, route.group)
+        return grad.new_zeros((ctx.batch,) + grad.shape[1:]).index_add_(0, route.sample_U, grad), None
+
+
+class _ReturnRows(torch.autograd.Function):
+    """Forward: each local pair's output back to its sample's rank, placed at ``(b, k)``
+    (zero for dropped pairs). Backward: the reverse gathers and exchange."""
+
+    @staticmethod
+    def forward(ctx, out_Q: torch.Tensor, route: _Route) -> torch.Tensor:
+        ctx.route = route
+        ret = out_Q.new_empty(out_Q.shape).index_copy_(0, route.place_Q, out_Q)
+        back = coll.exchange_rows(ret, route.send_pairs, route.recv_pairs, route.group)
+        # zeros only where some pair was dropped: otherwise every row is written
+        make = back.new_empty if back.shape[0] == route.num_pairs else back.new_zeros
+        return make((route.num_pairs,) + back.shape[1:]).index_copy_(0, route.pair_P, back)
+
+    @staticmethod
+    def backward(ctx, grad_S: torch.Tensor):
+        route = ctx.route
+        grad = coll.exchange_rows(grad_S.index_select(0, route.pair_P), route.recv_pairs, route.send_pairs,
+                                  route.group)
+        return grad.index_select(0, route.place_Q), None
+
+
+def _run_sorted(experts, x_Q: torch.Tensor, counts_L: list[int]):
+    """Rows sorted by local expert, ``counts_L[i]`` for expert i: ``(out_QC, rows computed)``."""
+    counts = torch.tensor(counts_L, device=x_Q.device)
+    if _grouped(experts, x_Q):
+        return experts.forward_grouped(x_Q, counts)[0], x_Q.shape[0]
+    expert_Q = torch.repeat_interleave(torch.arange(len(counts_L), device=x_Q.device), counts,
+                                       output_size=x_Q.shape[0])
+    return run_expert_batch(experts, x_Q, expert_Q, counts_L=counts, cap=max(counts_L, default=0))

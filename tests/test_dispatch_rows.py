@@ -1,0 +1,137 @@
+"""Top-k expert-parallel dispatch sends each sample's row once per destination rank.
+
+E = 5 FFN experts on 2 and 4 ranks (blocks 3 + 2 and 2 + 1 + 1 + 1), top-2 and top-3, random
+and biased routings, with and without a capacity factor. Each rank counts the rows it really
+sends (a wrapper around ``dist.all_to_all_single``); here the test recomputes from each
+rank's routing the least any dispatch must send (the distinct (sample, other rank) pairs of
+its kept choices), and checks outputs and input gradients against one process on each
+rank's share (capacity is per rank's share, so that is the reference in both cases).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dist.models import MoE
+from moe_dist.models.ffn import FFNExpertBank
+from moe_dist.parallel.dispatch import capacity_keep, routing_capacity
+from moe_dist.parallel.groups import expert_blocks
+from procs import spawn
+
+E, HIDDEN, FFN = 5, 8, 16
+SIZES = {2: (9, 6), 4: (5, 0, 7, 3)}  # uneven shares, one rank without samples
+# (name, top_k, capacity factor, gate bias): "pair" sends every sample to experts 0 and 1,
+# which sit together on rank 0 in both layouts
+CASES = (("random", 2, 0.0, None), ("random_cf", 2, 0.6, None), ("top3", 3, 0.0, None),
+         ("top3_cf", 3, 0.8, None), ("pair", 2, 0.0, (9.0, 9.0, -9.0, -9.0, -9.0)))
+STAT_KEYS = {"routed", "dropped", "expert_rows", "padded_rows", "remote_rows_sent", "min_remote_rows",
+             "remote_rows_returned"}
+
+
+def make_layer(top_k: int, capacity_factor: float, bias) -> MoE:
+    torch.manual_seed(0)
+    gate = torch.nn.Linear(HIDDEN, E)
+    if bias is not None:
+        with torch.no_grad():
+            gate.bias.copy_(torch.tensor(bias))
+    return MoE(FFNExpertBank.create(E, hidden_size=HIDDEN, ffn_size=FFN), gate, routing="topk", top_k=top_k,
+               output_kind="logits", capacity_factor=capacity_factor)
+
+
+def inputs(world: int):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(n, HIDDEN, generator=g), torch.randn(n, HIDDEN, generator=g)) for n in SIZES[world]]
+
+
+def rows_worker(rank: int, world: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from moe_dist.parallel import ParallelContext, parallelize
+
+    ctx = ParallelContext.create(ep_size=world, num_experts=E)
+    x, cot = inputs(world)[rank]
+    original = dist.all_to_all_single
+    calls: list[tuple[torch.dtype, int]] = []
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        me = dist.get_rank(group)
+        splits = input_split_sizes or [input.shape[0] // dist.get_world_size(group)] * dist.get_world_size(group)
+        calls.append((input.dtype, sum(splits) - splits[me]))
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        for name, top_k, cf, bias in CASES:
+            layer = parallelize(make_layer(top_k, cf, bias), ctx)
+            xi = x.clone().requires_grad_(True)
+            calls.clear()
+            out = layer(xi)
+            forward_calls = list(calls)
+            (out.output * cot).sum().backward()
+            torch.save({"output": out.output.detach(), "dx": xi.grad, "index": out.expert_index,
+                        "stats": out.routing_stats, "forward_calls": forward_calls},
+                       Path(out_dir) / f"w{world}_{name}_rank{rank}.pt")
+    finally:
+        dist.all_to_all_single = original
+
+
+@pytest.fixture(scope="module")
+def rows_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rows")
+    for world in SIZES:
+        spawn(rows_worker, world, str(out))
+    return out
+
+
+def minimum_rows(index_BK: torch.Tensor, keep_BK: torch.Tensor, owner: list[int], me: int) -> int:
+    """Distinct (sample, other rank) among the kept choices, counted one sample at a time."""
+    return sum(len({owner[e] for e, kept in zip(row, keep) if kept} - {me})
+               for row, keep in zip(index_BK.tolist(), keep_BK.tolist()))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", sorted(SIZES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rows_sent_are_the_per_rank_minimum(rows_runs, world, case):
+    name, top_k, cf, bias = case
+    owner = [r for r, block in enumerate(expert_blocks(E, world)) for _ in block]
+    reference = make_layer(top_k, cf, bias)
+    total_pairs = 0
+    for rank, (x, cot) in enumerate(inputs(world)):
+        rec = torch.load(rows_runs / f"w{world}_{name}_rank{rank}.pt")
+        xi = x.clone().requires_grad_(True)
+        ref = reference(xi)
+        (ref.output * cot).sum().backward()
+        torch.testing.assert_close(rec["output"], ref.output.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rec["dx"], xi.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(rec["index"], ref.expert_index)
+        B = x.shape[0]
+        keep = (capacity_keep(ref.expert_index, E, routing_capacity(cf, B * top_k, E)).view(B, top_k)
+                if cf > 0 else torch.ones(B, top_k, dtype=torch.bool))
+        stats = rec["stats"]
+        assert set(stats) == STAT_KEYS
+        least = minimum_rows(ref.expert_index, keep, owner, rank)
+        # forward exchanges: counts, routing metadata, token rows, output rows
+        dtypes = [dtype for dtype, _ in rec["forward_calls"]]
+        assert dtypes == [torch.int64, torch.int8, torch.float32, torch.float32], dtypes
+        assert rec["forward_calls"][2][1] == least  # the token rows this rank really sent
+        assert stats["min_remote_rows"] == stats["remote_rows_sent"] == least
+        remote_pairs = sum(owner[e] != rank for e in ref.expert_index[keep].tolist())
+        assert stats["remote_rows_returned"] == remote_pairs
+        assert stats["routed"] == B * top_k and stats["dropped"] == int((~keep).sum())
+        assert stats["padded_rows"] == stats["expert_rows"]  # ragged FFN rows: no padding
+        total_pairs += int(keep.sum())
+    records = [torch.load(rows_runs / f"w{world}_{name}_rank{r}.pt") for r in range(world)]
+    assert sum(r["stats"]["expert_rows"] for r in records) == total_pairs
+    # outputs go back from the experts' ranks: one row per remote pair, in total
+    assert sum(r["forward_calls"][3][1] for r in records) == sum(r["stats"]["remote_rows_returned"]
+                                                                  for r in records)
+    if name == "pair":  # both experts on one rank: one row per sample, two outputs back
+        assert all(r["stats"]["remote_rows_sent"] * 2 == r["stats"]["remote_rows_returned"] for r in records)
+    if world == 2 and name == "random":
+        # top-2 over two ranks: some samples have both experts on the other rank (sent once)
+        assert sum(r["stats"]["remote_rows_sent"] for r in records) < sum(r["stats"]["remote_rows_returned"]
+                                                                          for r in records)
