@@ -55,8 +55,9 @@ ROUTINGS = ("dense", "topk", "attentive", "topk_idle")
 
 
 def make_model(case: str, seed: int = 0):
-    """A tiny MNIST-architecture MoE (no BatchNorm: its statistics would be per rank) with
-    both gate losses, so every code path of the dispatch and the reductions is exercised."""
+    """A tiny MNIST-architecture MoE (no BatchNorm; tests/test_global_batchnorm.py covers the
+    BatchNorm architectures) with both gate losses, so every code path of the dispatch and
+    the reductions is exercised."""
     torch.manual_seed(seed)
     routing = "topk" if case.startswith("topk") else case
     moe = MoEConfig(num_experts=E, routing=routing, top_k=2 if case == "topk" else 1,
@@ -103,6 +104,7 @@ def single_process_run(routing: str, batches, make=None, adam=None):
         total = losses.mixture_nll(out.output, y) + sum(out.aux_losses.values())
         opt.zero_grad()
         total.backward()
+        record.setdefault("losses", []).append(float(total.detach()))
         if step == 0:
             record.update(output=out.output.detach(), total=total.detach(),
                           aux={k: v.detach() for k, v in out.aux_losses.items()},
@@ -115,8 +117,9 @@ def single_process_run(routing: str, batches, make=None, adam=None):
 
 def distributed_run(model, ctx, batches, rank: int, world: int, adam=None) -> dict:
     """One rank's share of ``single_process_run``: this rank's slice of every global batch, its
-    loss share, summed gradients, Adam; the first step's values and the final parameters and
-    optimizer state in the full layout (collective: call it on every rank)."""
+    loss share, summed gradients, Adam; every step's global loss, the first step's values and
+    the final parameters (BatchNorm buffers included) and optimizer state in the full layout
+    (collective: call it on every rank)."""
     import torch.distributed as dist
 
     from moe_dist.parallel import GradientReducer, full_model_state, full_optimizer_state
@@ -132,6 +135,9 @@ def distributed_run(model, ctx, batches, rank: int, world: int, adam=None) -> di
         opt.zero_grad()
         total.backward()
         reduce_grads()
+        loss = total.detach().clone()  # every step's global loss (the shares summed)
+        dist.all_reduce(loss)
+        record.setdefault("losses", []).append(float(loss))
         if step == 0:
             parts = torch.stack([total.detach()] + [v.detach() for v in out.aux_losses.values()])
             dist.all_reduce(parts)

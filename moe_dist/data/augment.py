@@ -13,19 +13,33 @@ import torch.nn.functional as F
 CROP_PADDING = 4
 
 
-def cifar_augment(x_BCHW: torch.Tensor, generator: torch.Generator,
-                  padding: int = CROP_PADDING) -> torch.Tensor:
-    """Flip each image horizontally with p = 0.5, then crop it back to H x W at a random offset
-    from its reflect-padded version.
+def cifar_draws(batch_size: int, generator: torch.Generator,
+                padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of one batch, in this order, on the generator's device: `rand(B)`
+    (flip where < 0.5), then `randint(0, 2 * padding + 1, (2, B))` (row offsets, then column
+    offsets). Returns ``(flip_B, offsets_2B)``."""
+    flip_B = torch.rand(batch_size, generator=generator, device=generator.device) < 0.5
+    offsets_2B = torch.randint(0, 2 * padding + 1, (2, batch_size), generator=generator,
+                               device=generator.device)
+    return flip_B, offsets_2B
 
-    Random draws, in this order, on the generator's device: `rand(B)` (flip where < 0.5),
-    then `randint(0, 2 * padding + 1, (2, B))` (row offsets, then column offsets).
+
+def cifar_augment(x_BCHW: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING,
+                  *, global_batch: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Flip each image horizontally with p = 0.5, then crop it back to H x W at a random offset
+    from its reflect-padded version (draws: :func:`cifar_draws`).
+
+    With several processes ``x_BCHW`` is rows ``offset .. offset + B - 1`` of a global batch
+    of ``global_batch`` samples: every rank draws the whole global batch (the same generator
+    state on every rank) and applies its own rows, so the draws are the single-process ones
+    and the generator stays in step across ranks (docs/design.md, choice 4).
     """
     B, _, H, W = x_BCHW.shape
-    flip_B = torch.rand(B, generator=generator, device=generator.device).to(x_BCHW.device) < 0.5
-    offsets_2B = torch.randint(0, 2 * padding + 1, (2, B), generator=generator,
-                               device=generator.device).to(x_BCHW.device)
-
+    flip_G, offsets_2G = cifar_draws(B if global_batch is None else global_batch, generator, padding)
+    flip_B = flip_G[offset: offset + B].to(x_BCHW.device)
+    offsets_2B = offsets_2G[:, offset: offset + B].to(x_BCHW.device)
+    if B == 0:  # an empty share of a global batch smaller than the world: drawn, nothing to apply
+        return x_BCHW
     x_BCHW = torch.where(flip_B[:, None, None, None], x_BCHW.flip(-1), x_BCHW)
     padded = F.pad(x_BCHW, (padding, padding, padding, padding), mode="reflect")
     rows_BH = offsets_2B[0, :, None] + torch.arange(H, device=x_BCHW.device)

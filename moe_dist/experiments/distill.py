@@ -12,7 +12,8 @@ which is the compute saving the paper argues for.
 Under a launcher (``torchrun --nproc_per_node N -m moe_dist.cli distill ...``) every rank
 runs the procedure: the process group is held for its whole length (the distillation and the
 top-k evaluations are separate trainers), evaluation counts are summed over ranks and only
-rank 0 writes; the results equal a single process's (MNIST-family architectures, no BatchNorm).
+rank 0 writes; the results equal a single process's (tested on the MNIST family; BatchNorm
+statistics are the global batch's, ``moe_dist.parallel.batchnorm``).
 """
 
 from __future__ import annotations

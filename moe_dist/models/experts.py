@@ -31,6 +31,7 @@ from torch import nn
 from moe_dist.config import check_choice
 from moe_dist.models.layers import (StackedBatchNorm2d, StackedConv2d, StackedConvReluPool,
                                     StackedLinear, StackedPatchConv1d)
+from moe_dist.parallel.batchnorm import BatchNorm2d
 
 # --------------------------------------------------------------------------- single experts
 
@@ -71,10 +72,10 @@ class CifarExpert(nn.Module):
         self.init_kwargs = {"num_classes": num_classes}
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
+        self.bn2 = BatchNorm2d(32)
         self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
         self.conv4 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
-        self.bn4 = nn.BatchNorm2d(128)
+        self.bn4 = BatchNorm2d(128)
         self.fc1 = nn.Linear(512, 1024)
         self.fc2 = nn.Linear(1024, 256)
         self.out = nn.Linear(256, num_classes)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.parallel.batchnorm import BatchNorm2d
+
 
 class MnistGate(nn.Module):
     """MNIST gate (A.1.1, kernel 3) and combined FMNIST+MNIST gate (A.1.2, kernel 5).
@@ -68,7 +70,7 @@ class FmnistGate(nn.Module):
         super().__init__()
         self.attentive = attentive
         self.conv = nn.Conv2d(1, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
+        self.bn = BatchNorm2d(8)
         self.fc1 = nn.Linear(8 * 13 * 13, 512)
         self.fc2 = nn.Linear(512, 32)
         if not attentive:
@@ -95,10 +97,10 @@ class CifarGate(nn.Module):
         self.attentive = attentive
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(128)
+        self.bn2 = BatchNorm2d(128)
         self.conv3 = nn.Conv2d(128, 256, 3, padding=1)
         self.conv4 = nn.Conv2d(256, 512, 3, padding=1, bias=False)
-        self.bn4 = nn.BatchNorm2d(512)
+        self.bn4 = BatchNorm2d(512)
         self.fc1 = nn.Linear(2048, 1024)
         self.fc2 = nn.Linear(1024, 256)
         if not attentive:

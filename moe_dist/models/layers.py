@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.parallel.batchnorm import LocalBatchStats, batch_norm_global
+
 
 class StackedLinear(nn.Module):
     """E copies of ``nn.Linear(in_features, out_features)``: ``[E, N, I] -> [E, N, O]``.
@@ -83,7 +85,8 @@ class StackedBatchNorm2d(nn.Module):
     statistics of expert e use only its real rows, and its running statistics are updated as
     nn.BatchNorm2d would update them on those rows alone (unbiased running variance);
     an expert with no real rows leaves its running statistics and counter unchanged.
-    Padding rows come out finite but meaningless; the caller discards them.
+    Padding rows come out finite but meaningless; the caller discards them. Under several
+    processes the statistics are those of the global batch (``moe_dist.parallel.batchnorm``).
 
     ``num_batches_tracked`` is per expert (shape ``[E]``), like every other buffer of a bank,
     so that a checkpoint splits cleanly by expert.
@@ -99,41 +102,24 @@ class StackedBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_experts, num_features))
         self.register_buffer("running_var", torch.ones(num_experts, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(num_experts, dtype=torch.long))
+        # Whose rows the training statistics cover: this process's (the default), or the
+        # global batch's once moe_dist.parallel.parallelize installed its reducer.
+        self.batch_stats = LocalBatchStats()
 
     def forward(self, x_NXHW: torch.Tensor, mask_EN: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or mask_EN is None:
+        if not self.training or (mask_EN is None and not self.batch_stats.distributed):
             if self.training:
                 self.num_batches_tracked.add_(1)
             # Flattened views of the [E, C] buffers: F.batch_norm updates them in place.
             return F.batch_norm(x_NXHW, self.running_mean.view(-1), self.running_var.view(-1),
                                 self.weight.flatten(), self.bias.flatten(), self.training,
                                 self.momentum, self.eps)
-        return self._masked_train_forward(x_NXHW, mask_EN)
-
-    def _masked_train_forward(self, x_NXHW: torch.Tensor, mask_EN: torch.Tensor) -> torch.Tensor:
-        E, C = self.weight.shape
-        N = x_NXHW.shape[0]
-        # statistics in at least float32 (bf16 activations under autocast)
-        x_NECS = x_NXHW.reshape(N, E, C, -1).to(torch.promote_types(x_NXHW.dtype, torch.float32))
-        mask_NE11 = mask_EN.t().to(x_NECS.dtype)[:, :, None, None]
-        count_E = mask_EN.sum(1).to(x_NECS.dtype) * x_NECS.shape[-1]
-        denom_E1 = count_E.clamp(min=1).unsqueeze(1)
-        mean_EC = (x_NECS * mask_NE11).sum((0, 3)) / denom_E1
-        centred_NECS = x_NECS - mean_EC[:, :, None]
-        var_EC = (centred_NECS.square() * mask_NE11).sum((0, 3)) / denom_E1
-        scale_EC = torch.rsqrt(var_EC + self.eps) * self.weight
-        y_NECS = centred_NECS * scale_EC[:, :, None] + self.bias[:, :, None]
-        with torch.no_grad():
-            seen_E = count_E > 0
-            unbiased_EC = var_EC * (count_E / (count_E - 1).clamp(min=1)).unsqueeze(1)
-            m = self.momentum
-            seen_E1 = seen_E.unsqueeze(1)
-            self.running_mean.copy_(torch.where(seen_E1, (1 - m) * self.running_mean + m * mean_EC,
-                                                self.running_mean))
-            self.running_var.copy_(torch.where(seen_E1, (1 - m) * self.running_var + m * unbiased_EC,
-                                               self.running_var))
-            self.num_batches_tracked.add_(seen_E.long())
-        return y_NECS.reshape(x_NXHW.shape).to(x_NXHW.dtype)
+        # Padded rows (mask) or the global batch's statistics (several processes).
+        y, seen_E = batch_norm_global(x_NXHW, self.weight.shape[0], None if mask_EN is None else mask_EN.t(),
+                                      self.batch_stats, self.weight, self.bias, self.running_mean,
+                                      self.running_var, self.momentum, self.eps)
+        self.num_batches_tracked.add_(seen_E.long())
+        return y
 
 
 def pool_phase_columns(x: torch.Tensor, kernel_size: int) -> torch.Tensor:

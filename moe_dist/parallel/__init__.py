@@ -10,6 +10,7 @@
 * ``dispatch``: the MoE's dispatchers (local; expert-parallel all-to-all for dense, top-k and
   attentive routing) and the global-batch gate losses.
 * ``model``: :func:`parallelize` (keep this rank's experts), replicated vs sharded parameters.
+* ``batchnorm``: BatchNorm with the global batch's statistics (installed by ``parallelize``).
 * ``grads``: :class:`GradientReducer`, gradient sums over the right groups (no DDP).
 * ``state``: checkpoints in the single-process layout, loadable at any ep_size.
 """

@@ -215,10 +215,12 @@ class LocalDispatch:
 
 def _run_shared(experts, x_N: torch.Tensor):
     """``experts(x, shared=True)``, also for zero rows (a rank with an empty share of the
-    global batch): the banks' reshapes need one row, so one zero row runs and is dropped."""
+    global batch): the banks' reshapes need one row, so one zero row runs and is dropped
+    (masked: no BatchNorm statistic counts it)."""
     if x_N.shape[0] > 0:
         return experts(x_N, shared=True)
-    out_ENC, hidden_ENH = experts(x_N.new_zeros((1,) + tuple(x_N.shape[1:])), shared=True)
+    no_row_E1 = torch.zeros(experts.num_experts, 1, dtype=torch.bool, device=x_N.device)
+    out_ENC, hidden_ENH = experts(x_N.new_zeros((1,) + tuple(x_N.shape[1:])), shared=True, mask_EN=no_row_E1)
     return out_ENC[:, :0], hidden_ENH[:, :0]
 
 

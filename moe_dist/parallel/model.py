@@ -11,12 +11,16 @@ After it, parameters are of two kinds (docs/design.md, choice 5):
   gradients are summed over the expert-data-parallel group;
 * *replicated* (gate, attention, a single model, experts when ep_size == 1): gradients are
   summed over all ranks.
+
+BatchNorm statistics follow the same split: a replicated module's are combined over the
+world, a sharded bank's over its expert-data-parallel group (``batchnorm``).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from moe_dist.parallel.batchnorm import install_batch_stats
 from moe_dist.parallel.dispatch import ExpertParallelDispatch
 from moe_dist.parallel.groups import ParallelContext, check_layout
 
@@ -38,8 +42,9 @@ def placement_unit(moe: nn.Module) -> int:
 def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     """Keep this rank's experts and attach the expert-parallel dispatcher (in place).
 
-    A no-op for a single process. A model without MoE layers (model.kind=single) is plain
-    data parallel: nothing to shard.
+    Every BatchNorm then normalises with the global batch's statistics
+    (:mod:`moe_dist.parallel.batchnorm`). A no-op for a single process. A model without MoE
+    layers (model.kind=single) is plain data parallel: nothing to shard.
     """
     if not ctx.distributed:
         return model
@@ -54,6 +59,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
                                  "parallelize a freshly built model once")
             moe.experts = type(bank).from_modules(bank.to_modules()[mine.start:mine.stop])
         moe.dispatcher = ExpertParallelDispatch(ctx, E, placement_unit(moe))
+    install_batch_stats(model, ctx, sharded_prefixes(model, ctx))
     return model
 
 

@@ -17,7 +17,7 @@ from moe_dist.losses import model_loss
 from moe_dist.metrics import EvalAccumulator
 from moe_dist.parallel import all_reduce, is_distributed
 
-__all__ = ["evaluate", "global_batch_size"]
+__all__ = ["evaluate", "global_batch_size", "batch_share"]
 
 
 def global_batch_size(batches: Any, index: int) -> int | None:
@@ -26,6 +26,15 @@ def global_batch_size(batches: Any, index: int) -> int | None:
     if not is_distributed():
         return None
     return min(batches.batch_size, len(batches.split) - index * batches.batch_size)
+
+
+def batch_share(batches: Any, index: int) -> tuple[int, int]:
+    """(size of global batch ``index``, position of this rank's first sample in it): the
+    contiguous split of TensorBatches and shard batches, sizes differing by at most one,
+    earlier ranks larger. One process: (the batch's size, 0)."""
+    total = min(batches.batch_size, len(batches.split) - index * batches.batch_size)
+    base, extra = divmod(total, batches.world_size)
+    return total, batches.rank * base + min(batches.rank, extra)
 
 
 def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0, num_clusters: int = 0,

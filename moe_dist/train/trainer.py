@@ -16,7 +16,6 @@ Legend: B = batch (this rank's share), C = classes, E = experts.
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,13 +27,13 @@ from tqdm.auto import tqdm
 from moe_dist import fields
 from moe_dist.config import Config, check_resumable, from_dict, to_dict
 from moe_dist.data import Split, TensorBatches
-from moe_dist.data.augment import cifar_augment
+from moe_dist.data.augment import cifar_augment, cifar_draws
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.losses import model_loss
 from moe_dist.parallel import all_gather_floats, all_reduce, barrier, collective_failure, destroy_distributed
 from moe_dist.rundir import METRICS_FORMAT, RunDir
 from moe_dist.train.engines import Engine
-from moe_dist.train.evaluate import evaluate, global_batch_size
+from moe_dist.train.evaluate import batch_share, evaluate, global_batch_size
 from moe_dist.train.events import SummaryWriter, log_epoch, log_final
 from moe_dist.train.hardware import hardware_description, peak_memory_mb
 from moe_dist.train.preemption import Preempted, PreemptionFlag
@@ -164,16 +163,23 @@ class Trainer:
                         autocast=self.engine.autocast)
 
     # ----------------------------------------------------------------------------- one epoch
-    def _augmenter(self, epoch: int, first: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The epoch's training augmentation (CIFAR-100: crops and flips) from a generator
-        seeded by (seed, epoch); a resumed epoch replays the skipped batches' draws."""
+    def _augmenter(self, epoch: int, first: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The epoch's training augmentation (CIFAR-100: crops and flips) of batch ``index``,
+        from a generator seeded by (seed, epoch). Every rank draws the whole global batch
+        and applies its rows, so N ranks draw what one process draws; a resumed epoch
+        replays the skipped batches' draws."""
         if self.data.dataset.augment != "cifar":
-            return lambda x: x
+            return lambda x, index: x
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        for x, _, _ in itertools.islice(self.data.train_batches.batches(epoch), first):
-            cifar_augment(x, gen)
-        return lambda x: cifar_augment(x, gen)
+        batches = self.data.train_batches
+        for index in range(first):
+            cifar_draws(batch_share(batches, index)[0], gen)
+
+        def augment(x: torch.Tensor, index: int) -> torch.Tensor:
+            total, offset = batch_share(batches, index)
+            return cifar_augment(x, gen, global_batch=total, offset=offset)
+        return augment
 
     def train_epoch(self) -> EpochOutcome:
         """The steps of epoch ``state.epoch`` from batch ``state.batch`` on. Early stopping is
@@ -187,7 +193,7 @@ class Trainer:
         batches = self.data.train_batches
         stopped, step_seconds, timed_steps = None, 0.0, 0  # this session's steps only
         for index, (x, y_B, idx_B) in enumerate(batches.batches(epoch, first), first):
-            x = augment(x)
+            x = augment(x, index)
             start = time.perf_counter()
             step = self.forward_loss(x, y_B, global_batch_size(batches, index))
             stopped = self.state.early_stop(step.values["loss"], self.cfg.train)  # the reason, or None
