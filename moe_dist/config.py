@@ -32,8 +32,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("mnist", "fmnist", "fmnist_mnist", "cifar100", "patch_cnn"),
     "model.kind": ("moe", "single"),
     "model.expert_activation": ("cubic", "linear"),
-    "moe.routing": ("dense", "topk", "attentive"),
-    "moe.gate_weights": ("softmax", "raw"),
+    "moe.routing": ("dense", "topk", "attentive", "hierarchical"),
+    "moe.gate_weights": ("softmax", "raw", "probs"),
     "moe.noise": ("none", "gaussian", "uniform"),
     "loss.ls_variant": ("normalized", "reference"),
     "loss.kind": ("auto", "mixture_nll", "cross_entropy", "double_softmax"),
@@ -107,11 +107,24 @@ class MoEConfig:
     num_experts: int = 5
     """Number of experts E."""
     routing: str = "dense"
-    """dense (output mixture) | topk (only k experts run) | attentive (paper section 5)."""
+    """dense (output mixture) | topk (only k experts run) | attentive (paper section 5) |
+    hierarchical (a group gate picks moe.top_groups of moe.num_groups groups, an expert gate
+    picks moe.top_k experts inside each; only those run; docs/design.md, choice 2)."""
     top_k: int = 1
-    """Experts per sample in topk routing."""
+    """Experts per sample in topk routing; hierarchical: experts chosen inside each chosen
+    group (at most E / moe.num_groups), so a sample runs top_groups x top_k experts."""
+    num_groups: int = 1
+    """hierarchical only: groups G of E / G consecutive experts (G must divide
+    moe.num_experts); a group lives on one expert-parallel rank, so parallel.ep_size <= G."""
+    top_groups: int = 1
+    """hierarchical only: groups chosen per sample by the group gate (1..moe.num_groups)."""
     gate_weights: str = "softmax"
-    """softmax (renormalised over the chosen k) | raw (Chen's unnormalised router value)."""
+    """How the chosen experts' outputs are weighted. softmax: the gate probabilities
+    renormalised over the chosen (topk: over the k; hierarchical: over the chosen groups and,
+    inside each, over its chosen experts, so a sample's weights sum to 1) | raw (topk only:
+    Chen's unnormalised router value) | probs (not renormalised: topk p(e), hierarchical
+    p(g) p(e|g), as Switch Transformer weights its top-1 expert, so a top-1 gate still
+    learns from the task loss)."""
     noise: str = "none"
     """Routing noise: none | gaussian (noisy top-k) | uniform (Chen's U[0,1) per expert)."""
     noise_std: float = 1.0
@@ -231,7 +244,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-POSITIVE_INTS = ("moe.num_experts", "train.epochs", "train.eval_every",
+POSITIVE_INTS = ("moe.num_experts", "moe.num_groups", "moe.top_groups", "train.epochs", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "parallel.ep_size")
 NON_NEGATIVE = ("data.train_size", "data.test_size", "model.width", "train.batch_size",
                 "train.lr_decay_every", "train.gate_lr", "train.weight_decay", "train.momentum",
@@ -264,13 +277,53 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ConfigError(f"moe.top_k={top_k} exceeds moe.num_experts={num_experts}")
 
 
-def check_ep_size(ep_size: int, num_experts: int | None) -> None:
+def check_ep_size(ep_size: int, num_experts: int | None, num_groups: int | None = None) -> None:
     """parallel.ep_size <= moe.num_experts (None: no experts): every expert-parallel rank
     holds at least one expert. It need not divide it: the blocks may differ by one
-    (moe_dist.parallel.groups.expert_blocks)."""
+    (moe_dist.parallel.groups.expert_blocks). Hierarchical routing (``num_groups``) places
+    whole groups: ep_size <= moe.num_groups."""
     if num_experts is not None and ep_size > num_experts:
         raise ConfigError(f"parallel.ep_size={ep_size} exceeds moe.num_experts={num_experts}: "
                           "every expert-parallel rank must hold at least one expert")
+    if num_groups is not None and ep_size > num_groups:
+        raise ConfigError(f"parallel.ep_size={ep_size} exceeds moe.num_groups={num_groups}: "
+                          "a group of experts lives on one rank")
+
+
+def routing_groups(cfg: Config) -> int | None:
+    """moe.num_groups under hierarchical routing (groups are routed to and placed whole), else None."""
+    if cfg.model.kind == "moe" and cfg.moe.routing == "hierarchical":
+        return cfg.moe.num_groups
+    return None
+
+
+def check_hierarchy(routing: str, num_experts: int, num_groups: int, top_groups: int, top_k: int) -> None:
+    """The group keys: hierarchical routing needs G | E, 1 <= top_groups <= G and
+    1 <= top_k <= E / G; other routings leave moe.num_groups and moe.top_groups at 1."""
+    if routing != "hierarchical":
+        for key, value in (("moe.num_groups", num_groups), ("moe.top_groups", top_groups)):
+            if value != 1:
+                raise ConfigError(f"{key}={value} applies to moe.routing='hierarchical' only "
+                                  f"(moe.routing={routing!r}): leave it at 1")
+        return
+    if num_groups < 1 or num_experts % num_groups:
+        raise ConfigError(f"moe.num_groups={num_groups} must divide moe.num_experts={num_experts} "
+                          "(groups of equal size)")
+    if not 1 <= top_groups <= num_groups:
+        raise ConfigError(f"moe.top_groups={top_groups} must be in 1..moe.num_groups={num_groups}")
+    per_group = num_experts // num_groups
+    if not 1 <= top_k <= per_group:
+        raise ConfigError(f"moe.top_k={top_k} must be in 1..{per_group} under moe.routing='hierarchical' "
+                          f"(experts per group: moe.num_experts={num_experts} / moe.num_groups={num_groups})")
+
+
+def check_gate_weights(gate_weights: str, routing: str) -> None:
+    """raw is Chen's router value (topk); probs and softmax weigh the chosen experts of topk
+    and hierarchical routing; dense and attentive weigh every expert by its probability."""
+    allowed = {"topk": ("softmax", "raw", "probs"), "hierarchical": ("softmax", "probs")}.get(routing, ("softmax",))
+    if gate_weights not in allowed:
+        raise ConfigError(f"moe.gate_weights={gate_weights!r} is not defined for moe.routing={routing!r} "
+                          f"(allowed: {', '.join(allowed)})")
 
 
 def check_routing_fits_arch(routing: str, arch: str) -> None:
@@ -298,20 +351,26 @@ def validate(cfg: Config) -> Config:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
     check_top_k(cfg.moe.top_k, cfg.moe.num_experts)
+    check_hierarchy(cfg.moe.routing, cfg.moe.num_experts, cfg.moe.num_groups, cfg.moe.top_groups, cfg.moe.top_k)
     for key in ("train.freeze", "train.init_parts"):
         for name in _get(cfg, key):
             if name not in FREEZABLE:
                 raise ConfigError(f"{key} entry {name!r} is not one of: {', '.join(FREEZABLE)}")
     if cfg.model.kind == "moe":  # a single model has no experts: any ep_size
-        check_ep_size(cfg.parallel.ep_size, cfg.moe.num_experts)
+        check_ep_size(cfg.parallel.ep_size, cfg.moe.num_experts, routing_groups(cfg))
     patch = cfg.model.arch == "patch_cnn"
     if (cfg.data.name == "synthetic") != patch:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit data.name={cfg.data.name!r} "
                           "(patch_cnn goes with synthetic, the CNN architectures with images)")
     if cfg.model.kind == "moe":
         check_routing_fits_arch(cfg.moe.routing, cfg.model.arch)
-    if cfg.moe.gate_weights == "raw" and cfg.moe.routing != "topk":
-        raise ConfigError("moe.gate_weights='raw' is only defined for moe.routing='topk'")
+    check_gate_weights(cfg.moe.gate_weights, cfg.moe.routing)
+    if (cfg.engine == "deepspeed" and routing_groups(cfg) is not None
+            and cfg.moe.num_groups % cfg.parallel.ep_size):
+        # DeepSpeed places E / ep_size experts per rank: whole groups only when ep_size divides G
+        raise ConfigError(f"engine=deepspeed with moe.routing='hierarchical' needs parallel.ep_size="
+                          f"{cfg.parallel.ep_size} to divide moe.num_groups={cfg.moe.num_groups}; "
+                          "engine=moe_dist places uneven group blocks")
     if cfg.data.format == "webdataset":
         if not cfg.data.root:
             raise ConfigError("data.format='webdataset' needs data.root=DIR, a shard folder "

@@ -94,6 +94,21 @@ FIELDS: tuple[Field, ...] = (
           eval_key="samples_per_expert"),
     Field("experts_used", _M, "count", "experts top-gated for more than 1% of the test samples",
           eval_key="experts_used", summary=True, tensorboard="moe/experts_used"),
+    Field("group_mutual_information", _M, "bits", "hierarchical routing: I(G;Y), top-gated group vs true label",
+          eval_key="group_mutual_information", summary=True, tensorboard="moe/group_mutual_information",
+          report=("mean",)),
+    Field("group_sample_entropy", _M, "bits", "hierarchical routing: H_s of the group gate p(g)",
+          eval_key="group_sample_entropy", tensorboard="moe/group_sample_entropy", report=("mean",)),
+    Field("group_usage_entropy", _M, "bits", "hierarchical routing: H_u of the group gate p(g)",
+          eval_key="group_usage_entropy", summary=True, tensorboard="moe/group_usage_entropy", report=("mean",)),
+    Field("group_selection_table", _M, "count", "hierarchical routing: groups x classes, test samples whose "
+          "top-gated group is g", eval_key="group_selection_table"),
+    Field("group_soft_selection_table", _M, "-", "hierarchical routing: groups x classes, p(g) summed over "
+          "the test samples", eval_key="group_soft_selection_table"),
+    Field("samples_per_group", _M, "count", "hierarchical routing: test samples whose top-gated group is g",
+          eval_key="samples_per_group"),
+    Field("groups_used", _M, "count", "hierarchical routing: groups top-gated for more than 1% of the test samples",
+          eval_key="groups_used", tensorboard="moe/groups_used"),
     Field("dispatch_entropy", _M, "nats", "synthetic data: H(cluster | expert) of the last epoch's training "
           "dispatch (docs/papers.md B.4)", summary=True, paper=True, report=("mean", "std")),
     Field("test_dispatch_entropy", _M, "nats", "synthetic data: the dispatch entropy of the test set",
@@ -131,6 +146,11 @@ FIELDS: tuple[Field, ...] = (
           tensorboard="moe/drop_rate"),
     Field("padding_ratio", _H, "fraction", "top-k with moe.capacity_factor > 0: padded expert-batch rows "
           "that carry no sample", tensorboard="moe/padding_ratio"),
+    Field("remote_rows_per_step", _H, "count", "top-k/hierarchical under expert parallelism: sample rows the "
+          "ranks together sent to other ranks per step (forward dispatch; the outputs come back as many)",
+          tensorboard="moe/remote_rows_per_step"),
+    Field("min_remote_rows_per_step", _H, "count", "the same, had each sample gone once to each other rank "
+          "holding one of its chosen experts (the routing's minimum)", tensorboard="moe/min_remote_rows_per_step"),
     Field("train_error", _H, "fraction", "error of the epoch's training forward passes",
           tensorboard="train/error"),
     Field("dispatch_entropy", _H, "nats", "synthetic data: dispatch entropy of the epoch's training forward passes",
@@ -143,6 +163,10 @@ FIELDS: tuple[Field, ...] = (
     Field("usage_entropy", _H, "bits", "evaluated epochs: H_u", eval_key="usage_entropy"),
     Field("mutual_information", _H, "bits", "evaluated epochs: I(E;Y)", eval_key="mutual_information"),
     Field("experts_used", _H, "count", "evaluated epochs: experts used", eval_key="experts_used"),
+    Field("group_mutual_information", _H, "bits", "evaluated epochs, hierarchical routing: I(G;Y)",
+          eval_key="group_mutual_information"),
+    Field("group_usage_entropy", _H, "bits", "evaluated epochs, hierarchical routing: H_u of the groups",
+          eval_key="group_usage_entropy"),
 
     Field("dense_eval_seconds", _C, "s", "time of one (warm) dense evaluation of the test set"),
     Field("test_error", _K, "fraction", "test error with top-k routing (only k experts run per sample)",

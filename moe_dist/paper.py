@@ -128,13 +128,14 @@ def format_summary(cfg: Config, metrics: dict, split: str = "test") -> str:
         shown[f"{split}_error"] = shown.pop("test_error")
     keys = [f"{split}_error" if k == "test_error" else k for k in summary_fields()]
     rows = [(k, shown[k], paper.get(k)) for k in keys if isinstance(shown.get(k), (int, float))]
-    lines = [f"{'metric':<20} {'this run':>10} {'paper':>10}", "-" * 42]
+    w = max([20] + [len(key) for key, _, _ in rows])  # group_mutual_information is 24 wide
+    lines = [f"{'metric':<{w}} {'this run':>10} {'paper':>10}", "-" * (w + 22)]
     for key, ours, ref in rows:
-        lines.append(f"{key:<20} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
+        lines.append(f"{key:<{w}} {ours:>10.4f} {'' if ref is None else f'{ref:>10.4f}':>10}")
     error = shown.get(f"{split}_error")
     if isinstance(error, (int, float)):
         ref = f"{100 * (1 - paper['test_error']):>10.2f}" if "test_error" in paper else ""
-        lines.append(f"{f'{split} accuracy %':<20} {100 * (1 - error):>10.2f} {ref:>10}")
+        lines.append(f"{f'{split} accuracy %':<{w}} {100 * (1 - error):>10.2f} {ref:>10}")
     if published(cfg.name) and not paper:
         why = ("the paper reports test-set values" if split != "test" else
                "this run is not the paper's setting: " + ", ".join(differences))

@@ -67,7 +67,7 @@ def test_with_values_names_the_nearest_key():
 
 def test_an_invalid_value_still_names_the_allowed_values(capsys):
     assert _error(capsys, ["train", "moe.routing=sparse"]).endswith(
-        "moe.routing='sparse' is not one of: dense, topk, attentive")
+        "moe.routing='sparse' is not one of: dense, topk, attentive, hierarchical")
 
 
 # ---------------------------------------------------------------- moe-dist config

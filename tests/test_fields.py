@@ -97,12 +97,15 @@ def test_the_registry_gives_the_lists_the_code_used_to_keep():
     # metrics.json keep the same columns and keys (wall_seconds is named train_seconds since
     # metrics.json format 2, which also reports total_seconds).
     assert fields.summary_fields() == ("test_error", "train_error", "mutual_information", "sample_entropy",
-                                       "usage_entropy", "experts_used", "dispatch_entropy", "train_seconds",
-                                       "total_seconds")
+                                       "usage_entropy", "experts_used", "group_mutual_information",
+                                       "group_usage_entropy", "dispatch_entropy", "train_seconds", "total_seconds")
+    group = ("group_mutual_information", "group_sample_entropy", "group_usage_entropy", "group_selection_table",
+             "group_soft_selection_table", "samples_per_group", "groups_used")  # hierarchical routing's
     assert fields.final_eval_fields() == (
         "mutual_information", "mutual_information_predicted", "sample_entropy", "usage_entropy", "selection_table",
-        "soft_selection_table", "per_expert_accuracy", "samples_per_expert", "experts_used")
-    assert fields.history_eval_fields() == ("sample_entropy", "usage_entropy", "mutual_information", "experts_used")
+        "soft_selection_table", "per_expert_accuracy", "samples_per_expert", "experts_used", *group)
+    assert fields.history_eval_fields() == ("sample_entropy", "usage_entropy", "mutual_information", "experts_used",
+                                            "group_mutual_information", "group_usage_entropy")
     assert fields.hparam_fields() == ("test_error", "train_error", "mutual_information", "sample_entropy",
                                       "usage_entropy")
     assert fields.section4_fields() == ("test_error", "final_train_loss", "mutual_information", "sample_entropy",
@@ -111,14 +114,18 @@ def test_the_registry_gives_the_lists_the_code_used_to_keep():
         "error": "eval/error", "loss": "eval/loss", "mutual_information": "moe/mutual_information",
         "mutual_information_predicted": "moe/mutual_information_predicted",
         "sample_entropy": "moe/sample_entropy", "usage_entropy": "moe/usage_entropy",
-        "experts_used": "moe/experts_used", "dispatch_entropy": "moe/test_dispatch_entropy"}
+        "experts_used": "moe/experts_used", "group_mutual_information": "moe/group_mutual_information",
+        "group_sample_entropy": "moe/group_sample_entropy", "group_usage_entropy": "moe/group_usage_entropy",
+        "groups_used": "moe/groups_used", "dispatch_entropy": "moe/test_dispatch_entropy"}
     # The trainer's rule: train_<x> -> train/<x>, routing statistics under moe/, the rest under train/.
     for key, tag in fields.history_tags().items():
         name = key[len("train_"):] if key.startswith("train_") else key
-        assert tag == ("moe/" if name in ("dispatch_entropy", "drop_rate", "padding_ratio") else "train/") + name
+        routing = ("dispatch_entropy", "drop_rate", "padding_ratio", "remote_rows_per_step", "min_remote_rows_per_step")
+        assert tag == ("moe/" if name in routing else "train/") + name
     assert "epoch" not in fields.history_tags()
     assert [f"{k}_{a}" for k, a in fields.report_aggregates()] == [
         "mutual_information_mean", "mutual_information_predicted_mean", "sample_entropy_mean", "usage_entropy_mean",
+        "group_mutual_information_mean", "group_sample_entropy_mean", "group_usage_entropy_mean",
         "dispatch_entropy_mean", "dispatch_entropy_std", "train_seconds_mean", "step_seconds_mean",
         "peak_memory_mb_max"]
 

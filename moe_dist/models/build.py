@@ -1,7 +1,8 @@
 """Build the model a config describes: a MoE (expert bank + gate) or a single model.
 
 Construction order under one seed: the experts (expert 0 first), then the gate, then the
-attention, as the reference notebooks create them (docs/papers.md A.6 step 1).
+attention, as the reference notebooks create them (docs/papers.md A.6 step 1); hierarchical
+routing: the experts, the group gate, then the expert gate.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from moe_dist.config import LossConfig, ModelConfig, MoEConfig, check_choice, check_routing_fits_arch
 from moe_dist.errors import ConfigError
 from moe_dist.models.experts import CifarExpertBank, ExpertBank, MnistExpertBank, PatchExpertBank
-from moe_dist.models.gates import CifarGate, ExpertAttention, FmnistGate, MnistGate, PatchRouter
+from moe_dist.models.gates import CifarGate, ExpertAttention, FmnistGate, HierarchicalGate, MnistGate, PatchRouter
 from moe_dist.models.moe import MoE, SingleModel
 
 #: Classes each architecture predicts (docs/papers.md A.1, B.2).
@@ -81,7 +82,10 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, loss_cfg: LossConfig
     check_routing_fits_arch(moe_cfg.routing, arch)  # MoE checks moe.top_k itself
     attentive = moe_cfg.routing == "attentive"
     experts = bank_class.create(E, model_cfg.expert_init_scale, **expert_kwargs)
-    gate = _gate(arch, E, attentive)
+    if moe_cfg.routing == "hierarchical":  # a group gate, then the expert gate (docs/design.md, choice 2)
+        gate = HierarchicalGate(_gate(arch, moe_cfg.num_groups, False), _gate(arch, E, False), moe_cfg.num_groups)
+    else:
+        gate = _gate(arch, E, attentive)
     attention = ExpertAttention(gate.hidden_size) if attentive else None
     return MoE(experts, gate, routing=moe_cfg.routing, output_kind=output_kind, attention=attention,
                top_k=moe_cfg.top_k, gate_weights=moe_cfg.gate_weights, noise=moe_cfg.noise,
@@ -89,4 +93,5 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, loss_cfg: LossConfig
                temperature=moe_cfg.temperature, importance_weight=loss_cfg.importance_weight,
                ls_beta=loss_cfg.ls_beta, ls_gamma=loss_cfg.ls_gamma,
                ls_variant=loss_cfg.ls_variant, ls_squared=loss_cfg.ls_squared,
-               capacity_factor=moe_cfg.capacity_factor)
+               capacity_factor=moe_cfg.capacity_factor, num_groups=moe_cfg.num_groups,
+               top_groups=moe_cfg.top_groups)

@@ -151,3 +151,23 @@ class ExpertAttention(nn.Module):
         k_EBH = self.w_k(hidden_EBH)
         scores_BE = torch.einsum("bh,ebh->be", q_BH, k_EBH) / math.sqrt(q_BH.shape[-1])
         return F.softmax(scores_BE, dim=-1)
+
+
+class HierarchicalGate(nn.Module):
+    """The two gates of a hierarchical mixture (docs/design.md, choice 2; Jordan and Jacobs'
+    hierarchical mixtures of experts, with Shazeer et al.'s top-k selection at each level).
+
+    ``group`` scores the G groups; ``expert`` scores all E = G * M experts, its logits read
+    as G blocks of M, one within-group gate per group (each block is softmaxed on its own,
+    so the expert gate is G gates sharing a trunk). Both are the architecture's gate, built
+    with G and E outputs. ``forward(x) -> (group logits [B, G], expert logits [B, E])``.
+    """
+
+    def __init__(self, group: nn.Module, expert: nn.Module, num_groups: int):
+        super().__init__()
+        self.group = group
+        self.expert = expert
+        self.num_groups = num_groups
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.group(x), self.expert(x)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_dist.config import Config
+from moe_dist.config import Config, routing_groups
 from moe_dist.data import Dataset, Split, TensorBatches, load_dataset
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.models import build_model
@@ -141,7 +141,7 @@ def evaluate_run(run: RunDir, split: str = "test") -> tuple[Config, dict[str, An
                                                                       shuffle=False, seed=0)
     num_experts = cfg.moe.num_experts if cfg.model.kind == "moe" else 0
     return cfg, evaluate(model, batches, data.dataset.num_classes, num_experts=num_experts,
-                         num_clusters=data.num_clusters, loss_kind=cfg.loss.kind,
+                         num_clusters=data.num_clusters, num_groups=routing_groups(cfg) or 0, loss_kind=cfg.loss.kind,
                          autocast=lambda: mixed_precision_autocast(cfg.train.mixed_precision, device))
 
 

@@ -17,7 +17,7 @@ from moe_dist.losses import model_loss
 from moe_dist.metrics import EvalAccumulator
 from moe_dist.parallel import all_reduce, is_distributed
 
-__all__ = ["evaluate", "global_batch_size", "batch_share"]
+__all__ = ["GROUP_KEYS", "batch_share", "evaluate", "global_batch_size"]
 
 
 def global_batch_size(batches: Any, index: int) -> int | None:
@@ -37,14 +37,22 @@ def batch_share(batches: Any, index: int) -> tuple[int, int]:
     return total, batches.rank * base + min(batches.rank, extra)
 
 
+#: Hierarchical routing: the group-level metrics, named after the expert-level ones they mirror.
+GROUP_KEYS = {"mutual_information": "group_mutual_information", "sample_entropy": "group_sample_entropy",
+              "usage_entropy": "group_usage_entropy", "selection_table": "group_selection_table",
+              "soft_selection_table": "group_soft_selection_table", "samples_per_expert": "samples_per_group",
+              "experts_used": "groups_used"}
+
+
 def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0, num_clusters: int = 0,
-             loss_kind: str = "auto", autocast: Callable[[], ContextManager] = contextlib.nullcontext
-             ) -> dict[str, Any]:
+             num_groups: int = 0, loss_kind: str = "auto",
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Any]:
     """Metrics of ``model`` (a module or an Engine) over every batch of ``batches`` (a
     TensorBatches or shard batches; with several ranks, this rank's shares).
 
     ``num_experts`` = 0 for a single model; ``num_clusters`` > 0 counts dispatch per cluster
-    (synthetic data, docs/papers.md B.4). ``loss`` is the training objective (task loss plus the
+    (synthetic data, docs/papers.md B.4); ``num_groups`` > 0 (hierarchical routing) adds the
+    same metrics for the groups (p(g), the top chosen group) under ``GROUP_KEYS``. ``loss`` is the training objective (task loss plus the
     gate losses). Runs on a forked RNG, so evaluating (which may draw routing noise) never
     changes the training run's random stream: a run evaluated every epoch trains exactly
     like one evaluated once."""
@@ -53,6 +61,7 @@ def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         model.train(False)
         acc = EvalAccumulator(num_experts, num_classes, num_clusters)
+        groups = EvalAccumulator(num_groups, num_classes) if num_groups else None
         for index, (x, y_B, idx_B) in enumerate(batches.batches(0)):
             global_batch = global_batch_size(batches, index)
             with autocast():
@@ -60,9 +69,16 @@ def evaluate(model: Any, batches: Any, num_classes: int, *, num_experts: int = 0
                 loss, _ = model_loss(out, y_B, loss_kind, global_batch)
             _add_batch(acc, out, y_B, batches.split.cluster[idx_B] if num_clusters else None,
                        float(loss) * (global_batch or len(y_B)))
-        for t in acc.state_tensors():  # exact metrics: every count summed over ranks, once
+            if groups is not None:
+                groups.update(y_B, out.output.float(), out.group_probs, out.group_index[:, 0])
+        accumulators = [acc] if groups is None else [acc, groups]
+        for t in (t for a in accumulators for t in a.state_tensors()):  # exact: summed over ranks, once
             all_reduce(t)
-        return acc.compute()
+        result = acc.compute()
+        if groups is not None:
+            result.update({name: value for key, value in groups.compute().items()
+                           if (name := GROUP_KEYS.get(key))})
+        return result
 
 
 def _add_batch(acc: EvalAccumulator, out: Any, y_B: torch.Tensor, clusters_B: torch.Tensor | None,

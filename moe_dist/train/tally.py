@@ -17,7 +17,9 @@ from moe_dist.parallel import all_reduce
 
 __all__ = ["EpochTally"]
 
-ROUTING_KEYS = ("routed", "dropped", "expert_rows", "padded_rows")  # MoEOutput.routing_stats
+# MoEOutput.routing_stats; the remote rows exist under expert parallelism only, and
+# "ep_steps" counts the steps that reported them
+ROUTING_KEYS = ("routed", "dropped", "expert_rows", "padded_rows", "remote_rows_sent", "min_remote_rows", "ep_steps")
 
 
 class EpochTally:
@@ -42,6 +44,7 @@ class EpochTally:
         """One step: its global loss parts and this rank's counts."""
         for k in self.routing:
             self.routing[k] += out.routing_stats.get(k, 0)
+        self.routing["ep_steps"] += int("min_remote_rows" in out.routing_stats)
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.num_batches += 1
@@ -77,6 +80,9 @@ class EpochTally:
             # pairs over capacity, and rows of the padded expert batches that carry no sample
             record["drop_rate"] = routing["dropped"] / routing["routed"]
             record["padding_ratio"] = 1.0 - routing["expert_rows"] / max(routing["padded_rows"], 1)
+        if routing["ep_steps"]:  # rows summed over the ranks, per step
+            record["remote_rows_per_step"] = routing["remote_rows_sent"] / max(self.num_batches, 1)
+            record["min_remote_rows_per_step"] = routing["min_remote_rows"] / max(self.num_batches, 1)
         record["train_error"] = 1.0 - correct / seen if seen else float("nan")
         if with_dispatch_entropy and seen:
             record["dispatch_entropy"] = dispatch_entropy(clusters_experts)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_dist import fields
-from moe_dist.config import Config, check_resumable, from_dict, to_dict
+from moe_dist.config import Config, check_resumable, from_dict, routing_groups, to_dict
 from moe_dist.data import Split, TensorBatches
 from moe_dist.data.augment import cifar_augment, cifar_draws
 from moe_dist.errors import CheckpointError, ConfigError
@@ -159,7 +159,8 @@ class Trainer:
             split, self.cfg.train.eval_batch_size, shuffle=False, seed=0,
             rank=self.ctx.rank, world_size=self.ctx.world_size)
         return evaluate(self.engine, batches, self.data.dataset.num_classes, num_experts=self.num_experts,
-                        num_clusters=self.data.num_clusters, loss_kind=self.cfg.loss.kind,
+                        num_clusters=self.data.num_clusters, num_groups=routing_groups(self.cfg) or 0,
+                        loss_kind=self.cfg.loss.kind,
                         autocast=self.engine.autocast)
 
     # ----------------------------------------------------------------------------- one epoch
