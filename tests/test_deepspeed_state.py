@@ -187,7 +187,7 @@ def test_deepspeed_checkpoints_hold_the_native_optimizer_state(tmp_path, data_ro
 # ----------------------------------------------------------------------------- preemption
 
 
-@pytest.mark.slow  # three two-process DeepSpeed launches: about 60 s on 2 busy cores
+@pytest.mark.slow  # three two-process DeepSpeed launches: 60-90 s on 2 cores shared with other jobs
 @pytest.mark.multiprocess
 def test_preempted_deepspeed_run_ends_like_an_uninterrupted_one(tmp_path):
     """Two ranks, ep_size 2, ZeRO 2, Adam with a decaying LR on Chen's synthetic MoE (top-1:
