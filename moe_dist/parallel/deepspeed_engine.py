@@ -256,15 +256,16 @@ def _param_state(engine: Any, optimizer: torch.optim.Optimizer, group: int, p: n
     return entry
 
 
-def native_optimizer_state(engine: Any, optimizer: torch.optim.Optimizer, native_groups: NativeGroups) -> dict[str, Any]:
+def native_optimizer_state(engine: Any, optimizer: torch.optim.Optimizer,
+                           native_groups: NativeGroups) -> dict[str, Any]:
     """DeepSpeed's optimizer state as the native engine's ``optimizer.state_dict()`` holds it
     for this rank's parameters: its group order and names, integer ids in that order, each
     group with the hyperparameters (LR) DeepSpeed steps it with. Collective under ZeRO 1-2."""
     groups = _deepspeed_groups(engine, optimizer)
     group_of = _group_index(groups)
-    if _zero_optimizer(engine) is not None:
-        for i in range(len(groups)):
-            _link_fragments(_zero_optimizer(engine), optimizer, i)
+    zero = _zero_optimizer(engine)
+    for i in range(len(groups) if zero is not None else 0):
+        _link_fragments(zero, optimizer, i)
     state: dict[int, dict[str, Any]] = {}
     param_groups = []
     idx = 0
@@ -299,10 +300,11 @@ def _load_partition(zero: Any, optimizer: torch.optim.Optimizer, group: int, par
     flat = zero.single_partition_of_fp32_groups[group]
     first_p, first = saved[0]
     per_element = {k for k, v in first.items() if torch.is_tensor(v) and v.shape == first_p.shape}
+    scalars = [k for k in first if k not in per_element]
     for p, entry in saved:  # one step per partition: the native engine keeps one per parameter
-        if any(not torch.equal(torch.as_tensor(entry[k]), torch.as_tensor(first[k])) for k in first if k not in per_element):
+        if any(not torch.equal(torch.as_tensor(entry[k]), torch.as_tensor(first[k])) for k in scalars):
             raise ValueError(f"ZeRO keeps one optimizer step per group, but the state's parameters of group "
-                             f"{group} differ in {[k for k in first if k not in per_element]}")
+                             f"{group} differ in {scalars}")
     optimizer.state[flat] = {k: torch.zeros_like(flat) if k in per_element else (v.clone() if torch.is_tensor(v) else v)
                              for k, v in first.items()}
     _link_fragments(zero, optimizer, group)
