@@ -134,7 +134,7 @@ class MoEConfig:
     temperature: float = 1.0
     """Gate softmax temperature T (the paper uses 1)."""
     capacity_factor: float = 0.0
-    """topk only: each rank sends at most ceil(capacity_factor * B_rank * top_k / E) samples
+    """topk and hierarchical: each rank sends at most ceil(capacity_factor * B_rank * K / E) samples
     to each expert (top-1 choices first), dropping the rest; 0 = dropless (the default).
     The drop rate and padding ratio are then logged (moe/drop_rate, moe/padding_ratio)."""
 

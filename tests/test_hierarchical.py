@@ -28,7 +28,8 @@ GLOBAL_BATCH = 7  # 4 + 3 on 2 ranks, 2 + 2 + 2 + 1 on 4
 # case -> (experts, groups, groups chosen, experts chosen per group, gate_weights)
 CASES = {"g3": (6, 3, 1, 2, "probs"),     # 3 groups on 2 ranks: 2 + 1 groups (4 + 2 experts)
          "g4": (8, 4, 2, 1, "softmax")}   # two chosen groups: a sample may reach two ranks
-RUNS = (("g3", 2), ("g4", 2), ("g4", 4))
+# 3 groups on 2 ranks (uneven); 4 groups on 4 ranks, two chosen per sample (slow: 4 processes)
+RUNS = (("g3", 2), pytest.param("g4", 4, marks=pytest.mark.slow))
 ADAM = dict(lr=1e-3, eps=1e-4)  # as tests/test_uneven_experts.py: rounding stays rounding
 
 
@@ -123,41 +124,38 @@ def test_the_moe_runs_the_chosen_experts_with_product_weights_and_regularises_p_
 
 # ------------------------------------------------------------------ expert parallelism
 
-def equivalence_worker(rank: int, world: int, out_dir: str) -> None:
+def equivalence_worker(rank: int, world: int, out_dir: str, case: str) -> None:
     from moe_dist.parallel import parallelize
 
     batches = make_batches(STEPS, GLOBAL_BATCH)
-    for case, w in RUNS:
-        if w != world:
-            continue
-        E, G = CASES[case][:2]
-        ctx = ParallelContext.create(ep_size=world, num_experts=E)
-        model = parallelize(make_model(case), ctx)
-        record = {"local_experts": model.experts.num_experts,
-                  **distributed_run(model, ctx, batches, rank, world, adam=ADAM)}
-        torch.save(record, Path(out_dir) / f"w{world}_{case}_rank{rank}.pt")
+    ctx = ParallelContext.create(ep_size=world, num_experts=CASES[case][0])
+    model = parallelize(make_model(case), ctx)
+    record = {"local_experts": model.experts.num_experts,
+              **distributed_run(model, ctx, batches, rank, world, adam=ADAM)}
+    torch.save(record, Path(out_dir) / f"w{world}_{case}_rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def equivalence_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hierarchical")
+def equivalence_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hierarchical")
+
+
+def run_both(out_dir: Path, case: str, world: int) -> tuple[list[dict], dict]:
+    """Each rank's record of a gloo world of ``world`` ranks, and the one-process reference."""
     batches = make_batches(STEPS, GLOBAL_BATCH)
-    references = {case: parallel_reference(case, batches, make=make_model, adam=ADAM) for case in CASES}
-    for world in sorted({w for _, w in RUNS}):
-        spawn(equivalence_worker, world, str(out))
-    return out, references
+    reference = parallel_reference(case, batches, make=make_model, adam=ADAM)
+    spawn(equivalence_worker, world, str(out_dir), case)
+    return [torch.load(out_dir / f"w{world}_{case}_rank{r}.pt") for r in range(world)], reference
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case, world", RUNS)
-def test_expert_parallel_hierarchical_equals_one_process(equivalence_runs, case, world):
-    """Outputs, L_cv, L_s, the loss, every gradient after one step, every parameter and
-    Adam moment after three steps, with whole groups on each rank."""
-    out_dir, references = equivalence_runs
-    ref = references[case]
+def test_expert_parallel_hierarchical_equals_one_process(equivalence_dir, case, world):
+    """Outputs, L_cv, L_s, the loss, every gradient after one step and every parameter after
+    three Adam steps equal one process on the global batch, with whole groups on each rank."""
+    records, ref = run_both(equivalence_dir, case, world)
     E, G, J, k, _ = CASES[case]
     M = E // G
-    records = [torch.load(out_dir / f"w{world}_{case}_rank{r}.pt") for r in range(world)]
     assert [r["local_experts"] for r in records] == [len(b) for b in expert_blocks(E, world, M)]
     if case == "g3":
         assert [r["local_experts"] for r in records] == [4, 2]  # groups 2 + 1
@@ -175,9 +173,10 @@ def test_expert_parallel_hierarchical_equals_one_process(equivalence_runs, case,
             torch.testing.assert_close(rec["params"][name], p, **PARAM_TOL, msg=lambda m: f"param {name}: {m}")
     assert sum(r["routing_stats"]["expert_rows"] for r in records) == GLOBAL_BATCH * J * k
     for rec in records:  # a group lives on one rank: at most J remote ranks per sample
-        assert rec["routing_stats"]["min_remote_rows"] <= J * rec["batch"]
-        if J == 1:
-            assert rec["routing_stats"]["remote_rows_sent"] == k * rec["routing_stats"]["min_remote_rows"]
+        stats = rec["routing_stats"]
+        assert stats["min_remote_rows"] <= J * rec["batch"]
+        if J == 1:  # k rows per remote sample today; one once the dispatch sends a sample once per rank
+            assert stats["min_remote_rows"] <= stats["remote_rows_sent"] <= k * stats["min_remote_rows"]
 
 
 # ------------------------------------------------------------------ metrics at both levels
