@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="", help="a data root holding fashion-mnist/ (default: the fixture)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=8192, help="training subset (0: the whole split)")
+    parser.add_argument("--train-size", type=int, default=8000, help="training subset (0: the whole split)")
     parser.add_argument("--test-size", type=int, default=2000, help="test subset (0: the whole split)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process (train.num_threads)")
     parser.add_argument("--quick", action="store_true", help="2 epochs of 1,024 images (a smoke run)")
