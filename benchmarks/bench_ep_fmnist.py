@@ -76,7 +76,8 @@ def report(one: dict, two: dict) -> dict:
     for a, b in zip(one["history"], two["history"]):
         rel = abs(b["train_loss"] - a["train_loss"]) / abs(a["train_loss"])
         err1, err2 = a.get("test_error", float("nan")), b.get("test_error", float("nan"))
-        print(f"{a['epoch']:>5} {a['train_loss']:>11.6f} {b['train_loss']:>11.6f} {rel:>9.1e} {err1:>8.4f} {err2:>8.4f}")
+        print(f"{a['epoch']:>5} {a['train_loss']:>11.6f} {b['train_loss']:>11.6f} {rel:>9.1e} "
+              f"{err1:>8.4f} {err2:>8.4f}")
         rows.append({"epoch": a["epoch"], "train_loss": [a["train_loss"], b["train_loss"]],
                      "test_error": [err1, err2]})
     return {"step_seconds": [t1, t2], "ratio": t2 / t1, "history": rows}
@@ -86,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="", help="a data root holding fashion-mnist/ (default: the fixture)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=8192, help="training subset (0: the whole split)")
+    parser.add_argument("--train-size", type=int, default=8000, help="training subset (0: the whole split)")
     parser.add_argument("--test-size", type=int, default=2000, help="test subset (0: the whole split)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process (train.num_threads)")
     parser.add_argument("--quick", action="store_true", help="2 epochs of 1,024 images (a smoke run)")

@@ -49,7 +49,7 @@ CASES = [
 SLOW_CASES = [
     (2, 1, "fmnist-4-dense", BATCH), (2, 2, "fmnist-4-dense", BATCH), (2, 2, "fmnist-5-topk", BATCH),
     (2, 2, "cifar100-4-dense", BATCH), (2, 1, "cifar100-4-topk", BATCH), (2, 2, "cifar100-5-dense", BATCH),
-    (4, 4, "fmnist-4-dense", BATCH), (4, 1, "fmnist-4-topk", BATCH), (4, 2, "fmnist-4-dense", SMALL),
+    (4, 4, "fmnist-4-dense", BATCH), (4, 1, "fmnist-4-topk-f64", BATCH), (4, 2, "fmnist-4-dense", SMALL),
     (4, 1, "cifar100-4-dense", BATCH), (4, 2, "cifar100-4-dense", BATCH), (4, 2, "cifar100-4-topk", BATCH),
     (4, 4, "cifar100-4-topk", BATCH), (4, 1, "cifar100-4-dense", SMALL), (4, 2, "cifar100-4-topk", SMALL),
 ]
@@ -70,9 +70,10 @@ def parse(case: str) -> tuple[str, int | None, str]:
 
 
 def dtype(case: str) -> torch.dtype:
-    """float64 for the attentive case: there float32 rounding (differently ordered sums) grows
-    through the attention to ~1e-4 relative in some expert gradients, so exactness is shown
-    in float64, where the layouts agree to ~1e-15."""
+    """float64 for the cases where float32 rounding (differently ordered sums) is amplified
+    past the tolerances: through the attention, and, at world 4 with top-k, by a max-pool
+    window whose winner flips after a rounding-level weight difference (2e-4 relative in an
+    expert's conv gradient). There exactness shows in float64: the layouts agree to ~1e-15."""
     return torch.float64 if case.endswith("-f64") else torch.float32
 
 
@@ -251,8 +252,8 @@ def fmnist_overrides(run_dir: Path, root: str, *extra: str) -> list[str]:
 @pytest.mark.multiprocess
 def test_fmnist_vanilla_on_two_ranks_follows_one_process(tmp_path, data_root):
     """`torchrun --nproc_per_node 2` with parallel.ep_size=2 (experts 0-2 | 3-4) follows the
-    one-process history: losses within 1e-4 relative, the same test error, and the gate's
-    BatchNorm running statistics of the one-process run in the checkpoint."""
+    one-process history: losses within 1e-4 relative, the same test error, and the final
+    checkpoint holds the one-process weights and the gate's global BatchNorm statistics."""
     from moe_dist.train.build import build_trainer
     from moe_dist.train.checkpoint import load_checkpoint
 
@@ -270,6 +271,44 @@ def test_fmnist_vanilla_on_two_ranks_follows_one_process(tmp_path, data_root):
         assert a["test_error"] == b["test_error"]
     two = load_checkpoint(tmp_path / "two" / "checkpoints")["model"]
     one = load_checkpoint(tmp_path / "one" / "checkpoints")["model"]
-    for name in ("gate.bn.running_mean", "gate.bn.running_var"):
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
-    assert int(two["gate.bn.num_batches_tracked"]) == int(one["gate.bn.num_batches_tracked"]) == 2 * 4
+    assert set(two) == set(one)
+    # The gate's conv bias feeds the BatchNorm, which cancels it: its true gradient is 0, and
+    # Adam (eps 1e-8) turns the rounding noise of each layout into lr-sized steps; the running
+    # mean follows that bias. Everything else, running variances included, is the one-process run.
+    for name, value in one.items():
+        if name not in ("gate.conv.bias", "gate.bn.running_mean"):
+            torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert int(two["gate.bn.num_batches_tracked"]) == 2 * 4
+
+
+@pytest.mark.multiprocess
+def test_cifar_single_model_on_two_ranks_follows_one_process(tmp_path):
+    """configs/cifar100/single.yaml (BatchNorm, crops and flips) on a generated CIFAR-100 in
+    the release format: 2 ranks follow one process through the trainer, augmentation and the
+    BatchNorm running statistics included (batches of 12 split 6 + 6, the last one 4 = 2 + 2)."""
+    from moe_dist.data import write_cifar100_fixture
+    from moe_dist.train.build import build_trainer
+    from moe_dist.train.checkpoint import load_checkpoint
+
+    write_cifar100_fixture(tmp_path / "data", n_train=40, n_test=12, seed=3)
+    config = REPO / "configs" / "cifar100" / "single.yaml"
+
+    def overrides(run: str) -> list[str]:
+        return [f"run_dir={tmp_path / run}", f"data.root={tmp_path / 'data'}", "train.batch_size=12",
+                "train.eval_batch_size=12", "train.epochs=2", "train.progress=false", "train.num_threads=1"]
+
+    reference = build_trainer(load_config(config, overrides("one"))).fit()
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "moe_dist.cli", "train", "--config", str(config), *overrides("two")])
+    result = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert result["num_processes"] == 2
+    for a, b in zip(result["history"], reference["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    two = load_checkpoint(tmp_path / "two" / "checkpoints")["model"]
+    one = load_checkpoint(tmp_path / "one" / "checkpoints")["model"]
+    # The BatchNorm buffers (a few weights of dead units differ by Adam's eps 1e-8 turning
+    # rounding into lr-sized steps; the equivalence tests above compare every weight).
+    buffers = [n for n in one if ".bn" in n and "weight" not in n and "bias" not in n]
+    assert len(buffers) == 6
+    for name in buffers:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -40,7 +40,8 @@ __all__ = ["BatchNorm2d", "LocalBatchStats", "GroupBatchStats", "batch_norm_glob
 
 
 class LocalBatchStats:
-    """One process (or a group of one): the local batch is the whole batch."""
+    """One process (or a group of one): the local batch is the whole batch, and a BatchNorm
+    holding this runs exactly as it does without moe_dist.parallel."""
 
     distributed = False
 
@@ -102,7 +103,8 @@ def batch_norm_global(x: torch.Tensor, groups: int, mask_NG: torch.Tensor | None
     dtype) and ``seen_G``, which groups saw a row anywhere."""
     N, X = x.shape[:2]
     # statistics in at least float32 (bf16 activations under autocast)
-    x_NGCS = x.reshape(N, groups, X // groups, math.prod(x.shape[2:])).to(torch.promote_types(x.dtype, torch.float32))
+    x_NGCS = x.reshape(N, groups, X // groups, math.prod(x.shape[2:]))
+    x_NGCS = x_NGCS.to(torch.promote_types(x.dtype, torch.float32))
     count_GC, mean_GC, m2_GC, centred = _local_moments(x_NGCS, mask_NG)
     if stats.distributed:
         count_GC, mean_GC, m2_GC = stats.combine(count_GC, mean_GC, m2_GC)
