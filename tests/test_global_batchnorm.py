@@ -12,6 +12,7 @@ BatchNorm statistics (moe_dist before global BatchNorm) these comparisons fail.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -97,6 +98,11 @@ def make_model(case: str, seed: int = 0) -> nn.Module:
     return model.to(dtype(case))
 
 
+@functools.lru_cache(maxsize=None)
+def initial_state(case: str) -> dict[str, torch.Tensor]:
+    return make_model(case).state_dict()
+
+
 def make_batches(case: str, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Inputs with a per-channel offset and scale, so that BatchNorm statistics matter."""
     shape, classes = SHAPES[parse(case)[0]]
@@ -156,7 +162,7 @@ def assert_equivalent(runs: tuple[Path, dict], world: int, ep: int, case: str, s
     assert set(records[0]["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
         torch.testing.assert_close(records[0]["grads"][name], g, **TOL, msg=lambda m: f"grad {name}: {m}")
-    initial = make_model(case).state_dict()
+    initial = initial_state(case)
     moved = [n for n in ref["params"] if "running_" in n and not torch.equal(ref["params"][n], initial[n])]
     assert len(moved) == len([n for n in initial if "running_" in n]) > 0  # every running statistic moved
     for rec in records:
@@ -320,6 +326,7 @@ def test_fmnist_vanilla_on_two_ranks_follows_one_process(tmp_path, data_root):
     assert int(two["gate.bn.num_batches_tracked"]) == 2 * 4
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_cifar_single_model_on_two_ranks_follows_one_process(tmp_path):
     """configs/cifar100/single.yaml (BatchNorm, crops and flips) on a generated CIFAR-100 in
