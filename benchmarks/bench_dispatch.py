@@ -108,7 +108,7 @@ class DenseExperts(torch.nn.Module):
         n = self.rows // L
         x_RD = x.repeat(math.ceil(self.rows / x.shape[0]), 1)[: L * n]
         if self.grouped:
-            return self.bank.forward_grouped(x_RD, torch.full((L,), n))[0]
+            return self.bank.forward_grouped(x_RD, torch.full((L,), n), need_hidden=False)[0]
         return self.bank(x_RD.view(L, n, -1), shared=False)[0]
 
 

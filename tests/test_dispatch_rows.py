@@ -135,3 +135,25 @@ def test_rows_sent_are_the_per_rank_minimum(rows_runs, world, case):
         # top-2 over two ranks: some samples have both experts on the other rank (sent once)
         assert sum(r["stats"]["remote_rows_sent"] for r in records) < sum(r["stats"]["remote_rows_returned"]
                                                                           for r in records)
+
+
+def test_ffn_grouped_kernel_backpropagates_through_output_and_hidden():
+    """The CPU kernel's hand-written backward (in-place ReLU mask, per-expert slices, an
+    expert without rows) against the separate expert modules, float64, a loss that uses both
+    the output and the hidden state."""
+    torch.manual_seed(0)
+    bank = FFNExpertBank.create(3, hidden_size=HIDDEN, ffn_size=FFN).double()
+    modules = [m.double() for m in bank.to_modules()]
+    experts = [0] * 4 + [2] * 6  # expert 1 gets no row
+    x = torch.randn(len(experts), HIDDEN, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, hidden = bank.forward_grouped(xa, torch.tensor([4, 0, 6]))
+    (out.pow(2).sum() + hidden.pow(3).sum()).backward()
+    pieces = [modules[e](xb[i:i + 1]) for i, e in enumerate(experts)]
+    sum(o.pow(2).sum() + h.pow(3).sum() for o, h in pieces).backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for name, p in bank.named_parameters():
+        reference = [dict(m.named_parameters())[name].grad for m in modules]
+        reference = torch.stack([g if g is not None else torch.zeros_like(p[0]) for g in reference])
+        torch.testing.assert_close(p.grad, reference, msg=lambda m: f"{name}: {m}")
+    assert bank.fc1.weight.grad[1].abs().sum() == 0

@@ -55,21 +55,22 @@ class FFNExpertBank(ExpertBank):
         hidden_ENF = F.relu(self.fc1(x_END))
         return self.fc2(hidden_ENF), hidden_ENF
 
-    def forward_grouped(self, x_RD: torch.Tensor,
-                        counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows sorted by expert, ``counts_E[e]`` of them for expert e: ``(out_RD, hidden_RF)``.
+    def forward_grouped(self, x_RD: torch.Tensor, counts_E: torch.Tensor,
+                        need_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows sorted by expert, ``counts_E[e]`` of them for expert e: ``(out_RD, hidden_RF)``
+        (``hidden_RF`` None if not ``need_hidden``: top-k dispatch reads only the outputs).
 
         No padding to a common length (the padded bmm pays for up to a quarter more rows at
         E = 64). On CUDA, ``F.grouped_mm``: its weight gradient comes out in the parameter's
         layout; it takes no bias gradient, so the biases are added per row. On CPU,
-        :class:`_GroupedLinear`: one ``addmm`` per expert into slices of one output, about a
-        quarter faster than ``grouped_mm`` there (single thread, hidden 256, FFN 1024).
+        :class:`_GroupedFFN`: one ``addmm`` per expert and layer into slices of one output,
+        about a quarter faster than ``grouped_mm`` there (single thread, hidden 256, FFN 1024).
         """
         if x_RD.device.type == "cpu":
-            splits = counts_E.tolist()
-            # in place: the pre-activation is not needed for the backward (saves an R x F buffer)
-            hidden_RF = _GroupedLinear.apply(x_RD, self.fc1.weight, self.fc1.bias, splits).relu_()
-            return _GroupedLinear.apply(hidden_RF, self.fc2.weight, self.fc2.bias, splits), hidden_RF
+            # in x's dtype, as the bank's bmm path (autocast would cast some products only)
+            with torch.autocast("cpu", enabled=False):
+                return _GroupedFFN.apply(x_RD, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                         counts_E.tolist(), need_hidden)
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         R = x_RD.shape[0]
 
@@ -82,41 +83,58 @@ class FFNExpertBank(ExpertBank):
         return linear(self.fc2, hidden_RF), hidden_RF
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """``y[rows of e] = x[rows of e] @ w_e^T + b_e`` for rows sorted by expert (CPU).
+class _GroupedFFN(torch.autograd.Function):
+    """The FFN experts on rows sorted by expert (CPU): ``out_RD``, and ``hidden_RF`` if asked.
 
-    Indexing the stacked weight per expert under autograd would give each expert's gradient
-    as a full-size ``[E, O, I]`` tensor to be summed: the hand-written backward writes every
-    gradient into its slice instead.
+    Indexing the stacked weights per expert under autograd would give each expert's
+    gradient as a full-size ``[E, O, I]`` tensor to be summed; here every gradient is
+    written into its slice. Each expert's hidden rows live in a tensor of their own, the
+    ReLU's backward masks them in place, and no R x F buffer is made unless the hidden state
+    is asked for: at R x F = 8192 x 1024 floats (32 MB) glibc maps every such buffer afresh
+    and the page faults alone cost about a tenth of the step (single thread).
     """
 
     @staticmethod
-    def forward(ctx, x_RI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor, splits: list[int]):
-        w_EOI, b_EO = w_EOI.to(x_RI.dtype), b_EO.to(x_RI.dtype)
-        out_RO = x_RI.new_empty((x_RI.shape[0], w_EOI.shape[1]))
-        for e, (x_NI, out_NO) in enumerate(zip(x_RI.split(splits), out_RO.split(splits))):
-            if x_NI.shape[0]:
-                torch.addmm(b_EO[e], x_NI, w_EOI[e].t(), out=out_NO)
-        ctx.save_for_backward(x_RI, w_EOI)
+    @torch.amp.custom_fwd(device_type="cpu")  # records autocast's state (off) for the backward
+    def forward(ctx, x_RD, w1_EFD, b1_EF, w2_EDF, b2_ED, splits: list[int], need_hidden: bool):
+        w1_EFD, b1_EF, w2_EDF, b2_ED = (t.to(x_RD.dtype) for t in (w1_EFD, b1_EF, w2_EDF, b2_ED))
+        out_RD = x_RD.new_empty((x_RD.shape[0], w2_EDF.shape[1]))
+        hidden = []
+        for e, (x_ND, out_ND) in enumerate(zip(x_RD.split(splits), out_RD.split(splits))):
+            hidden.append(torch.addmm(b1_EF[e], x_ND, w1_EFD[e].t()).relu_())
+            if x_ND.shape[0]:
+                torch.addmm(b2_ED[e], hidden[e], w2_EDF[e].t(), out=out_ND)
+        ctx.save_for_backward(x_RD, w1_EFD, w2_EDF, *hidden)
         ctx.splits = splits
-        return out_RO
+        ctx.set_materialize_grads(False)
+        return out_RD, torch.cat(hidden) if need_hidden else None
 
     @staticmethod
-    def backward(ctx, grad_RO: torch.Tensor):
-        x_RI, w_EOI = ctx.saved_tensors
-        grad_RO = grad_RO.contiguous()
-        grad_x = torch.empty_like(x_RI)
-        # empty, not zeros: every expert's slice is written once (zeroed if it got no rows),
-        # which saves a pass over E * O * I elements per step (32 MB at E = 64 here)
-        grad_w = torch.empty_like(w_EOI)
-        grad_b = w_EOI.new_empty(w_EOI.shape[:2])
-        parts = zip(x_RI.split(ctx.splits), grad_RO.split(ctx.splits), grad_x.split(ctx.splits))
-        for e, (x_NI, g_NO, gx_NI) in enumerate(parts):
-            if x_NI.shape[0]:
-                torch.mm(g_NO, w_EOI[e], out=gx_NI)
-                torch.mm(g_NO.t(), x_NI, out=grad_w[e])
-                torch.sum(g_NO, 0, out=grad_b[e])
-            else:
-                grad_w[e].zero_()
-                grad_b[e].zero_()
-        return grad_x, grad_w, grad_b, None
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out_RD, grad_hidden_RF):
+        x_RD, w1_EFD, w2_EDF, *hidden = ctx.saved_tensors
+        splits = ctx.splits
+        if grad_out_RD is None:
+            grad_out_RD = x_RD.new_zeros((x_RD.shape[0], w2_EDF.shape[1]))
+        grad_out_RD = grad_out_RD.contiguous()
+        extra = grad_hidden_RF.split(splits) if grad_hidden_RF is not None else [None] * len(splits)
+        grad_x = torch.empty_like(x_RD)
+        # empty, not zeros: every expert's slice is written once (zeroed if it got no rows)
+        grads = [torch.empty_like(w1_EFD), w1_EFD.new_empty(w1_EFD.shape[:2]),
+                 torch.empty_like(w2_EDF), w2_EDF.new_empty(w2_EDF.shape[:2])]
+        parts = zip(x_RD.split(splits), grad_out_RD.split(splits), grad_x.split(splits), hidden, extra)
+        for e, (x_ND, g_ND, gx_ND, h_NF, gh_extra) in enumerate(parts):
+            if not x_ND.shape[0]:
+                for grad in grads:
+                    grad[e].zero_()
+                continue
+            torch.mm(g_ND.t(), h_NF, out=grads[2][e])
+            torch.sum(g_ND, 0, out=grads[3][e])
+            g_NF = g_ND @ w2_EDF[e]
+            if gh_extra is not None:
+                g_NF += gh_extra
+            g_NF.masked_fill_(h_NF <= 0, 0)  # ReLU
+            torch.mm(g_NF.t(), x_ND, out=grads[0][e])
+            torch.sum(g_NF, 0, out=grads[1][e])
+            torch.mm(g_NF, w1_EFD[e], out=gx_ND)
+        return grad_x, *grads, None, None

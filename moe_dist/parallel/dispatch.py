@@ -498,7 +498,7 @@ def _run_sorted(experts, x_Q: torch.Tensor, counts_L: list[int]):
     """Rows sorted by local expert, ``counts_L[i]`` for expert i: ``(out_QC, rows computed)``."""
     counts = torch.tensor(counts_L, device=x_Q.device)
     if _grouped(experts, x_Q):
-        return experts.forward_grouped(x_Q, counts)[0], x_Q.shape[0]
+        return experts.forward_grouped(x_Q, counts, need_hidden=False)[0], x_Q.shape[0]
     expert_Q = torch.repeat_interleave(torch.arange(len(counts_L), device=x_Q.device), counts,
                                        output_size=x_Q.shape[0])
     return run_expert_batch(experts, x_Q, expert_Q, counts_L=counts, cap=max(counts_L, default=0))
