@@ -90,8 +90,8 @@ class _GroupedFFN(torch.autograd.Function):
     gradient as a full-size ``[E, O, I]`` tensor to be summed; here every gradient is
     written into its slice. Each expert's hidden rows live in a tensor of their own, the
     ReLU's backward masks them in place, and no R x F buffer is made unless the hidden state
-    is asked for: at R x F = 8192 x 1024 floats (32 MB) glibc maps every such buffer afresh
-    and the page faults alone cost about a tenth of the step (single thread).
+    is asked for: at R x F = 8192 x 1024 floats (32 MB, glibc's largest mmap threshold)
+    every such buffer is mapped afresh each step and its pages faulted in again.
     """
 
     @staticmethod
