@@ -4,8 +4,8 @@ Two gloo processes (one thread each), expert parallelism over both (ep_size 2), 
 token-level layer: E = 8 FFN experts (hidden 256, FFN 1024), top-2, 4096 tokens per rank.
 
 * ``ours``: ``moe_dist.models.MoE`` (routing topk) with ``ExpertParallelDispatch``:
-  index-based, each token's row sent once per destination rank, one output back per
-  (token, expert) pair, dropless.
+  index-based, each token's row sent once per destination rank with its K gate weights,
+  the weighted outputs summed there and one row sent back per (token, rank), dropless.
 * ``deepspeed``: ``deepspeed.moe.layer.MoE`` with the same weights and routing, dropless
   (``drop_tokens=False``: its capacity becomes the largest expert count), and
   ``deepspeed-cf1``: its default capacity factor 1.0 (tokens over capacity dropped).
@@ -20,11 +20,12 @@ Reported: forward+backward step time (median over steps, the slower rank's time 
 tokens/s over both ranks and ours over DeepSpeed's, the overhead ratio; bytes each rank
 sends to the other per step (all-to-all payloads, measured by wrapping
 ``torch.distributed.all_to_all_single``): ``send`` (forward, before the experts run: the
-tokens and any counts or routing metadata) and ``return`` (forward, after: the outputs)
-against the minimum of one direction (each token's row once to each *other* rank holding
-one of its experts), and the total of send, return and their gradients against 4x that
-minimum. Our return carries one row per remote (token, expert) pair (the caller weights the
-K outputs and reads the top-1 output itself), printed as a ratio too. Then the step time of
+tokens and any counts, routing metadata and gate weights) and ``return`` (forward, after:
+the outputs) against the minimum of one direction (each token's row once to each *other*
+rank holding one of its experts), and the total of send, return and their gradients against
+4x that minimum. Our return is that minimum (the experts' rank combines a token's outputs);
+a return of one row per remote (token, expert) pair, as DeepSpeed's, is printed as a ratio
+too. Then the step time of
 ``ours`` (and DeepSpeed) as the number of experts grows at fixed k (E = 4 ... 64, all sizes
 interleaved step by step), with t(E=64)/t(E=4).
 
@@ -218,7 +219,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     # ---- main comparison, E = 8
     layers, ctx = build_layers(8, with_ds)
     with torch.no_grad():  # routing balance and the minimum bytes of this routing
-        stats = layers["ours"](x).routing_stats
+        routed = layers["ours"](x)
+    stats = routed.routing_stats
+    owner_E = torch.tensor([r for r, block in enumerate(ctx.expert_blocks(8)) for _ in block])
+    remote_pairs = int((owner_E[routed.expert_index] != ctx.ep_rank).sum())
     dense = {f"dense-{kind}": DenseExperts(8 // EP, stats["expert_rows"], kind == "grouped")
              for kind in ("grouped", "bmm")}
     steps = timed_steps({**layers, **dense}, x, cot, args.steps, args.warmup)
@@ -242,9 +246,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     sent = {name: counted_step(name, layer, x, cot) for name, layer in layers.items()}
     row_bytes = HIDDEN * 4
     # each token once to each other rank holding one of its experts (send); the same back
-    # (return) if the K outputs were combined there; our return carries one row per pair
+    # (return), the K outputs being combined there; per pair: one row per remote pair back
     minimum = stats["min_remote_rows"] * row_bytes
-    pairs = stats["remote_rows_returned"] * row_bytes
+    pairs = remote_pairs * row_bytes
     totals = torch.tensor([float(sent[n][ph]) for n in layers for ph in phases] + [float(minimum), float(pairs)])
     dist.all_reduce(totals)
     totals = (totals / world).tolist()
@@ -302,7 +306,8 @@ def report(r: dict, experts: list[int]) -> str:
                  + ", ".join(f"{n} {v:.3f}" for n, v in r["best_overhead_ratio"].items()))
     lines.append(f"minimum bytes per direction per step per rank: {r['bytes_minimum_per_direction'] / 2**20:.2f} MB "
                  f"(send: each token once per other rank holding one of its experts; total/min counts send, "
-                 f"return and their gradients against 4x it); one row per remote (token, expert) pair: "
+                 f"return and their gradients against 4x it); a return of one row per remote (token, expert) pair "
+                 f"would be "
                  f"{r['bytes_remote_pairs'] / r['bytes_minimum_per_direction']:.3f}x; "
                  f"our padding ratio {r['padding_ratio_ours']:.3f}")
     lines.append("step seconds vs number of experts (k fixed):")

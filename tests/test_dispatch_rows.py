@@ -1,11 +1,14 @@
-"""Top-k expert-parallel dispatch sends each sample's row once per destination rank.
+"""Top-k expert-parallel dispatch sends each sample's row once per destination rank, and
+gets one combined row back per such unit.
 
 E = 5 FFN experts on 2 and 4 ranks (blocks 3 + 2 and 2 + 1 + 1 + 1), top-2 and top-3, random
 and biased routings, with and without a capacity factor. Each rank counts the rows it really
 sends (a wrapper around ``dist.all_to_all_single``); here the test recomputes from each
 rank's routing the least any dispatch must send (the distinct (sample, other rank) pairs of
-its kept choices), and checks outputs and input gradients against one process on each
-rank's share (capacity is per rank's share, so that is the reference in both cases).
+its kept choices), checks that the rows sent and the rows returned are both that minimum,
+and checks outputs, input and gate gradients (through the gate weights, which travel with
+the rows) and, in eval mode, the top-1 outputs against one process on each rank's share
+(capacity is per rank's share, so that is the reference in both cases).
 """
 
 from __future__ import annotations
@@ -71,8 +74,14 @@ def rows_worker(rank: int, world: int, out_dir: str) -> None:
             out = layer(xi)
             forward_calls = list(calls)
             (out.output * cot).sum().backward()
+            layer.eval()
+            calls.clear()
+            with torch.no_grad():
+                evaluated = layer(x)
             torch.save({"output": out.output.detach(), "dx": xi.grad, "index": out.expert_index,
-                        "stats": out.routing_stats, "forward_calls": forward_calls},
+                        "dgate": [p.grad for p in layer.gate.parameters()], "top": out.top_expert_output,
+                        "eval_output": evaluated.output, "eval_top": evaluated.top_expert_output,
+                        "stats": out.routing_stats, "forward_calls": forward_calls, "eval_calls": list(calls)},
                        Path(out_dir) / f"w{world}_{name}_rank{rank}.pt")
     finally:
         dist.all_to_all_single = original
@@ -107,6 +116,16 @@ def test_rows_sent_are_the_per_rank_minimum(rows_runs, world, case):
         (ref.output * cot).sum().backward()
         torch.testing.assert_close(rec["output"], ref.output.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rec["dx"], xi.grad, rtol=1e-5, atol=1e-6)
+        for got, p in zip(rec["dgate"], reference.gate.parameters()):  # through the sent weights
+            torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+            p.grad = None
+        reference.eval()
+        with torch.no_grad():
+            ref_eval = reference(x)
+        reference.train()
+        assert rec["top"] is None  # training: the weighted sums only
+        torch.testing.assert_close(rec["eval_output"], ref_eval.output, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rec["eval_top"], ref_eval.top_expert_output, rtol=1e-5, atol=1e-6)
         assert torch.equal(rec["index"], ref.expert_index)
         B = x.shape[0]
         keep = (capacity_keep(ref.expert_index, E, routing_capacity(cf, B * top_k, E)).view(B, top_k)
@@ -114,27 +133,26 @@ def test_rows_sent_are_the_per_rank_minimum(rows_runs, world, case):
         stats = rec["stats"]
         assert set(stats) == STAT_KEYS
         least = minimum_rows(ref.expert_index, keep, owner, rank)
-        # forward exchanges: counts, routing metadata, token rows, output rows
-        dtypes = [dtype for dtype, _ in rec["forward_calls"]]
-        assert dtypes == [torch.int64, torch.int8, torch.float32, torch.float32], dtypes
-        assert rec["forward_calls"][2][1] == least  # the token rows this rank really sent
-        assert stats["min_remote_rows"] == stats["remote_rows_sent"] == least
-        remote_pairs = sum(owner[e] != rank for e in ref.expert_index[keep].tolist())
-        assert stats["remote_rows_returned"] == remote_pairs
+        # forward exchanges: counts, routing metadata, token rows, gate weights, output rows
+        for calls in (rec["forward_calls"], rec["eval_calls"]):
+            dtypes = [dtype for dtype, _ in calls]
+            assert dtypes == [torch.int64, torch.int8, torch.float32, torch.float32, torch.float32], dtypes
+            assert calls[2][1] == calls[3][1] == least  # the token rows (and weights) this rank sent
+        assert stats["min_remote_rows"] == stats["remote_rows_sent"] == stats["remote_rows_returned"] == least
         assert stats["routed"] == B * top_k and stats["dropped"] == int((~keep).sum())
         assert stats["padded_rows"] == stats["expert_rows"]  # ragged FFN rows: no padding
         total_pairs += int(keep.sum())
     records = [torch.load(rows_runs / f"w{world}_{name}_rank{r}.pt") for r in range(world)]
     assert sum(r["stats"]["expert_rows"] for r in records) == total_pairs
-    # outputs go back from the experts' ranks: one row per remote pair, in total
-    assert sum(r["forward_calls"][3][1] for r in records) == sum(r["stats"]["remote_rows_returned"]
-                                                                  for r in records)
-    if name == "pair":  # both experts on one rank: one row per sample, two outputs back
-        assert all(r["stats"]["remote_rows_sent"] * 2 == r["stats"]["remote_rows_returned"] for r in records)
-    if world == 2 and name == "random":
-        # top-2 over two ranks: some samples have both experts on the other rank (sent once)
-        assert sum(r["stats"]["remote_rows_sent"] for r in records) < sum(r["stats"]["remote_rows_returned"]
-                                                                          for r in records)
+    # outputs go back from the experts' ranks, as the rows they really send: one per unit
+    for calls in ("forward_calls", "eval_calls"):
+        assert sum(r[calls][4][1] for r in records) == sum(r["stats"]["remote_rows_returned"] for r in records)
+    remote_pairs = sum(sum(owner[e] != rank for e in r["index"].view(-1).tolist())
+                       for rank, r in enumerate(records))
+    if name == "pair" or (world == 2 and name == "random"):
+        # some samples have both experts on one other rank: one row there and one row back,
+        # fewer than the remote (sample, expert) pairs
+        assert sum(r["stats"]["remote_rows_returned"] for r in records) < remote_pairs
 
 
 def test_ffn_grouped_kernel_backpropagates_through_output_and_hidden():

@@ -74,7 +74,9 @@ class MoEOutput:
     expert_outputs: torch.Tensor | None = None
     """[E, B, C]: every expert's output (dense/attentive); None in top-k mode."""
     top_expert_output: torch.Tensor | None = None
-    """[B, C]: the output of each sample's top-1 expert, unweighted (I(E;Y), A.7)."""
+    """[B, C]: the output of each sample's top-1 expert, unweighted (I(E;Y), A.7). Top-k and
+    hierarchical under expert parallelism: None in training (the experts' ranks return only
+    the weighted sums; nothing in training reads it), set in eval mode."""
     samples_per_expert: torch.Tensor | None = None
     """[E] int64: top-k: routed (sample, slot) pairs per expert; dense/attentive: argmax counts."""
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -252,14 +254,14 @@ class MoE(nn.Module):
                 weights_BK = probs_BE.gather(1, index_BK)
             else:
                 weights_BK = chosen_BK
-        # index-based dispatch: samples sorted by expert (see LocalDispatch.topk)
-        y_BKC, counts_E, stats = self.dispatcher.topk(self.experts, x, index_BK, self.num_experts,
-                                                      self.capacity_factor)
-        with _float32(x.device):
-            output_BC = (y_BKC.to(weights_BK.dtype) * weights_BK.unsqueeze(-1)).sum(1)
+        # index-based dispatch, summed where the experts are (see LocalDispatch.topk); outside
+        # _float32 so that the experts run under autocast, the sum being in the weights' float32
+        output_BC, top_BC, counts_E, stats = self.dispatcher.topk(
+            self.experts, x, index_BK, self.num_experts, self.capacity_factor, weights_BK=weights_BK,
+            need_top=not self.training)
         return MoEOutput(
             output=output_BC, output_kind=self.output_kind, gate_probs=probs_BE,
-            expert_index=index_BK, top_expert_output=y_BKC[:, 0], samples_per_expert=counts_E,
+            expert_index=index_BK, top_expert_output=top_BC, samples_per_expert=counts_E,
             routing_stats=stats)
 
     def _forward_hierarchical(self, x: torch.Tensor, gate_out: tuple[torch.Tensor, torch.Tensor],
@@ -272,14 +274,13 @@ class MoE(nn.Module):
             route = hierarchical_route(logits_BF[:, :G], logits_BF[:, G:], self.top_groups, self.top_k,
                                        self.gate_weights, self.temperature)
         # the chosen flat expert ids go through the top-k dispatch: expert parallelism unchanged
-        y_BKC, counts_E, stats = self.dispatcher.topk(self.experts, x, route.index_BK, self.num_experts,
-                                                      self.capacity_factor)
-        with _float32(x.device):
-            output_BC = (y_BKC.to(route.weights_BK.dtype) * route.weights_BK.unsqueeze(-1)).sum(1)
+        output_BC, top_BC, counts_E, stats = self.dispatcher.topk(
+            self.experts, x, route.index_BK, self.num_experts, self.capacity_factor,
+            weights_BK=route.weights_BK, need_top=not self.training)
         return MoEOutput(
             output=output_BC, output_kind=self.output_kind, gate_probs=route.probs_BE,
             expert_index=route.index_BK, group_probs=route.group_probs_BG, group_index=route.group_index_BJ,
-            top_expert_output=y_BKC[:, 0], samples_per_expert=counts_E, routing_stats=stats)
+            top_expert_output=top_BC, samples_per_expert=counts_E, routing_stats=stats)
 
     def _aux_losses(self, x: torch.Tensor, probs_BE: torch.Tensor, layout) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}

@@ -12,22 +12,24 @@ that model code holds no ``torch.distributed`` call (docs/design.md, "Code style
   - ``dense`` / ``attentive``: gather the EP group's inputs, run the local experts on all of
     them, and send each sample's outputs (and, attentive, hidden states) back to its rank
     with one all-to-all: every expert sees every sample of the group (docs/design.md, choice 3).
-  - ``topk``: index-based, one copy per destination rank. A sample's row goes once to each
-    rank that holds at least one of its (kept) chosen experts, with K small integers saying
-    which local experts there want it; the receiving rank runs each of them on the row and
-    sends back one output per (sample, slot) pair, placed at ``y[b, k]`` on the sample's
-    rank (the caller weights them and reads the top-1 output on its own). Exchanges: one
+  - ``topk``: index-based, one copy per destination rank, combined there. A sample's row
+    goes once to each rank that holds at least one of its (kept) chosen experts, with K
+    small integers saying which local experts there want it and the K gate weights; the
+    receiving rank runs each of them on the row, sums their weighted outputs (float32) and
+    sends back ONE row per (sample, rank), which the sample's rank sums. Exchanges: one
     fixed-size all-to-all of counts (units and pairs per destination and local expert) and
-    its one host sync for the splits, one of the metadata, one of the token rows, one of the
-    outputs; the backward mirrors them in two hand-written autograd Functions
-    (:class:`_SendRows`, :class:`_ReturnRows`) with no other autograd node between the
-    gather and the scatter. The local experts run on their rows sorted by expert (ragged
-    ``forward_grouped`` for FFN experts, else a padded ``[L, N, ...]`` batch). Bytes: the
-    token rows sent are the per-rank minimum (``min_remote_rows``); the return carries one
-    row per remote pair. Cost and bytes scale with the routed pairs, not with E (no one-hot
-    ``[S, E, capacity]`` tensors). Dropless by default; with a capacity factor each rank
-    sends at most ``ceil(cf * B_r * K / E)`` pairs per expert (top-1 choices first) and
-    the dropped pairs contribute zero.
+    its one host sync for the splits, one of the metadata, one of the token rows, one of
+    the weights, one of the combined outputs; the rows' backward is a hand-written autograd
+    Function (:class:`_SendRows`), the weights' and the return's autograd's own
+    (``all_to_all_rows``, ``index_add``). Evaluation (``need_top``) also returns the
+    unweighted top-1 output, in the same rows. Without weights the outputs come back per
+    (sample, slot) pair instead (:class:`_ReturnRows`). The local experts run on their rows
+    sorted by expert (ragged ``forward_grouped`` for FFN experts, else a padded
+    ``[L, N, ...]`` batch). Bytes: the token rows sent and the rows returned are both the
+    per-rank minimum (``min_remote_rows``). Cost and bytes scale with the routed pairs, not
+    with E (no one-hot ``[S, E, capacity]`` tensors). Dropless by default; with a capacity
+    factor each rank sends at most ``ceil(cf * B_r * K / E)`` pairs per expert (top-1
+    choices first) and the dropped pairs contribute zero.
   - gate losses over the *global* batch (docs/design.md, choice 4): L_cv from the all-reduced
     importance vector; L_s from each rank's rows of the distance matrix against the gathered
     batch, normalised by the global maximum. Each rank returns its *share*, so that the
@@ -166,8 +168,26 @@ class LocalDispatch:
         return experts(x, shared=True)
 
     def topk(self, experts, x: torch.Tensor, index_BK: torch.Tensor, num_experts: int,
-             capacity_factor: float = 0.0):
-        """Run each sample through its K chosen experts only.
+             capacity_factor: float = 0.0, weights_BK: torch.Tensor | None = None, need_top: bool = False):
+        """Run each sample through its K chosen experts only (see :meth:`topk_slots`).
+
+        Without ``weights_BK``: the per-slot outputs, ``(y_BKC, counts_E, stats)``. With the
+        gate weights ``[B, K]`` (float32): the combined output ``y_BC = sum_k w_bk *
+        f_{e_bk}(x_b)`` in float32 (dropped pairs contribute zero) and the unweighted top-1
+        (slot 0) output ``top_BC``: ``(y_BC, top_BC, counts_E, stats)``. ``top_BC`` is
+        returned when ``need_top`` (evaluation, I(E;Y)), or here in one process always,
+        where it costs nothing; an expert-parallel dispatcher returns None without
+        ``need_top``.
+        """
+        y_BKC, counts_E, stats = self.topk_slots(experts, x, index_BK, num_experts, capacity_factor)
+        if weights_BK is None:
+            return y_BKC, counts_E, stats
+        y_BC = (y_BKC.to(weights_BK.dtype) * weights_BK.unsqueeze(-1)).sum(1)
+        return y_BC, y_BKC[:, 0], counts_E, stats
+
+    def topk_slots(self, experts, x: torch.Tensor, index_BK: torch.Tensor, num_experts: int,
+                   capacity_factor: float = 0.0):
+        """Run each sample through its K chosen experts only, one output per (sample, slot).
 
         The (sample, slot) pairs are sorted by expert; pair s goes to row ``pos[s]`` of its
         expert's padded batch ``[E, cap, ...]`` (cap = the largest count: dropless), a mask
@@ -315,20 +335,27 @@ class ExpertParallelDispatch(LocalDispatch):
         return self._maps_cache
 
     def topk(self, experts, x: torch.Tensor, index_BK: torch.Tensor, num_experts: int,
-             capacity_factor: float = 0.0):
-        """One row per (sample, destination rank), the outputs back per (sample, slot).
+             capacity_factor: float = 0.0, weights_BK: torch.Tensor | None = None, need_top: bool = False):
+        """One row per (sample, destination rank) there; with the gate weights, one row back.
 
         See :class:`_Route` for the exchange; the local experts run on their pairs' rows
-        sorted by expert (``forward_grouped``, or a padded batch). Returns, like
-        :meth:`LocalDispatch.topk`, ``(y_BKC, counts_E, stats)``; the stats add
-        ``remote_rows_sent`` (rows of this rank's samples sent to other ranks),
-        ``min_remote_rows`` (distinct (sample, other rank) among the kept pairs: the least
-        any dispatch must send; equal to the former) and ``remote_rows_returned`` (outputs
-        other ranks send back for this rank's pairs: one per remote pair, since the caller
-        weights and reads each slot's output, ``MoEOutput.top_expert_output``).
+        sorted by expert (``forward_grouped``, or a padded batch). Returns what
+        :meth:`LocalDispatch.topk` returns. With ``weights_BK`` the K weights travel with
+        each unit (differentiable: the gate gets its gradient), the receiving rank sums its
+        experts' weighted outputs per unit in float32 and sends ONE row back per unit, and
+        the sample's rank sums its units: rows returned = rows sent = the per-rank minimum.
+        ``need_top`` adds the unweighted slot-0 output to the same returned rows (C more
+        columns; evaluation only), else ``top_BC`` is None. Without weights, one output
+        per (sample, slot) pair comes back (``topk_slots``' layout).
+
+        The stats add ``remote_rows_sent`` (rows of this rank's samples sent to other
+        ranks), ``min_remote_rows`` (distinct (sample, other rank) among the kept pairs: the
+        least any dispatch must send; equal to the former) and ``remote_rows_returned``
+        (rows other ranks send back to this rank: one per unit with weights, else one per
+        remote pair).
         """
         if self.ep_size == 1:
-            return super().topk(experts, x, index_BK, num_experts, capacity_factor)
+            return super().topk(experts, x, index_BK, num_experts, capacity_factor, weights_BK, need_top)
         B, K = index_BK.shape
         counts_E = torch.bincount(index_BK.reshape(-1), minlength=num_experts)
         keep_S = None
@@ -336,14 +363,21 @@ class ExpertParallelDispatch(LocalDispatch):
             keep_S = capacity_keep(index_BK, num_experts, routing_capacity(capacity_factor, B * K, num_experts))
         route = _Route.plan(self, index_BK, keep_S)
         x_Q = _SendRows.apply(x, route)
+        if weights_BK is not None:  # all K weights of a unit: the receiver picks its slots
+            w_UK = coll.all_to_all_rows(weights_BK.index_select(0, route.sample_U), route.recv_units,
+                                        route.send_units, route.group)
         out_QC, padded = _run_sorted(experts, x_Q, route.counts_L)
-        y_SC = _ReturnRows.apply(out_QC, route)
         me = self.ctx.ep_rank
+        if weights_BK is None:
+            y = _ReturnRows.apply(out_QC, route).view(B, K, out_QC.shape[-1])
+            returned = sum(route.send_pairs) - route.send_pairs[me]
+        else:
+            y, top_BC = _combine_units(out_QC, w_UK, route, B, need_top)
+            returned = sum(route.send_units) - route.send_units[me]
         stats = _stats(B * K, sum(route.send_pairs), padded, expert_rows=sum(route.recv_pairs),
                        remote_rows_sent=sum(route.send_units) - route.send_units[me],
-                       min_remote_rows=route.min_remote,
-                       remote_rows_returned=sum(route.send_pairs) - route.send_pairs[me])
-        return y_SC.view(B, K, y_SC.shape[-1]), counts_E, stats
+                       min_remote_rows=route.min_remote, remote_rows_returned=returned)
+        return (y, counts_E, stats) if weights_BK is None else (y, top_BC, counts_E, stats)
 
     # ------------------------------------------------------------------ gate losses
     def importance_loss(self, probs_BE: torch.Tensor, weight: float) -> torch.Tensor:
@@ -387,7 +421,9 @@ class _Route:
     Send side (this rank's samples): ``sample_U`` the sample of each unit in send order
     (grouped by destination), ``pair_P`` the id ``b * K + k`` of each kept pair in the same
     order. Receive side (this rank's experts): ``unit_Q`` the received unit of each local
-    pair, pairs sorted by local expert, and ``place_Q`` its position in the return order.
+    pair, pairs sorted by local expert, ``entry_Q`` its entry ``u * K + k`` among the received
+    units' slots (to find its gate weight), and ``place_Q`` its position in the per-pair
+    return order (``_ReturnRows``; the weighted return sends one row per unit instead).
     """
 
     group: object
@@ -401,6 +437,7 @@ class _Route:
     sample_U: torch.Tensor
     pair_P: torch.Tensor
     unit_Q: torch.Tensor
+    entry_Q: torch.Tensor
     place_Q: torch.Tensor
 
     @classmethod
@@ -433,9 +470,10 @@ class _Route:
         recv_pairs = tuple(sum(got[j * (W + 1) + 1:(j + 1) * (W + 1)]) for j in range(P))
         counts_L = [sum(got[j * (W + 1) + 1 + i] for j in range(P)) for i in range(len(dispatch.local_experts))]
         meta_UK = coll.exchange_rows(meta_UK.to(_meta_dtype(W)), recv_units, send_units, dispatch.ctx.ep_group)
-        unit_Q, place_Q = _local_pairs(meta_UK, W, sum(recv_pairs))
+        entry_Q, place_Q = _local_pairs(meta_UK, W, sum(recv_pairs))
         return cls(dispatch.ctx.ep_group, B * K, send_units, recv_units, send_pairs, recv_pairs, counts_L,
-                   host[-1], sample_U, order_S[:sum(send_pairs)], unit_Q, place_Q)
+                   host[-1], sample_U, order_S[:sum(send_pairs)], torch.div(entry_Q, K, rounding_mode="floor"),
+                   entry_Q, place_Q)
 
 
 def _meta_dtype(widest: int) -> torch.dtype:
@@ -445,13 +483,13 @@ def _meta_dtype(widest: int) -> torch.dtype:
 
 
 def _local_pairs(meta_UK: torch.Tensor, widest: int, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Received units -> local pairs sorted by local expert: ``(unit_Q, place_Q)`` (see _Route)."""
+    """Received units -> local pairs sorted by local expert: ``(entry_Q, place_Q)`` (see _Route)."""
     K = meta_UK.shape[1]
     local_F = meta_UK.reshape(-1).long()  # F = U * K entries, unit-major
     valid_F = local_F >= 0
     order_F = torch.argsort(torch.where(valid_F, local_F, widest), stable=True)[:num_pairs]
     place_F = torch.cumsum(valid_F, 0) - 1
-    return torch.div(order_F, K, rounding_mode="floor"), place_F[order_F]
+    return order_F, place_F[order_F]
 
 
 class _SendRows(torch.autograd.Function):
@@ -492,6 +530,24 @@ class _ReturnRows(torch.autograd.Function):
         grad = coll.exchange_rows(grad_S.index_select(0, route.pair_P), route.recv_pairs, route.send_pairs,
                                   route.group)
         return grad.index_select(0, route.place_Q), None
+
+
+def _combine_units(out_QC: torch.Tensor, w_UK: torch.Tensor, route: _Route, batch: int, need_top: bool):
+    """Weighted outputs summed per received unit (float32, like the single-process sum), one
+    row back per unit, summed per sample: ``(y_BC, top_BC or None)``. With ``need_top`` the
+    unweighted slot-0 output rides in the same row (at most one unit of a sample holds slot
+    0; a dropped slot 0 gives zeros, as in ``topk_slots``). Plain differentiable ops and
+    ``all_to_all_rows``: autograd writes the backward, gate weights included."""
+    K = w_UK.shape[1]
+    out_QC = out_QC.to(w_UK.dtype)
+    z_QC = out_QC * w_UK.reshape(-1).index_select(0, route.entry_Q).unsqueeze(1)
+    if need_top:
+        z_QC = torch.cat([z_QC, out_QC * (route.entry_Q % K == 0).unsqueeze(1)], 1)
+    z_UC = z_QC.new_zeros((sum(route.recv_units), z_QC.shape[1])).index_add(0, route.unit_Q, z_QC)
+    back_UC = coll.all_to_all_rows(z_UC, route.send_units, route.recv_units, route.group)
+    y_BC = back_UC.new_zeros((batch, back_UC.shape[1])).index_add(0, route.sample_U, back_UC)
+    C = out_QC.shape[1]
+    return (y_BC[:, :C], y_BC[:, C:]) if need_top else (y_BC, None)
 
 
 def _run_sorted(experts, x_Q: torch.Tensor, counts_L: list[int]):
