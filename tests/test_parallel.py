@@ -233,16 +233,11 @@ def equivalence_runs(tmp_path_factory):
         spawn(equivalence_worker, world, str(out), [ep for w, ep in VALID if w == world])
     return out, references
 
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("world,ep", VALID)
-@pytest.mark.parametrize("routing", ROUTINGS)
-def test_n_ranks_equal_one_process(equivalence_runs, world, ep, routing):
-    """Outputs, L_cv, L_s, the total loss, every gradient after one step and every parameter
-    after three Adam steps equal one process on the concatenated (uneven) batch."""
-    out_dir, references = equivalence_runs
-    ref = references[routing]
-    records = [torch.load(out_dir / f"w{world}_ep{ep}_{routing}_rank{r}.pt") for r in range(world)]
+def assert_matches_one_process(records: list[dict], ref: dict) -> None:
+    """The ranks' records of one equivalence run against the single-process reference:
+    outputs (concatenated), the total loss and gate losses on every rank, every gradient
+    (rank 0), and every parameter after the Adam steps on every rank (replicas agree, and
+    gathered experts are in global id order)."""
     torch.testing.assert_close(torch.cat([r["output"] for r in records]), ref["output"], **TOL)
     for rec in records:
         torch.testing.assert_close(rec["total"], ref["total"], **TOL)
@@ -253,9 +248,22 @@ def test_n_ranks_equal_one_process(equivalence_runs, world, ep, routing):
     assert set(grads) == set(ref["grads"])
     for name, g in ref["grads"].items():
         torch.testing.assert_close(grads[name], g, **TOL, msg=lambda m: f"grad {name}: {m}")
-    for rec in records:  # every rank: replicas agree, and the gathered experts are in global order
+    for rec in records:
         for name, p in ref["params"].items():
             torch.testing.assert_close(rec["params"][name], p, **PARAM_TOL, msg=lambda m: f"param {name}: {m}")
+
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world,ep", VALID)
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_n_ranks_equal_one_process(equivalence_runs, world, ep, routing):
+    """Outputs, L_cv, L_s, the total loss, every gradient after one step and every parameter
+    after three Adam steps equal one process on the concatenated (uneven) batch."""
+    out_dir, references = equivalence_runs
+    ref = references[routing]
+    records = [torch.load(out_dir / f"w{world}_ep{ep}_{routing}_rank{r}.pt") for r in range(world)]
+    assert_matches_one_process(records, ref)
     if routing.startswith("topk"):
         k = 2 if routing == "topk" else 1
         assert sum(r["routing_stats"]["routed"] for r in records) == GLOBAL_BATCH * k
