@@ -155,13 +155,17 @@ class LocalDispatch:
 
     def __init__(self) -> None:
         self.ctx = ParallelContext.local()
+        # Where routing noise comes from: the default generator, or a stacked run's own
+        # (moe_dist.train.stacked), which then also serves its evaluation's noise.
+        self.generator: torch.Generator | None = None
 
     def layout(self, batch_size: int) -> BatchLayout:
         return BatchLayout((batch_size,), 0)
 
     def noise(self, kind: str, logits_BE: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         """Routing noise for this rank's rows: standard normal or U[0, 1)."""
-        return torch.randn_like(logits_BE) if kind == "gaussian" else torch.rand_like(logits_BE)
+        draw = torch.randn if kind == "gaussian" else torch.rand
+        return draw(logits_BE.shape, generator=self.generator, dtype=logits_BE.dtype, device=logits_BE.device)
 
     def dense(self, experts, x: torch.Tensor, layout: BatchLayout, need_hidden: bool):
         """Every expert on every local sample: ``(out_EBC, hidden_EBH)``."""

@@ -257,7 +257,7 @@ class Trainer:
         finally:
             self.close()
 
-    def _start(self) -> None:
+    def _start(self, install_signals: bool = True) -> None:
         if self.is_main:
             self.run.prepare()  # clears what a killed write left
         self._resume()
@@ -270,23 +270,31 @@ class Trainer:
             steps = len(self.data.train_batches)
             self.bar = tqdm(total=self.cfg.train.epochs * steps, initial=self.state.epoch * steps + self.state.batch,
                             desc=self.cfg.name or self.run.path.name, mininterval=1.0)
-        self.preemption.install()  # SIGUSR1/SIGTERM: stop after the current step (close() restores)
+        if install_signals:  # a stack of runs installs one flag for all its members
+            self.preemption.install()  # SIGUSR1/SIGTERM: stop after the current step (close() restores)
 
     def _fit_epoch(self) -> dict[str, Any] | None:
         """One epoch, its evaluation when due, its record, logs and checkpoint; returns the
         evaluation's metrics (None when not evaluated)."""
-        epoch, start = self.state.epoch, time.perf_counter()
+        start = time.perf_counter()
         outcome = self.train_epoch()
         if outcome.preempted:
             self._stop_preempted(time.perf_counter() - start)
+        return self.end_epoch(outcome, time.perf_counter() - start)
+
+    def end_epoch(self, outcome: EpochOutcome, seconds: float) -> dict[str, Any] | None:
+        """What follows epoch ``state.epoch``'s steps (``seconds`` of training): the schedule,
+        the evaluation when due, the record, logs and checkpoint. Returns the evaluation's
+        metrics (None when not evaluated). A stack of runs calls it for each member."""
+        epoch = self.state.epoch
         if outcome.stopped_early:
             self.state.stopped_early = epoch
             self.say(f"early stopping in epoch {epoch + 1} of {self.cfg.train.epochs}: {outcome.stopped_early}")
         record = {"epoch": epoch + 1, **outcome.record}  # epochs completed, from 1
         if not outcome.stopped_early:  # the run ends: no later epoch uses the schedule (and a
             self.scheduler.step()      # stop in the first step has no optimizer step to follow)
-        record["epoch_seconds"] = time.perf_counter() - start
-        self.state.wall_seconds += record["epoch_seconds"]
+        record["epoch_seconds"] = seconds
+        self.state.wall_seconds += seconds
         last = epoch + 1 == self.cfg.train.epochs or self.state.stopped_early >= 0
         metrics = None
         if last or (epoch + 1) % self.cfg.train.eval_every == 0:
@@ -339,8 +347,7 @@ class Trainer:
             "model": model_state,
             "optimizer": optimizer_state,
             "scheduler": self.engine.scheduler_state(self.scheduler),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **self.rng_states(),
             "state": self.state.to_json(),
         }
         self.run.save_checkpoint(payload, self.state.epoch, step=self.state.step if self.state.batch else None,
@@ -382,6 +389,14 @@ class Trainer:
             self.say(f"{self.run.path}: the checkpoint holds no optimizer state (written by engine=deepspeed at "
                      "ZeRO >= 1 before moe_dist saved it); optimizer moments restart")
         self.engine.load_scheduler_state(self.scheduler, payload["scheduler"])
+        self.load_rng_states(payload)
+
+    def rng_states(self) -> dict[str, Any]:
+        """The random state the run draws from while training (routing noise), as saved."""
+        return {"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_rng_states(self, payload: dict[str, Any]) -> None:
         torch.set_rng_state(payload["rng_cpu"])
         if torch.cuda.is_available() and payload.get("rng_cuda") is not None:
             torch.cuda.set_rng_state_all(payload["rng_cuda"])
