@@ -15,7 +15,7 @@ from moe_dist.errors import MoEDistError
 from moe_dist.paper import format_summary
 
 DEFAULT_CONFIG = CONFIGS / "synthetic" / "s1_moe_nonlinear.yaml"
-EXPERIMENT_COMMANDS: tuple[str, ...] = ("sweep", "report", "distill", "study")  # modules with register(subparsers)
+EXPERIMENT_COMMANDS: tuple[str, ...] = ("sweep", "stacks", "report", "distill", "study")  # modules with register(subparsers)
 RAW = cli_help.RAW
 
 
@@ -60,12 +60,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.name.rpartition("/")[2].startswith("distilled") and not cfg.train.init_from:
         raise MoEDistError(f"{config} is a distillation config ({cfg.name}): run it with "
                            f"`moe-dist distill SOURCE_RUN --config {config}` (SOURCE_RUN: its attentive run)")
+    if args.seeds:
+        return _train_seeds(args, str(config), cfg)
     if args.overwrite and is_main():
         RunDir(cfg.run_dir).clear()
     trainer = build_trainer(cfg)
     metrics = trainer.fit()
     if trainer.is_main:
         print(f"\n{cfg.name or Path(config).stem}: {cfg.run_dir}")
+        print(format_summary(cfg, metrics))
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace, config: str, cfg) -> int:
+    """``train --seeds``: one run per seed in ``run_dir/seed{S}`` (a sweep's layout), stacked."""
+    from moe_dist.experiments.stacks import StackEntry, parse_seeds, train_entries
+    from moe_dist.rundir import RunDir
+
+    seeds = parse_seeds(args.seeds)
+    entries = [StackEntry(config, (*args.overrides, f"seed={s}", f"run_dir={cfg.run_dir}/seed{s}")) for s in seeds]
+    if args.overwrite:
+        for s in seeds:
+            RunDir(f"{cfg.run_dir}/seed{s}").clear()
+    for seed, metrics in zip(seeds, train_entries(entries, args.stack_size)):
+        print(f"\n{cfg.name or Path(config).stem} seed {seed}: {cfg.run_dir}/seed{seed}")
         print(format_summary(cfg, metrics))
     return 0
 
@@ -128,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
     p.add_argument("--overwrite", action="store_true",
                    help="delete what run_dir holds (checkpoints, metrics.json) and train it again from scratch")
+    p.add_argument("--seeds", default=None, metavar="S",
+                   help="train one run per seed (e.g. 0-9 or 0,3,7) in run_dir/seed{S}, stacked in one process")
+    p.add_argument("--stack-size", type=int, default=16, metavar="N", help="with --seeds: at most N runs per stack")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run folder's latest checkpoint", formatter_class=RAW,
                        description="Exact metrics of a run's latest checkpoint over a whole split.",

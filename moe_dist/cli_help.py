@@ -18,6 +18,7 @@ EXAMPLES: dict[str, str] = {  # one per command, in the order of the command lis
     "data": "moe-dist data info mnist10k",
     "config": "moe-dist config keys train",
     "sweep": "moe-dist sweep configs/sweeps/synthetic_s1.yaml --list",
+    "stack": "moe-dist stack runs.yaml --dry-run",
     "report": "moe-dist report docs/results/synthetic --out reports/synthetic",
     "distill": "moe-dist distill runs/attentive_lcv --config configs/mnist/distilled_lcv.yaml",
     "study": "moe-dist study experts --config configs/mnist/vanilla.yaml --experts 5,10,15",
@@ -33,7 +34,8 @@ TRAIN_EXAMPLES = f"""\
 examples:
   moe-dist train
   {EXAMPLES['train']}
-  moe-dist train --config configs/synthetic/s1_single_cubic.yaml train.epochs=50 seed=3"""
+  moe-dist train --config configs/synthetic/s1_single_cubic.yaml train.epochs=50 seed=3
+  moe-dist train --config configs/fmnist/vanilla.yaml --seeds 0-9 run_dir=runs/vanilla   # 10 runs, stacked"""
 DATA_DESCRIPTION = """\
 Download a dataset (with torchvision: pip install -e ".[vision]", needs network), check and
 describe one (info), or write one to webdataset tar shards for data.format=webdataset.
@@ -46,6 +48,11 @@ examples:
 # --help descriptions of the commands whose register() gives none fit for users (report passes
 # its module docstring, tensorboard none).
 DESCRIPTIONS: dict[str, str] = {
+    "stack": """\
+Train the runs a stack file lists (configs with overrides, or distillations from source
+runs) in one process, runs that share an architecture and schedule as one stacked
+computation; finished runs are skipped, interrupted ones resume. Details: README,
+"Stacked runs".""",
     "report": """\
 The papers' tables from finished runs: every run folder below the given paths, grouped by
 config name and the hyperparameters that differ (the seeds of one setting form one row),

@@ -133,6 +133,8 @@ FIELDS: tuple[Field, ...] = (
     Field("conditional", _M, "-", "distill only: the top-k evaluations of the distilled gate (conditional.* rows)"),
     Field("experts_unchanged", _M, "-",
           "distill only: whether the frozen experts are bit-identical to the source run's"),
+    Field("stack_members", _M, "count", "runs trained with it as one stack (moe-dist stack, train --seeds, "
+          "sweep --stack); absent: trained alone. Its times are the stack's"),
 
     Field("epoch", _H, "-", "the epoch, from 1: epochs completed (its checkpoint is epoch_000N.pt, "
           "its TensorBoard step N)"),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError
@@ -90,8 +91,9 @@ def test_one_stacked_step_equals_separate_steps(case, gate_mode):
         for (name, a), (_, b) in zip(stacked.state_dict().items(), alone.state_dict().items()):
             assert torch.equal(a, b), name
     torch.manual_seed(100)
-    x = torch.randn(len(models), 16, *shape, dtype=torch.float64)
-    y = torch.randint(0, classes, (len(models), 16))
+    rows = 8 if case.startswith("cifar") else 16
+    x = torch.randn(len(models), rows, *shape, dtype=torch.float64)
+    y = torch.randint(0, classes, (len(models), rows))
     stack.train()
     out = stack(x.flatten(0, 1))
     losses = [model_loss(stack.member_output(out, r), y[r], cfg.loss.kind)[0] for r, cfg in enumerate(cfgs)]
@@ -233,3 +235,54 @@ def test_stacks_group_by_architecture_and_refuse_mixtures(tmp_path):
         build_stacked_trainer([vanilla, attentive])
     with pytest.raises(ConfigError, match="hierarchical"):
         build_stacked_trainer([hierarchical, hierarchical])
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_sweep_stack_trains_the_sweep_as_stacks_and_matches_the_plain_sweep(tmp_path, data_root, capsys):
+    """``moe-dist sweep FILE --stack``: training runs stacked by architecture, then the
+    distillations stacked over their sources; each run folder as the plain sweep writes it."""
+    from moe_dist.cli import main
+
+    spec = {"seeds": [0, 1],
+            "overrides": ["data.name=mnist10k", f"data.root={data_root}", "data.train_size=300", "data.test_size=100",
+                          "train.epochs=1", "train.progress=false", "train.num_threads=1"],
+            "members": [{"name": "vanilla", "config": str(CONFIGS / "mnist" / "vanilla.yaml")},
+                        {"name": "vanilla_lcv", "config": str(CONFIGS / "mnist" / "vanilla_lcv.yaml")},
+                        {"name": "src", "config": str(CONFIGS / "mnist" / "attentive_lcv.yaml")},
+                        {"name": "distilled", "config": str(CONFIGS / "mnist" / "distilled_lcv.yaml"),
+                         "distill": "src"}]}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(sweep), "--stack", "--list", "--root", str(tmp_path / "stacked")]) == 0
+    listed = capsys.readouterr().out
+    assert "stack 0 (4 runs): vanilla/seed0, vanilla/seed1, vanilla_lcv/seed0, vanilla_lcv/seed1" in listed
+    assert "then 2 distillations" in listed
+    assert main(["sweep", str(sweep), "--stack", "--root", str(tmp_path / "stacked")]) == 0
+    assert "8/8 runs done" in capsys.readouterr().out
+    assert main(["sweep", str(sweep), "--only", "src,distilled", "--seeds", "1", "--root", str(tmp_path / "plain")]) == 0
+    for run in ("src/seed1", "distilled/seed1"):
+        stacked, plain = (RunDir(tmp_path / root / run).read_metrics() for root in ("stacked", "plain"))
+        assert stacked["stack_members"] == 2 and "stack_members" not in plain
+        _assert_histories_match(plain, stacked)
+    stacked, plain = (RunDir(tmp_path / root / "distilled/seed1").read_metrics() for root in ("stacked", "plain"))
+    assert stacked["experts_unchanged"] and stacked["conditional"]["top1"]["test_error"] == pytest.approx(
+        plain["conditional"]["top1"]["test_error"], abs=0.011)
+
+
+def test_train_seeds_writes_one_run_per_seed_and_skips_them_when_finished(tmp_path, capsys):
+    from moe_dist.cli import main
+
+    args = ["train", "--seeds", "0-1,3", f"run_dir={tmp_path}", "data.train_size=300", "data.test_size=100",
+            "train.epochs=1", "train.progress=false", "train.num_threads=1"]
+    assert main(args) == 0
+    runs = [RunDir(tmp_path / f"seed{s}") for s in (0, 1, 3)]
+    assert all(r.finished() for r in runs) and [r.read_config().seed for r in runs] == [0, 1, 3]
+    assert runs[2].read_metrics()["stack_members"] == 3
+    written = [r.metrics_path.stat().st_mtime_ns for r in runs]
+    assert main(args) == 0
+    assert [r.metrics_path.stat().st_mtime_ns for r in runs] == written
+    capsys.readouterr()
+    assert main(["train", "--seeds", "1-x", f"run_dir={tmp_path}"]) != 0
+    assert "--seeds '1-x': '1-x' is neither a seed nor a range A-B" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def conditional_evaluation(trainer: Trainer, weights: dict[str, torch.Tensor], k
     }
 
 
-def _distillation_metrics(source_run: RunDir, ks: Sequence[int]):
+def distillation_metrics(source_run: RunDir, ks: Sequence[int]):
     """What distillation adds to the run's metrics.json (``Trainer.fit(extra_metrics=...)``,
     so that the file is written once, complete): whether the frozen experts ended
     bit-identical to the source's, and the top-k evaluations."""
@@ -157,7 +157,7 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
         if not 1 <= k <= cfg.moe.num_experts:
             raise ConfigError(f"distill: --k {k} must be between 1 and moe.num_experts={cfg.moe.num_experts}")
     with process_group(process_group_backend(cfg), cfg.parallel.timeout_s):
-        metrics = build_trainer(cfg).fit(extra_metrics=_distillation_metrics(RunDir(source_run), ks))
+        metrics = build_trainer(cfg).fit(extra_metrics=distillation_metrics(RunDir(source_run), ks))
     if not metrics["experts_unchanged"]:
         raise MoEDistError(f"distill: the experts of {cfg.run_dir} differ from those of {source_run} "
                            "although train.freeze=[experts]")

@@ -158,6 +158,8 @@ class Job:
     command: tuple[str, ...]
     source: Path | None  # the run a distill job starts from
     nproc: int = 1
+    config: str = ""  # the config file and overrides the command trains (for --stack)
+    overrides: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -346,7 +348,8 @@ def expand(sweep: Sweep, seeds: tuple[int, ...] | None = None, only: tuple[str, 
                     command = (*cli, "distill", "--config", config, str(source), *args)
                 else:
                     command = (*cli, "train", "--config", config, *args)
-                jobs.append(Job(len(jobs), member.name, point, seed, run_dir, command, source, nproc))
+                jobs.append(Job(len(jobs), member.name, point, seed, run_dir, command, source, nproc, config,
+                                tuple(args)))
     return jobs
 
 
@@ -418,6 +421,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file, args.root)
     only = tuple(n for n in (args.only or "").split(",") if n)
     jobs = expand(sweep, _seeds_arg(args.seeds) if args.seeds else None, only, tuple(args.overrides), args.nproc)
+    if args.stack:
+        from moe_dist.experiments.stacks import sweep_stacked
+
+        return sweep_stacked(sweep.root, jobs, args)
     if args.index is not None:
         if not 0 <= args.index < len(jobs):
             raise ConfigError(f"--index {args.index} is out of range: {len(jobs)} jobs, 0..{len(jobs) - 1}")
@@ -446,7 +453,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a sweep file's members over seeds and grid points",
                               usage="moe-dist sweep SWEEP_FILE [--root DIR] [--seeds S[,S]] [--only NAME[,NAME]] "
-                                    "[--index N] [--nproc N] [--list | --dry-run] [key=value ...]",
+                                    "[--index N] [--nproc N] [--stack [--stack-size N]] [--list | --dry-run] "
+                                    "[key=value ...]",
                               description="Run the members of a sweep file (configs, optionally with grids of "
                                           "values) over seeds,\none subprocess per job, resumably: finished "
                                           "runs are skipped, interrupted ones resume.\nThe file format, "
@@ -467,6 +475,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="processes per job, under torchrun when > 1 (default: the file's nproc, else 1); "
                         "add parallel.ep_size=N to shard the experts")
+    p.add_argument("--stack", action="store_true",
+                   help="train the jobs in one process, stacked where they share an architecture and schedule "
+                        "(README, \"Stacked runs\")")
+    p.add_argument("--stack-size", type=int, default=16, metavar="N", help="with --stack: at most N runs per stack")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="print the numbered jobs, run folders and status")
     mode.add_argument("--dry-run", action="store_true", help="print the commands without running them")

@@ -49,18 +49,22 @@ GATE_MODES = ("loop", "vmap")
 
 @dataclass(frozen=True)
 class MemberSettings:
-    """What may differ between the members of one stack, besides seed and learning rate."""
+    """What may differ between the members of one stack, besides seed and learning rate: the
+    gate losses (L_s's variant too) and the routing-noise scale."""
 
     importance_weight: float = 0.0
     ls_beta: float = 0.0
     ls_gamma: float = 0.0
     noise_std: float = 1.0
+    ls_variant: str = "normalized"
+    ls_squared: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> MemberSettings:
         if not isinstance(model, MoE):
             return cls()
-        return cls(model.importance_weight, model.ls_beta, model.ls_gamma, model.noise_std)
+        return cls(model.importance_weight, model.ls_beta, model.ls_gamma, model.noise_std, model.ls_variant,
+                   model.ls_squared)
 
 
 # ----------------------------------------------------------------------------- shared storage
@@ -229,7 +233,7 @@ class StackedDispatch(LocalDispatch):
             if s.ls_beta <= 0 and s.ls_gamma <= 0:
                 return None
             return losses.sample_similarity_loss(x_BD[r * rows:(r + 1) * rows], p, s.ls_beta, s.ls_gamma,
-                                                 variant=variant, squared=squared)
+                                                 variant=s.ls_variant, squared=s.ls_squared)
         return self._per_member(probs_BE, one, with_index=True)
 
     def _per_member(self, probs_BE: torch.Tensor, loss: Callable, with_index: bool = False) -> torch.Tensor:

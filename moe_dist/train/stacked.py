@@ -11,8 +11,8 @@ and a sweep's skipping of finished runs treat members as runs; a stacked job res
 kill or a preemption signal.
 
 What members may differ in (:data:`STACKABLE_KEYS`): seed, run folder and name, the gate
-losses' weights, the learning rate, the gate-noise scale and the run a distillation starts
-from. Anything else splits them into separate stacks (:func:`stack_groups`).
+losses (weights and L_s variant), the learning rate, the gate-noise scale and the run a
+distillation starts from. Anything else splits them into separate stacks (:func:`stack_groups`).
 
 A member whose training loss is not finite stops there, as an early stop, and is reported;
 the others go on (no operation of the stack mixes members).
@@ -39,14 +39,15 @@ from moe_dist.train.optim import build_optimizer, build_scheduler
 from moe_dist.train.preemption import Preempted, PreemptionFlag
 from moe_dist.train.process import choose_device, configure_process
 from moe_dist.train.tally import EpochTally
-from moe_dist.train.trainer import EpochOutcome, Trainer
+from moe_dist.train.trainer import EpochOutcome, ExtraMetrics, Trainer
 
 __all__ = ["STACKABLE_KEYS", "MemberTrainer", "StackedTrainer", "build_stacked_trainer", "stack_groups",
            "stack_key"]
 
 #: Config keys whose values may differ between the members of one stack.
 STACKABLE_KEYS = frozenset({"seed", "name", "run_dir", "loss.importance_weight", "loss.ls_beta", "loss.ls_gamma",
-                            "train.lr", "moe.noise_std", "train.init_from", "train.progress"})
+                            "loss.ls_variant", "loss.ls_squared", "train.lr", "moe.noise_std", "train.init_from",
+                            "train.progress"})
 
 
 def stack_key(cfg: Config) -> tuple:
@@ -167,6 +168,7 @@ class StackedTrainer:
         self.finished = finished  # position in the caller's list -> metrics of runs finished before
         self.order = order  # the caller's position of each member
         self.preemption = PreemptionFlag()
+        self.extra_metrics: list[ExtraMetrics | None] = []
 
     @property
     def device(self) -> torch.device:
@@ -175,10 +177,12 @@ class StackedTrainer:
     def say(self, line: str) -> None:
         self.members[0].say(line) if self.members else print(line)
 
-    def fit(self) -> list[dict[str, Any]]:
+    def fit(self, extra_metrics: Sequence[ExtraMetrics | None] | None = None) -> list[dict[str, Any]]:
         """Train every member to its ``train.epochs`` (resuming their checkpoints); the members'
-        metrics, in the order their configs were given (finished runs' read back)."""
+        metrics, in the order their configs were given (finished runs' read back).
+        ``extra_metrics[i]``: what run i adds to its metrics.json (as ``Trainer.fit``'s)."""
         results = dict(self.finished)
+        self.extra_metrics = list(extra_metrics or [])
         for m in self.members:
             m._start(install_signals=False)
         self._check_positions()
@@ -208,10 +212,14 @@ class StackedTrainer:
         if m.bar is not None:
             m.bar.close()
         m.thaw()
-        members = len(self.members)
+        position = self.order[self.members.index(m)]
+        own = self.extra_metrics[position] if position < len(self.extra_metrics) else None
+
+        def extra(trainer: Trainer, result: dict[str, Any]) -> dict[str, Any]:
+            return {**(own(trainer, result) if own else {}), "stack_members": len(self.members)}
         # a run alone finishes with its last epoch's evaluation (evaluating again would draw
         # other routing noise where evaluation uses noise)
-        return m.finish(m.last_metrics, extra_metrics=lambda trainer, result: {"stack_members": members})
+        return m.finish(m.last_metrics, extra_metrics=extra)
 
     def _check_positions(self) -> None:
         at = {(m.state.epoch, m.state.batch) for m in self.members if not self._done(m)}
