@@ -78,15 +78,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("gate_mode", ["loop", "vmap"])
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
 @pytest.mark.parametrize("case", list(ONE_STEP_CASES))
-def test_one_stacked_step_equals_separate_steps(case, gate_mode):
-    if gate_mode == "vmap" and not case.startswith(("fmnist-dense", "fmnist-attentive", "cifar-dense")):
+def test_one_stacked_step_equals_separate_steps(case, mode):
+    if mode == "vmap" and not case.startswith(("fmnist-dense", "fmnist-attentive", "cifar-dense")):
         pytest.skip("vmapped gates: checked on the BatchNorm gates")
     cfgs, models, generators, shape, classes = _members(case)
     separate = [copy.deepcopy(m) for m in models]
     rng_after_init = [g.get_state() for g in generators]
-    stack = stack_models(models, generators, gate_mode)
+    stack = stack_models(models, generators, mode)
     for stacked, alone in zip(models, separate):  # sharing storage keeps the initial values
         for (name, a), (_, b) in zip(stacked.state_dict().items(), alone.state_dict().items()):
             assert torch.equal(a, b), name

@@ -8,12 +8,15 @@ every member at once on the members' batches laid end to end (``[R*B, ...]``, me
 rows ``r*B .. (r+1)*B``):
 
 * the experts of all members form one expert bank of R*E experts (member r's expert e is
-  expert ``r*E + e``): dense routing runs each member's experts on its own rows, top-k
-  routing offsets each member's choices by ``r*E`` and reuses the one-process dispatch;
-* the gates run member by member (``gate_mode="loop"``, the default on CPU, where a vmapped
-  convolution with a weight per member is slower than R plain ones), or as one
-  ``torch.func.vmap`` over parameters stacked on a leading member dim (``"vmap"``, the
-  default on CUDA, where it turns R small kernels into one);
+  expert ``r*E + e``): top-k routing offsets each member's choices by ``r*E`` and reuses the
+  one-process dispatch over that bank;
+* ``mode="loop"`` (the default on CPU): the gates, and the experts under dense routing, run
+  member by member, as R plain computations (on a CPU a convolution with a weight per
+  member, or each expert's own copy of the input's im2col columns, costs more than R
+  plain calls save);
+* ``mode="vmap"`` (the default on CUDA, where per-kernel overhead dominates these small
+  models): the gates run as one ``torch.func.vmap`` over parameters stacked on a leading
+  member dim, and dense routing runs the R*E bank once on each member's rows;
 * the gate losses and the routing noise are each member's own (:class:`StackedDispatch`):
   every member keeps its loss weights, noise scale and random generator.
 
@@ -42,9 +45,9 @@ from moe_dist.models.experts import ExpertBank
 from moe_dist.models.moe import MoE, MoEOutput, SingleModel
 from moe_dist.parallel.dispatch import BatchLayout, LocalDispatch, routing_capacity
 
-__all__ = ["MemberSettings", "ModelStack", "StackedDispatch", "stack_models", "GATE_MODES"]
+__all__ = ["MemberSettings", "ModelStack", "StackedDispatch", "stack_models", "MODES"]
 
-GATE_MODES = ("loop", "vmap")
+MODES = ("loop", "vmap")
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,10 @@ class StackedDispatch(LocalDispatch):
     """
 
     def __init__(self, settings: Sequence[MemberSettings], experts_per_member: int,
-                 generators: Sequence[torch.Generator]) -> None:
+                 generators: Sequence[torch.Generator], member_banks: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
+        # loop mode: the members' own banks (views of the stacked one) run dense routing
+        self.member_banks = list(member_banks) if member_banks is not None else None
         self.settings = list(settings)
         self.num_members = len(settings)
         self.experts_per_member = experts_per_member
@@ -189,6 +194,10 @@ class StackedDispatch(LocalDispatch):
     def dense(self, experts, x: torch.Tensor, layout: BatchLayout, need_hidden: bool):
         R, E = self.num_members, self.experts_per_member
         rows = x.shape[0] // R
+        if self.member_banks is not None:  # each member's E experts share its rows' im2col work
+            outs = [bank(x[r * rows:(r + 1) * rows], shared=True) for r, bank in enumerate(self.member_banks)]
+            hidden = None if outs[0][1] is None else torch.cat([h for _, h in outs], dim=1)
+            return torch.cat([o for o, _ in outs], dim=1), hidden
         x_REB = x.view(R, 1, rows, *x.shape[1:]).expand(R, E, rows, *x.shape[1:])
         out, hidden = experts(x_REB.reshape(R * E, rows, *x.shape[1:]), shared=False)
 
@@ -324,23 +333,24 @@ def _check_members(models: Sequence[nn.Module]) -> None:
 
 
 def stack_models(models: Sequence[nn.Module], generators: Sequence[torch.Generator] | None = None,
-                 gate_mode: str | None = None) -> ModelStack:
+                 mode: str | None = None) -> ModelStack:
     """Stack ``models`` (already on their device and dtype); see the module docstring.
     ``generators``: each member's routing-noise generator (needed when the MoE adds noise)."""
     _check_members(models)
     first = models[0]
     device = next(first.parameters()).device
-    gate_mode = gate_mode or ("vmap" if device.type == "cuda" else "loop")
-    if gate_mode not in GATE_MODES:
-        raise ValueError(f"gate_mode={gate_mode!r} is not one of: {', '.join(GATE_MODES)}")
+    mode = mode or ("vmap" if device.type == "cuda" else "loop")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of: {', '.join(MODES)}")
     if isinstance(first, SingleModel):
         bank = _bank_of([m.expert for m in models], [m.expert for m in models], singles=True)
         network = _StackedSingle(bank.bank, first.output_kind, len(models))
         return ModelStack(models, network, bank.shared, None)
     bank = _bank_of([e for m in models for e in m.experts.to_modules()], [m.experts for m in models])
     gens = list(generators) if generators is not None else [torch.Generator(device=device) for _ in models]
-    dispatch = StackedDispatch([MemberSettings.of(m) for m in models], first.num_experts, gens)
-    gate = StackedGate([m.gate for m in models], gate_mode)
+    dispatch = StackedDispatch([MemberSettings.of(m) for m in models], first.num_experts, gens,
+                               [m.experts for m in models] if mode == "loop" else None)
+    gate = StackedGate([m.gate for m in models], mode)
     attention = StackedAttention([m.attention for m in models]) if first.attention is not None else None
     network = MoE(bank.bank, gate, routing=first.routing, output_kind=first.output_kind, attention=attention,
                   top_k=first.top_k, gate_weights=first.gate_weights, noise=first.noise, noise_std=1.0,

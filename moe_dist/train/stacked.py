@@ -334,7 +334,7 @@ class StackedTrainer:
 
 
 def build_stacked_trainer(cfgs: Sequence[Config], dataset: Dataset | None = None,
-                          gate_mode: str | None = None) -> StackedTrainer:
+                          mode: str | None = None) -> StackedTrainer:
     """A StackedTrainer for ``cfgs`` (one architecture and schedule: :func:`stack_key`); runs
     already finished are not trained again (their metrics are read back by ``fit``)."""
     _check_stack(cfgs)
@@ -356,7 +356,7 @@ def build_stacked_trainer(cfgs: Sequence[Config], dataset: Dataset | None = None
     for model, generator in zip(models, generators):
         if hasattr(model, "dispatcher"):  # the member's evaluation draws its noise from it too
             model.dispatcher.generator = generator
-    stack = stack_models(models, generators, gate_mode)
+    stack = stack_models(models, generators, mode)
     members = []
     for cfg, model, generator in zip(todo, models, generators):
         optimizer = build_optimizer(model, cfg)
