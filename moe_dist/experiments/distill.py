@@ -165,26 +165,48 @@ def distill(source_run: str | Path, config: str | Path | None = None, ks: Sequen
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from moe_dist.paper import format_summary
     from moe_dist.parallel import is_main
 
-    cfg, metrics = distill(args.source_run, args.config, args.k, args.overrides)
+    # the positionals: source runs, then key=value overrides (argparse cannot tell them apart)
+    sources = [a for a in args.source_run if "=" not in a]
+    overrides = [a for a in args.source_run if "=" in a] + list(args.overrides)
+    if not sources:
+        raise ConfigError("distill: name at least one source run")
+    if len(sources) > 1:
+        return _distill_stacked(sources, args.config, args.k, overrides)
+    cfg, metrics = distill(sources[0], args.config, args.k, overrides)
     if not is_main():
         return 0
+    _print_distilled(cfg, metrics, args.k)
+    return 0
+
+
+def _distill_stacked(sources: list[str], config: str | None, ks: Sequence[int], overrides: list[str]) -> int:
+    """Several sources: their distillations trained as stacks (moe_dist.experiments.stacks)."""
+    from moe_dist.experiments.stacks import StackEntry, train_entries
+
+    entries = [StackEntry(config or "", tuple(overrides), source, tuple(ks)) for source in sources]
+    for entry, metrics in zip(entries, train_entries(entries)):
+        _print_distilled(entry.resolve(), metrics, ks)
+    return 0
+
+
+def _print_distilled(cfg: Config, metrics: dict[str, Any], ks: Sequence[int]) -> None:
+    from moe_dist.paper import format_summary
+
     print(f"\n{cfg.name}: {cfg.run_dir} (experts unchanged: {metrics['experts_unchanged']})")
     print(format_summary(cfg, metrics))
     conditional = metrics["conditional"]
     print(f"\n{'routing':<8} {'test error':>10} {'expert FLOPs':>13} {'eval s':>8}")
     print(f"{'dense':<8} {metrics['test_error']:>10.4f} {1.0:>13.3f} {conditional['dense_eval_seconds']:>8.3f}")
-    for k in args.k:
+    for k in ks:
         row = conditional[f"top{k}"]
         print(f"{f'top-{k}':<8} {row['test_error']:>10.4f} {row['expert_flops_fraction']:>13.3f} "
               f"{row['eval_seconds']:>8.3f}")
-    return 0
 
 
 def register(subparsers: Any) -> None:
-    """Add ``moe-dist distill SOURCE_RUN [--config FILE] [--k 1,2] [overrides ...]``."""
+    """Add ``moe-dist distill SOURCE_RUN [SOURCE_RUN ...] [--config FILE] [--k 1,2] [overrides ...]``."""
     p = add_leaf_parser(
         subparsers, "distill", help="distil an attentive run into a softmax gate over its frozen experts (paper A.8)",
         description="Freeze the experts of a finished attentive MoE run, train a softmax gate initialised from\n"
@@ -194,7 +216,9 @@ def register(subparsers: Any) -> None:
                "  moe-dist train --config configs/mnist/attentive_lcv.yaml run_dir=runs/attentive_lcv\n"
                "  moe-dist distill runs/attentive_lcv --config configs/mnist/distilled_lcv.yaml --k 1,2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source_run", help="run folder of the attentive MoE to distil")
+    p.add_argument("source_run", nargs="+", metavar="SOURCE_RUN",
+                   help="run folder(s) of the attentive MoE(s) to distil; several: their distillations "
+                        "are trained as one stack (each in SOURCE_RUN_distilled)")
     p.add_argument("--config", default=None,
                    help="distillation config (e.g. configs/mnist/distilled_lcv.yaml); default: the source's")
     p.add_argument("--k", type=comma_ints, default=[1, 2],

@@ -39,7 +39,7 @@ DEFAULT_STACK_SIZE = 16
 class StackEntry:
     """One run of a stack file."""
 
-    config: str
+    config: str  # a distillation: "" for its source's config
     overrides: tuple[str, ...] = ()
     distill: str = ""  # the source run of a distillation ("" for a training run)
     ks: tuple[int, ...] = (1, 2)  # a distillation's top-k evaluations
@@ -48,7 +48,7 @@ class StackEntry:
         if self.distill:
             from moe_dist.experiments.distill import distill_config
 
-            return distill_config(self.distill, self.config, self.overrides)
+            return distill_config(self.distill, self.config or None, self.overrides)
         return load_config(self.config, list(self.overrides))
 
 

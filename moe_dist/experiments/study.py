@@ -63,12 +63,14 @@ def train_process(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
 
 def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] = ("lcv", "ls"),
                       seeds: Sequence[int] = (0,), root: str | Path = "runs/study_experts",
-                      overrides: Sequence[str] = (), nproc: int = 1) -> list[dict[str, Any]]:
+                      overrides: Sequence[str] = (), nproc: int = 1, stack: bool = False) -> list[dict[str, Any]]:
     """Train every (E, regulariser, seed) not yet complete, then write study.md, study.csv
     and study.png under ``root``. Returns the table rows (means over seeds).
 
     Each run is its own process, or ``nproc`` under torchrun; started by a launcher itself
-    (several ranks), the study trains every run in-process on the launcher's ranks."""
+    (several ranks), the study trains every run in-process on the launcher's ranks. With
+    ``stack``, one ``moe-dist stack`` process trains the runs, the regularisers and seeds of
+    each E as one stack (their step time and peak memory are then the stack's)."""
     from moe_dist.parallel import is_main, process_group, world_info_from_env
     from moe_dist.train.build import build_trainer
     from moe_dist.train.process import process_group_backend
@@ -90,6 +92,8 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
                 args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
                         f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
                 runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
+    if stack:
+        _train_stacked(config, root, runs_args, nproc, launched)
     first = next(iter(runs_args.values()))[0]  # the runs share one group: the first run's settings
     with process_group(process_group_backend(first), first.parallel.timeout_s):
         for cfg, args in runs_args.values():
@@ -119,6 +123,22 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     experts_figure({key: metrics[0]["selection_table"] for key, metrics in runs.items()}, rows,
                    root / "study.png")
     return rows
+
+
+def _train_stacked(config: str | Path, root: Path, runs_args: dict, nproc: int, launched: bool) -> None:
+    """The unfinished runs as a stack file ``root/stack.yaml``, trained by one ``moe-dist stack``."""
+    from moe_dist.experiments.stacks import StackEntry, write_stack_file
+
+    if nproc != 1 or launched:
+        raise ConfigError("--stack trains the runs in one process: leave out --nproc and the launcher")
+    todo = [StackEntry(str(config), tuple(args)) for cfg, args in runs_args.values() if not RunDir(cfg.run_dir).finished(cfg)]
+    if not todo:
+        return
+    write_stack_file(root / "stack.yaml", todo)
+    cmd = [*moe_dist_command(1), "stack", str(root / "stack.yaml")]
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+        raise MoEDistError(f"study stack failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
 def experts_markdown(rows: list[dict[str, Any]], config: str | Path) -> str:
@@ -186,7 +206,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
     from moe_dist.parallel import is_main
 
     rows = run_experts_study(args.config, args.experts, args.regularizers, args.seeds, args.root, args.overrides,
-                             args.nproc)
+                             args.nproc, args.stack)
     if not is_main():
         return 0
     print((Path(args.root) / "study.md").read_text())
@@ -240,6 +260,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start each run under torchrun on N processes (default 1: one process); "
                         "add parallel.ep_size=N to shard the experts")
+    p.add_argument("--stack", action="store_true",
+                   help="train the runs of each E (regularisers x seeds) as one stack, in one process")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
     p.set_defaults(func=cmd_experts)
 
