@@ -1,5 +1,5 @@
 """``moe-dist stack FILE``: train the runs a stack file lists, grouped into stacks (docs/design.md,
-choice 12; ``moe_dist.train.stacked``). ``moe-dist train --seeds`` and ``moe-dist sweep --stack``
+choice 9; ``moe_dist.train.stacked``). ``moe-dist train --seeds`` and ``moe-dist sweep --stack``
 come here too.
 
 A stack file (YAML) lists runs, each a config file with overrides, or a distillation from a

@@ -84,14 +84,7 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
         raise ConfigError(f"--nproc {nproc}: must be a positive integer, and is left out under a launcher "
                           "(the study then trains on the launcher's ranks)")
     root = Path(root)
-    runs_args = {}  # every config checked before anything trains
-    for regularizer in regularizers:
-        for E in experts:
-            for seed in seeds:
-                run_dir = experts_run_dir(root, regularizer, E, seed)
-                args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
-                        f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
-                runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
+    runs_args = _study_runs(config, experts, regularizers, seeds, root, overrides)
     if stack:
         _train_stacked(config, root, runs_args, nproc, launched)
     first = next(iter(runs_args.values()))[0]  # the runs share one group: the first run's settings
@@ -123,6 +116,20 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     experts_figure({key: metrics[0]["selection_table"] for key, metrics in runs.items()}, rows,
                    root / "study.png")
     return rows
+
+
+def _study_runs(config, experts, regularizers, seeds, root: Path, overrides) -> dict:
+    """(regulariser, E, seed) -> (config, overrides) of every run; every config is checked
+    before anything trains."""
+    runs_args = {}
+    for regularizer in regularizers:
+        for E in experts:
+            for seed in seeds:
+                run_dir = experts_run_dir(root, regularizer, E, seed)
+                args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
+                        f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
+                runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
+    return runs_args
 
 
 def _train_stacked(config: str | Path, root: Path, runs_args: dict, nproc: int, launched: bool) -> None:

@@ -1,5 +1,5 @@
 """Stacked runs: R models of one architecture trained as one computation (issue "Many runs as
-one"; docs/design.md, choice 12).
+one"; docs/design.md, choice 9).
 
 The R *members* are ordinary models (:class:`~moe_dist.models.moe.MoE` or
 :class:`~moe_dist.models.moe.SingleModel`), each built from its own seed. :func:`stack_models`

@@ -1,5 +1,5 @@
 """Stacked runs: several runs of one architecture and schedule trained in one process as one
-computation (docs/design.md, choice 12). Build with :func:`build_stacked_trainer`.
+computation (docs/design.md, choice 9). Build with :func:`build_stacked_trainer`.
 
 Each member is an ordinary :class:`~moe_dist.train.trainer.Trainer` (:class:`MemberTrainer`)
 with its own config, run folder, data order, optimizer, LR schedule, checkpoints, TensorBoard
