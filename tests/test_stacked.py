@@ -286,3 +286,28 @@ def test_train_seeds_writes_one_run_per_seed_and_skips_them_when_finished(tmp_pa
     capsys.readouterr()
     assert main(["train", "--seeds", "1-x", f"run_dir={tmp_path}"]) != 0
     assert "--seeds '1-x': '1-x' is neither a seed nor a range A-B" in capsys.readouterr().err
+
+
+def test_members_killed_between_their_checkpoints_catch_up(tmp_path, data_root, capsys):
+    """A kill between two members' checkpoints leaves them at different epochs: the member
+    behind trains alone (the other computed but unchanged) until they stand together, and
+    both end as an uninterrupted stack ends."""
+    import shutil
+
+    config = CONFIGS / "fmnist" / "vanilla.yaml"
+
+    def cfgs(name: str, epochs: int):
+        return [load_config(config, _overrides(tmp_path / name / f"s{s}", data_root, f"seed={s}",
+                                               f"train.epochs={epochs}")) for s in (0, 1)]
+    whole = build_stacked_trainer(cfgs("whole", 2)).fit()
+    build_stacked_trainer(cfgs("cut", 1)).fit()
+    shutil.rmtree(tmp_path / "cut" / "s1")  # s1 lost its epoch-1 checkpoint; s0 kept it
+    (tmp_path / "cut" / "s0" / "metrics.json").unlink()  # epochs raised to 2: s0 goes on
+    capsys.readouterr()
+    cut = build_stacked_trainer(cfgs("cut", 2)).fit()
+    assert "catching up: 1 of 2 runs stand at epoch 0 batch 0" in capsys.readouterr().err
+    for s in (0, 1):
+        a, b = (RunDir(tmp_path / name / f"s{s}").latest_weights() for name in ("whole", "cut"))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (s, key)
+        assert whole[s]["history"][-1]["train_loss"] == cut[s]["history"][-1]["train_loss"]

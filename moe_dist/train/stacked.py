@@ -185,16 +185,14 @@ class StackedTrainer:
         self.extra_metrics = list(extra_metrics or [])
         for m in self.members:
             m._start(install_signals=False)
-        self._check_positions()
         self.preemption.install()
         try:
-            running = [i for i, m in enumerate(self.members) if not self._done(m)]
-            while running:
-                self._fit_epoch(running)
+            while unfinished := [i for i, m in enumerate(self.members) if not self._done(m)]:
+                running = self._behind(unfinished)
+                self._fit_epoch(running, [i for i in unfinished if i not in running])
                 for i in running:
                     if self._done(self.members[i]):
                         results[self.order[i]] = self._finish(self.members[i])
-                running = [i for i in running if not self._done(self.members[i])]
             for i, m in enumerate(self.members):  # resumed after their last epoch
                 if self.order[i] not in results:
                     results[self.order[i]] = self._finish(m)
@@ -203,6 +201,17 @@ class StackedTrainer:
             for m in self.members:
                 m.close()
         return [results[i] for i in sorted(results)]
+
+    def _behind(self, unfinished: list[int]) -> list[int]:
+        """The members that stand furthest behind: they train the next epoch (or its rest).
+        Members resume from one point unless a kill fell between their checkpoints; those
+        behind then catch up while the others wait."""
+        at = {i: (self.members[i].state.epoch, self.members[i].state.batch) for i in unfinished}
+        first = min(at.values())
+        if len(set(at.values())) > 1:
+            self.say(f"catching up: {sum(p == first for p in at.values())} of {len(at)} runs stand at epoch "
+                     f"{first[0]} batch {first[1]}, behind the others")
+        return [i for i in unfinished if at[i] == first]
 
     @staticmethod
     def _done(m: MemberTrainer) -> bool:
@@ -221,16 +230,17 @@ class StackedTrainer:
         # other routing noise where evaluation uses noise)
         return m.finish(m.last_metrics, extra_metrics=extra)
 
-    def _check_positions(self) -> None:
-        at = {(m.state.epoch, m.state.batch) for m in self.members if not self._done(m)}
-        if len(at) > 1:
-            where = ", ".join(f"{m.run.path}: epoch {m.state.epoch} batch {m.state.batch}" for m in self.members)
-            raise ConfigError(f"stacked runs must resume from one point, but they stand at {where}: "
-                              "train them one by one (or as separate stacks)")
-
-    def _fit_epoch(self, running: list[int]) -> None:
+    def _fit_epoch(self, running: list[int], waiting: list[int]) -> None:
+        """An epoch of the ``running`` members; the ``waiting`` ones (ahead of them) are
+        computed but keep their state."""
         start = time.perf_counter()
-        outcomes = self.train_epoch(running)
+        for i in waiting:
+            self.members[i].freeze()
+        try:
+            outcomes = self.train_epoch(running)
+        finally:
+            for i in waiting:
+                self.members[i].thaw()
         seconds = time.perf_counter() - start
         if any(o.preempted for o in outcomes.values()):
             self._stop_preempted(running, outcomes, seconds)
