@@ -21,6 +21,7 @@ sources may be among the training runs).
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,8 +100,9 @@ def plan(entries: Sequence[StackEntry], stack_size: int = DEFAULT_STACK_SIZE) ->
         raise ConfigError(f"each run needs its own run_dir; these repeat: "
                           f"{sorted({d for d in run_dirs if run_dirs.count(d) > 1})}")
     result = Plan(list(entries), configs)
-    for group in stack_groups(configs):
-        result.stacks += [group[i:i + stack_size] for i in range(0, len(group), stack_size)]
+    for group in stack_groups(configs):  # a group too large for one stack: near-equal parts
+        size = math.ceil(len(group) / math.ceil(len(group) / stack_size))
+        result.stacks += [group[i:i + size] for i in range(0, len(group), size)]
     return result
 
 
