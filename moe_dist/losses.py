@@ -186,15 +186,25 @@ _GRAM32_MAX_ERROR = 2.0**-8
 
 
 def _redo_from_differences(out_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch.Tensor,
-                           redo_P2: torch.Tensor, squared: bool) -> None:
+                           redo_P2: torch.Tensor, squared: bool, same: bool) -> None:
     """Write the distances of the pairs ``redo_P2`` into ``out_RG``, from explicit
-    differences in float64. Differences of float32 (or float16) values are exact in float64,
-    so identical samples get exactly 0 and the sum has a relative error below D * 2^-53."""
+    differences in float64: each is exact (or within 2^-53 relative when the two values
+    differ in magnitude by over 2^29), so identical samples get exactly 0, and the norm
+    has a relative error of about D * 2^-53.
+    With ``same`` (``b_GD is a_RD``) each unordered pair is computed once and written to
+    both (i, j) and (j, i), so the recomputed entries are symmetric."""
+    if same and len(redo_P2):
+        lo, hi = redo_P2.min(dim=1).values, redo_P2.max(dim=1).values
+        keys = torch.unique(lo * out_RG.shape[1] + hi)
+        redo_P2 = torch.stack([keys // out_RG.shape[1], keys % out_RG.shape[1]], dim=1)
     for chunk in redo_P2.split(_PAIR_CHUNK):
         rows, cols = chunk[:, 0], chunk[:, 1]
-        diff = a_RD[rows].to(torch.float64) - b_GD[cols].to(torch.float64)
-        sq = (diff * diff).sum(dim=1)
-        out_RG[rows, cols] = (sq if squared else sq.sqrt()).to(out_RG.dtype)
+        diff = a_RD.index_select(0, rows).to(torch.float64)
+        dist = torch.linalg.vector_norm(diff.sub_(b_GD.index_select(0, cols)), dim=1)
+        values = (dist.square_() if squared else dist).to(out_RG.dtype)
+        out_RG[rows, cols] = values
+        if same:
+            out_RG[cols, rows] = values
 
 
 def _expansion(norms_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch.Tensor,
@@ -240,7 +250,7 @@ def _gram64_squared_distances(a_RD: torch.Tensor, b_GD: torch.Tensor,
     if same:
         sq_RG.diagonal().zero_()
         redo_RG.diagonal().zero_()
-    _redo_from_differences(sq_RG, a_RD, b_GD, redo_RG.nonzero(), squared=True)
+    _redo_from_differences(sq_RG, a_RD, b_GD, redo_RG.nonzero(), squared=True, same=same)
     return sq_RG
 
 
@@ -310,7 +320,7 @@ def _gram32_distances(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
     dist_RG = sq_RG if squared else sq_RG.sqrt_()
     if same:
         dist_RG.diagonal().zero_()
-    _redo_from_differences(dist_RG, a_RD, b_GD, redo_P2, squared)
+    _redo_from_differences(dist_RG, a_RD, b_GD, redo_P2, squared, same)
     return dist_RG
 
 
@@ -324,6 +334,24 @@ def _gram64_fallback(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
     """The distances of :func:`_gram64_squared_distances`, in the dtype of ``a_RD``."""
     sq_RG = _gram64_squared_distances(a_RD, b_GD, same)
     return (sq_RG if squared else sq_RG.sqrt_()).to(a_RD.dtype)
+
+
+def _drop_constant_features(a_RD: torch.Tensor, b_GD: torch.Tensor,
+                            same: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples without the features that hold one value in every row of both sides
+    (e.g. the background pixels that a batch of MNIST digits shares, a quarter of them at
+    B = 512): they add exactly 0 to every distance, so dropping them changes no result and
+    saves their share of the matrix product."""
+    ref_D = b_GD[0]
+    # A sum of absolute differences is 0 exactly when every term is (NaN and inf stay in).
+    spread_D = (b_GD - ref_D).abs_().sum(dim=0)
+    if not same:
+        spread_D += (a_RD - ref_D).abs_().sum(dim=0)
+    keep_K = (spread_D != 0).nonzero().squeeze(1)
+    if len(keep_K) == len(spread_D):
+        return a_RD, b_GD
+    a_RD = a_RD.index_select(1, keep_K)
+    return a_RD, (a_RD if same else b_GD.index_select(1, keep_K))
 
 
 def _gram32_allowed(a_RD: torch.Tensor) -> bool:
@@ -381,8 +409,8 @@ def sample_distances(
         raise ValueError(
             f"samples have {a_RD.shape[1]} and {b_GD.shape[1]} features; they must match"
         )
-    if method != "cdist" and a_RD.dtype != torch.float64:
-        b_GD = b_GD.to(a_RD.dtype)
+    if method != "cdist" and a_RD.dtype != torch.float64 and a_RD.numel() and b_GD.numel():
+        a_RD, b_GD = _drop_constant_features(a_RD, b_GD.to(a_RD.dtype), same)
         if method == "gram32" and _gram32_allowed(a_RD):
             return _gram32_distances(a_RD, b_GD, same, squared)
         return _gram64_fallback(a_RD, b_GD, same, squared)
