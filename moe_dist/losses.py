@@ -376,15 +376,20 @@ def sample_distances(
     here use the expansion where it is safe and explicit differences where it is not:
 
     * ``"gram32"`` (default): the expansion of the centred batch in float32; a pair whose
-      squared distance is below 1/8 of its centred norms is recomputed in float64 from
+      squared distance is at most 1/8 of its centred norms is recomputed in float64 from
       explicit differences (``_gram32_distances``). Self-distances and duplicates are
       exactly 0, near-duplicates exact to float32 resolution, every other distance within
-      :func:`gram32_error_bound` / 2 + 2^-24 relative in the worst case (1.9e-4 at D = 784,
-      7.4e-4 at D = 3,072; a few float32 ulps, under 1e-5, on image batches). On CPU it costs about one float32
-      matrix product, under half of "gram64". Non-float32 inputs, more than about 8,000
-      features, or a matmul precision other than "highest" (TF32) use "gram64".
+      :func:`gram32_error_bound` / 2 + 2^-24 relative in the worst case (1.9e-4 at
+      D = 784, 7.4e-4 at D = 3,072), a few float32 ulps (under 1e-5) on image batches. On
+      CPU it costs about one float32 matrix product, 1.5 times less than "gram64" at
+      B = 512, D = 784 (benchmarks/bench_ls.py). Non-float32 inputs, more than about 8,000 features, or a
+      matmul precision other than "highest" (TF32, bfloat16) use "gram64".
     * ``"gram64"``: the expansion in float64 (``_gram64_squared_distances``): every pair
       within 2^-30 relative before rounding, i.e. exact to float32 resolution.
+
+    Both drop the features that hold one value over the whole batch first (they add
+    exactly 0 to every distance; ``_drop_constant_features``), so D in the bounds counts
+    the features that vary.
     * ``"cdist"``: the reference code's ``torch.cdist(...,
       compute_mode="donot_use_mm_for_euclid_dist")`` in the input dtype.
 

@@ -314,6 +314,25 @@ def test_gram32_block_of_rows_against_the_batch(mnist_images):
     assert torch.allclose(block_RG, sample_distances(x_GD)[150:190], rtol=2e-5, atol=0)
 
 
+@pytest.mark.parametrize("method", ["gram32", "gram64"])
+def test_features_constant_over_the_batch_are_dropped_without_changing_distances(
+        mnist_images, method):
+    """MNIST digits share background pixels: dropping them gives the same distances; a
+    feature constant in the batch but not in the rows compared with it stays."""
+    x_RD = mnist_images[:100].reshape(100, 784)
+    constant_D = (x_RD == x_RD[0]).all(dim=0)
+    assert 100 < int(constant_D.sum()) < 784
+    ours_RR = sample_distances(x_RD, method=method)
+    # Same products (up to the BLAS's memory-alignment-dependent summation order).
+    assert torch.allclose(ours_RR, sample_distances(x_RD[:, ~constant_D], method=method), rtol=1e-6, atol=0)
+    exact_RR = exact_distances(x_RD, x_RD, squared=False)
+    assert torch.allclose(ours_RR.double(), exact_RR, rtol=1e-5, atol=0)
+    rows_RD = x_RD[:7].clone()
+    rows_RD[:, constant_D.nonzero()[0]] += 3.0  # a background pixel lit in these rows only
+    block_RG = sample_distances(rows_RD, x_RD, method=method)
+    assert torch.allclose(block_RG.double(), exact_distances(rows_RD, x_RD, False), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("variant", ["normalized", "reference"])
 def test_gram32_loss_and_gradient_match_float64_reference_on_real_images(
