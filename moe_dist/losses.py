@@ -177,7 +177,7 @@ _GRAM32_RATIO = 1.0 / 8
 
 # Above this fraction of pairs to recompute (e.g. a batch of near-identical samples) "gram32"
 # computes the float64 Gram matrix instead: recomputing one pair from its differences costs
-# about as much as 60 float64 Gram entries.
+# about as much as 30 float64 Gram entries.
 _GRAM32_MAX_REDO = 1.0 / 64
 
 # "gram32" is used while its worst-case relative error on a squared distance stays below this
@@ -190,8 +190,7 @@ def _redo_from_differences(out_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch
     """Write the distances of the pairs ``redo_P2`` into ``out_RG``, from explicit
     differences in float64: each is exact (or within 2^-53 relative when the two values
     differ in magnitude by over 2^29), so identical samples get exactly 0, and the norm
-    has a relative error of about D * 2^-53.
-    With ``same`` (``b_GD is a_RD``) each unordered pair is computed once and written to
+    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) each unordered pair is computed once and written to
     both (i, j) and (j, i), so the recomputed entries are symmetric."""
     if same and len(redo_P2):
         lo, hi = redo_P2.min(dim=1).values, redo_P2.max(dim=1).values
@@ -291,7 +290,8 @@ def _gram32_distances(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
     anything close against the norms) is recomputed in float64 from explicit differences
     (:func:`_redo_from_differences`) and is exact to float32 resolution; identical samples
     get exactly 0, and with ``same`` the diagonal is set to 0. When more than 1/64 of the
-    pairs need recomputing, or a norm could overflow float32 (or is NaN),
+    pairs need recomputing, when a norm could overflow float32 (or is NaN), or when rows on
+    both sides sit at the mean (norms below 2^-87, where float32 underflow would count),
     :func:`_gram64_squared_distances` computes them all.
     """
     mean_D = b_GD.mean(dim=0)
@@ -382,16 +382,17 @@ def sample_distances(
       :func:`gram32_error_bound` / 2 + 2^-24 relative in the worst case (1.9e-4 at
       D = 784, 7.4e-4 at D = 3,072), a few float32 ulps (under 1e-5) on image batches. On
       CPU it costs about one float32 matrix product, 1.5 times less than "gram64" at
-      B = 512, D = 784 (benchmarks/bench_ls.py). Non-float32 inputs, more than about 8,000 features, or a
-      matmul precision other than "highest" (TF32, bfloat16) use "gram64".
+      B = 512, D = 784 (benchmarks/bench_ls.py). Non-float32 inputs, more than about
+      8,000 features, or a matmul precision other than "highest" (TF32, bfloat16) use
+      "gram64".
     * ``"gram64"``: the expansion in float64 (``_gram64_squared_distances``): every pair
       within 2^-30 relative before rounding, i.e. exact to float32 resolution.
-
-    Both drop the features that hold one value over the whole batch first (they add
-    exactly 0 to every distance; ``_drop_constant_features``), so D in the bounds counts
-    the features that vary.
     * ``"cdist"``: the reference code's ``torch.cdist(...,
       compute_mode="donot_use_mm_for_euclid_dist")`` in the input dtype.
+
+    "gram32" and "gram64" first drop the features that hold one value over the whole batch
+    (they add exactly 0 to every distance; ``_drop_constant_features``), so D in their
+    bounds counts the features that vary.
 
     Float64 inputs use ``torch.cdist`` (difference kernel) in float64 under every method.
     When ``x_GD`` is omitted (or is ``x_RD``) the batch is compared with itself.
