@@ -373,11 +373,14 @@ def test_gram32_uses_gram64_when_float32_products_cannot_be_trusted(mnist_images
     finally:
         torch.set_float32_matmul_precision(previous)
     assert not torch.equal(sample_distances(x_RD), gram64_RR)
-    # Too many features for the bound (it grows with D), and float32 norms that could overflow.
+    # Too many features for the bound (it grows with D), float32 norms that could overflow ...
     wide_RD = torch.randn(6, 9000, generator=torch.Generator().manual_seed(3))
     assert torch.equal(sample_distances(wide_RD), sample_distances(wide_RD, method="gram64"))
     huge_RD = x_RD * 1e18
     assert torch.equal(sample_distances(huge_RD), sample_distances(huge_RD, method="gram64"))
+    # ... and norms so small (below 2^-87) that float32 underflow would enter the bound.
+    tiny_RD = x_RD * 1e-30
+    assert torch.equal(sample_distances(tiny_RD), sample_distances(tiny_RD, method="gram64"))
     assert gram32_error_bound(784) < gram32_error_bound(3072) < 2.0**-8 < gram32_error_bound(9000)
 
 
