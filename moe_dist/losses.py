@@ -190,8 +190,9 @@ def _redo_from_differences(out_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch
     """Write the distances of the pairs ``redo_P2`` into ``out_RG``, from explicit
     differences in float64: each is exact (or within 2^-53 relative when the two values
     differ in magnitude by over 2^29), so identical samples get exactly 0, and the norm
-    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) each unordered pair is computed once and written to
-    both (i, j) and (j, i), so the recomputed entries are symmetric."""
+    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) each
+    unordered pair is computed once and written to both (i, j) and (j, i), so the
+    recomputed entries are symmetric."""
     if same and len(redo_P2):
         lo, hi = redo_P2.min(dim=1).values, redo_P2.max(dim=1).values
         keys = torch.unique(lo * out_RG.shape[1] + hi)
@@ -266,11 +267,13 @@ def gram32_error_bound(D: int) -> float:
     ``a - m`` once, which moves ``|a' - b'|^2`` from ``d^2 = |a - b|^2`` by at most
     ``4.01 u N``; float32 underflow adds at most ``2 D 2^-150`` absolute, under ``2^-45 N``
     for D <= 2^13, because batches with pairs of ``N < 2^-87`` go to "gram64". So
-    ``|s - d^2| <= c N`` with ``c = gamma_D + 9 u``. A pair is kept only when ``s > N32 / 8``, hence
-    ``|s - d^2| < 8.01 c s`` and the relative error on ``d^2`` is at most
-    ``e = 8.01 c / (1 - 8.01 c)``.
+    ``|s - d^2| <= c N`` with ``c = gamma_D + 9 u``. A pair is kept only when
+    ``s > N32 / 8``, hence ``|s - d^2| < 8.01 c s`` and the relative error on ``d^2`` is
+    at most ``e = 8.01 c / (1 - 8.01 c)``.
     """
     u = 2.0**-24
+    if D * u >= 0.01:  # no useful bound (and none at all from D = 2^24)
+        return float("inf")
     c = D * u / (1.0 - D * u) + 9.0 * u
     k = 1.0015 / _GRAM32_RATIO * c  # 1.0015: N32 vs N, and the certified s vs N32
     return k / (1.0 - k)
@@ -372,8 +375,8 @@ def sample_distances(
 
     The reference code uses ``torch.cdist`` without the matrix-multiply expansion
     (docs/papers.md A.2.2 step 2), because the float32 expansion ``|x|^2 + |y|^2 - 2 x.y``
-    cancels badly for near-identical images and gives non-zero self-distances. Both methods
-    here use the expansion where it is safe and explicit differences where it is not:
+    cancels badly for near-identical images and gives non-zero self-distances. The two Gram
+    methods here use the expansion where it is safe and explicit differences where it is not:
 
     * ``"gram32"`` (default): the expansion of the centred batch in float32; a pair whose
       squared distance is at most 1/8 of its centred norms is recomputed in float64 from
