@@ -345,13 +345,22 @@ def _drop_constant_features(a_RD: torch.Tensor, b_GD: torch.Tensor,
     (e.g. the background pixels that a batch of MNIST digits shares, a quarter of them at
     B = 512): they add exactly 0 to every distance, so dropping them changes no result and
     saves their share of the matrix product."""
+    def spread(x_ND: torch.Tensor, ref_D: torch.Tensor) -> torch.Tensor:
+        # A sum of absolute differences is 0 exactly when every term is (NaN, inf stay in).
+        return (x_ND - ref_D).abs_().sum(dim=0)
+
+    # The first rows rule out most features cheaply; only the rest are checked on all rows.
     ref_D = b_GD[0]
-    # A sum of absolute differences is 0 exactly when every term is (NaN and inf stay in).
-    spread_D = (b_GD - ref_D).abs_().sum(dim=0)
-    if not same:
-        spread_D += (a_RD - ref_D).abs_().sum(dim=0)
-    keep_K = (spread_D != 0).nonzero().squeeze(1)
-    if len(keep_K) == len(spread_D):
+    first_D = spread(b_GD[:8], ref_D) + (0.0 if same else spread(a_RD[:8], ref_D))
+    cand_C = (first_D == 0).nonzero().squeeze(1)
+    if len(cand_C) == 0:
+        return a_RD, b_GD
+    b_GC = b_GD.index_select(1, cand_C)
+    full_C = spread(b_GC, b_GC[0]) + (0.0 if same else spread(a_RD.index_select(1, cand_C), b_GC[0]))
+    keep_D = torch.ones(b_GD.shape[1], dtype=torch.bool, device=b_GD.device)
+    keep_D[cand_C[full_C == 0]] = False
+    keep_K = keep_D.nonzero().squeeze(1)
+    if len(keep_K) == len(keep_D):
         return a_RD, b_GD
     a_RD = a_RD.index_select(1, keep_K)
     return a_RD, (a_RD if same else b_GD.index_select(1, keep_K))
