@@ -190,13 +190,8 @@ def _redo_from_differences(out_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch
     """Write the distances of the pairs ``redo_P2`` into ``out_RG``, from explicit
     differences in float64: each is exact (or within 2^-53 relative when the two values
     differ in magnitude by over 2^29), so identical samples get exactly 0, and the norm
-    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) each
-    unordered pair is computed once and written to both (i, j) and (j, i), so the
-    recomputed entries are symmetric."""
-    if same and len(redo_P2):
-        lo, hi = redo_P2.min(dim=1).values, redo_P2.max(dim=1).values
-        keys = torch.unique(lo * out_RG.shape[1] + hi)
-        redo_P2 = torch.stack([keys // out_RG.shape[1], keys % out_RG.shape[1]], dim=1)
+    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) the pairs
+    are (i, j) with i < j and each is written to both (i, j) and (j, i)."""
     for chunk in redo_P2.split(_PAIR_CHUNK):
         rows, cols = chunk[:, 0], chunk[:, 1]
         diff = a_RD.index_select(0, rows).to(torch.float64)
@@ -247,9 +242,9 @@ def _gram64_squared_distances(a_RD: torch.Tensor, b_GD: torch.Tensor,
     sq_RG = _expansion(norms_RG, a64_RD, b64_GD, same).clamp_min_(0.0)
     bound_scale = (2 * a64_RD.shape[1] + 4) * 2.0**-53 * 2.0**30
     redo_RG = sq_RG <= norms_RG.mul_(bound_scale)
-    if same:
+    if same:  # the upper triangle: (j, i) gets the value of (i, j)
         sq_RG.diagonal().zero_()
-        redo_RG.diagonal().zero_()
+        redo_RG.triu_(1)
     _redo_from_differences(sq_RG, a_RD, b_GD, redo_RG.nonzero(), squared=True, same=same)
     return sq_RG
 
@@ -269,7 +264,9 @@ def gram32_error_bound(D: int) -> float:
     for D <= 2^13, because batches with pairs of ``N < 2^-87`` go to "gram64". So
     ``|s - d^2| <= c N`` with ``c = gamma_D + 9 u``. A pair is kept only when
     ``s > N32 / 8``, hence ``|s - d^2| < 8.01 c s`` and the relative error on ``d^2`` is
-    at most ``e = 8.01 c / (1 - 8.01 c)``.
+    at most ``e = 8.01 c / (1 - 8.01 c)``. For a batch against itself only the entry
+    (i, j), i < j, is tested: the entry (j, i) is the same dot product, also within
+    ``c N`` of ``d^2``, and ``d^2 > (1 - 8.01 c) s_ij`` gives it the same bound.
     """
     u = 2.0**-24
     if D * u >= 0.01:  # no useful bound (and none at all from D = 2^24)
@@ -314,10 +311,10 @@ def _gram32_distances(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
     norms_RG = na32_R[:, None] + nb32_G[None, :]
     sq_RG = _expansion(norms_RG, ac_RD, bc_GD, same)
     redo_RG = sq_RG <= norms_RG.mul_(_GRAM32_RATIO)
-    if same:
-        redo_RG.diagonal().zero_()
+    if same:  # symmetric: redo (i, j), i < j, for both entries (see gram32_error_bound)
+        redo_RG.triu_(1)
     redo_P2 = redo_RG.nonzero()
-    if len(redo_P2) > _GRAM32_MAX_REDO * redo_RG.numel():
+    if len(redo_P2) > _GRAM32_MAX_REDO * redo_RG.numel() / (2 if same else 1):
         return _gram64_fallback(a_RD, b_GD, same, squared)
     # Kept pairs have s > N / 8 > 0 and the others are overwritten: no clamp needed.
     dist_RG = sq_RG if squared else sq_RG.sqrt_()
