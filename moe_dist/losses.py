@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from moe_dist.config import CHOICES, check_choice
 
@@ -35,6 +36,7 @@ __all__ = [
     "importance_loss",
     "importance_loss_from_importance",
     "DISTANCE_METHODS",
+    "gram32_error_bound",
     "sample_distances",
     "normalize_distances",
     "similarity_terms",
@@ -161,55 +163,248 @@ def importance_loss(gate_probs_BE: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 #: Methods of :func:`sample_distances`.
-DISTANCE_METHODS = ("gram64", "cdist")
+DISTANCE_METHODS = ("gram32", "gram64", "cdist")
 
-# Pairs recomputed from explicit differences per chunk in the "gram64" method (bounds memory
-# at about 8 * chunk * D bytes when a batch holds many identical samples).
-_PAIR_CHUNK = 4096
+# Pairs recomputed from explicit differences per chunk (bounds the memory at about
+# 16 * chunk * D bytes when a batch holds many identical samples).
+_PAIR_CHUNK = 1024
+
+# "gram32" recomputes exactly every pair whose squared distance is at most this fraction of
+# |a'|^2 + |b'|^2 (centred norms, the cancellation ratio of the pair): there the float32
+# rounding, which scales with the norms, is not small against the distance. 1/8 leaves about
+# 150 of the 131,000 pairs of a Fashion-MNIST batch of 512 (1/4: 1,900; 1/16: 10).
+_GRAM32_RATIO = 1.0 / 8
+
+# Above this fraction of pairs to recompute (e.g. a batch of near-identical samples) "gram32"
+# computes the float64 Gram matrix instead: recomputing one pair from its differences costs
+# about as much as 30 float64 Gram entries.
+_GRAM32_MAX_REDO = 1.0 / 64
+
+# "gram32" is used while its worst-case relative error on a squared distance stays below this
+# (up to about 8,000 features); beyond, "gram64".
+_GRAM32_MAX_ERROR = 2.0**-8
 
 
-def _gram64_squared_distances(a_RD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
-    """Squared distances in float64 from the Gram matrix, with ill-conditioned pairs redone.
-
-    ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` in float64. Any summation order bounds the rounding
-    error of each dot product by ``D * u * |a| |b|`` (u = 2^-53), so the error of a squared
-    distance is below ``(2 D + 4) * u * (|a|^2 + |b|^2)``. Pairs whose squared distance is
-    not above 2^30 times that bound (near-duplicates, and always the i = j diagonal) are
-    recomputed from explicit differences. Every entry therefore has a relative error below
-    2^-30, far under float32 resolution (2^-24), and identical samples get exactly 0.
-    """
-    a64_RD, b64_GD = a_RD.to(torch.float64), b_GD.to(torch.float64)
-    na_R = (a64_RD * a64_RD).sum(dim=1)
-    nb_G = (b64_GD * b64_GD).sum(dim=1)
-    norms_RG = na_R[:, None] + nb_G[None, :]
-    sq_RG = (norms_RG - 2.0 * (a64_RD @ b64_GD.t())).clamp_min_(0.0)
-    bound_scale = (2 * a64_RD.shape[1] + 4) * 2.0**-53 * 2.0**30
-    redo_P2 = (sq_RG <= bound_scale * norms_RG).nonzero()
+def _redo_from_differences(out_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch.Tensor,
+                           redo_P2: torch.Tensor, squared: bool, same: bool) -> None:
+    """Write the distances of the pairs ``redo_P2`` into ``out_RG``, from explicit
+    differences in float64: each is exact (or within 2^-53 relative when the two values
+    differ in magnitude by over 2^29), so identical samples get exactly 0, and the norm
+    has a relative error of about D * 2^-53. With ``same`` (``b_GD is a_RD``) the pairs
+    are (i, j) with i < j and each is written to both (i, j) and (j, i)."""
     for chunk in redo_P2.split(_PAIR_CHUNK):
         rows, cols = chunk[:, 0], chunk[:, 1]
-        diff = a64_RD[rows] - b64_GD[cols]
-        sq_RG[rows, cols] = (diff * diff).sum(dim=1)
+        diff = a_RD.index_select(0, rows).to(torch.float64)
+        dist = torch.linalg.vector_norm(diff.sub_(b_GD.index_select(0, cols)), dim=1)
+        values = (dist.square_() if squared else dist).to(out_RG.dtype)
+        out_RG[rows, cols] = values
+        if same:
+            out_RG[cols, rows] = values
+
+
+def _expansion(norms_RG: torch.Tensor, a_RD: torch.Tensor, b_GD: torch.Tensor,
+               same: bool) -> torch.Tensor:
+    """``norms_RG - 2 a b^T``: a plain matrix product, then one addition per entry
+    (``-2 a.b`` is an exact scaling, so each entry is rounded once after the product), so
+    that the error bounds of the callers hold whatever order the BLAS sums in. With ``same``
+    (``b_GD is a_RD``) the matrix is symmetric: the upper rows and the lower right block
+    are multiplied and the lower left block is the transpose of the upper right, 3/4 of
+    the products."""
+    R = a_RD.shape[0]
+    if not same or R < 64:
+        gram_RG = torch.mm(a_RD, b_GD.t())
+    else:
+        h = R // 2
+        gram_RG = torch.empty_like(norms_RG)
+        torch.mm(a_RD[:h], a_RD.t(), out=gram_RG[:h])
+        gram_RG[h:, h:] = torch.mm(a_RD[h:], a_RD[h:].t())
+        gram_RG[h:, :h] = gram_RG[:h, h:].t()
+    return torch.add(norms_RG, gram_RG, alpha=-2.0, out=gram_RG)
+
+
+def _gram64_squared_distances(a_RD: torch.Tensor, b_GD: torch.Tensor,
+                              same: bool = False) -> torch.Tensor:
+    """Squared distances in float64 from the Gram matrix, with ill-conditioned pairs redone.
+
+    ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` in float64 (:func:`_expansion`). Any summation order
+    bounds the rounding error of each dot product by ``D * u * |a| |b|`` (u = 2^-53), so the
+    error of a squared distance is below ``(2 D + 4) * u * (|a|^2 + |b|^2)``. Pairs whose
+    squared distance is not above 2^30 times that bound (near-duplicates) are recomputed
+    from explicit differences. Every entry therefore has a relative error below 2^-30, far
+    under float32 resolution (2^-24), and identical samples get exactly 0. With ``same``
+    (``b_GD is a_RD``) the diagonal is set to 0, the distance of a sample to itself.
+    """
+    a64_RD = a_RD.to(torch.float64)
+    b64_GD = a64_RD if same else b_GD.to(torch.float64)
+    na_R = (a64_RD * a64_RD).sum(dim=1)
+    nb_G = na_R if same else (b64_GD * b64_GD).sum(dim=1)
+    norms_RG = na_R[:, None] + nb_G[None, :]
+    sq_RG = _expansion(norms_RG, a64_RD, b64_GD, same).clamp_min_(0.0)
+    bound_scale = (2 * a64_RD.shape[1] + 4) * 2.0**-53 * 2.0**30
+    redo_RG = sq_RG <= norms_RG.mul_(bound_scale)
+    if same:  # the upper triangle: (j, i) gets the value of (i, j)
+        sq_RG.diagonal().zero_()
+        redo_RG.triu_(1)
+    _redo_from_differences(sq_RG, a_RD, b_GD, redo_RG.nonzero(), squared=True, same=same)
     return sq_RG
+
+
+def gram32_error_bound(D: int) -> float:
+    """Worst-case relative error of a squared distance that "gram32" takes from its float32
+    Gram matrix (:func:`_gram32_distances`), for D features; about ``8 D 2^-24``
+    (3.8e-4 at D = 784).
+
+    With u = 2^-24, ``gamma_n = n u / (1 - n u)``, centred rows ``a' = fl(a - m)``,
+    ``N = |a'|^2 + |b'|^2`` and ``s = fl(N32 - 2 fl(a'.b'))``, whatever the summation order:
+    the dot product is off by at most ``gamma_D |a'| |b'| <= gamma_D N / 2``, so ``2 a'.b'``
+    by ``gamma_D N``; ``N32`` (norms summed in float64, rounded to float32 and added) by
+    ``2.01 u N``; the final addition by ``u |s| <= 2.01 u N``. Centring rounds each
+    ``a - m`` once, which moves ``|a' - b'|^2`` from ``d^2 = |a - b|^2`` by at most
+    ``4.01 u N``; float32 underflow adds at most ``2 D 2^-150`` absolute, under ``2^-45 N``
+    for D <= 2^13, because batches with pairs of ``N < 2^-87`` go to "gram64". So
+    ``|s - d^2| <= c N`` with ``c = gamma_D + 9 u``. A pair is kept only when
+    ``s > N32 / 8``, hence ``|s - d^2| < 8.01 c s`` and the relative error on ``d^2`` is
+    at most ``e = 8.01 c / (1 - 8.01 c)``. For a batch against itself only the entry
+    (i, j), i < j, is tested: the entry (j, i) is the same dot product, also within
+    ``c N`` of ``d^2``, and ``d^2 > (1 - 8.01 c) s_ij`` gives it the same bound.
+    """
+    u = 2.0**-24
+    if D * u >= 0.01:  # no useful bound (and none at all from D = 2^24)
+        return float("inf")
+    c = D * u / (1.0 - D * u) + 9.0 * u
+    k = 1.0015 / _GRAM32_RATIO * c  # 1.0015: N32 vs N, and the certified s vs N32
+    return k / (1.0 - k)
+
+
+def _gram32_distances(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
+                      squared: bool) -> torch.Tensor:
+    """Distances from a float32 Gram matrix of the centred batch, ill-conditioned pairs redone.
+
+    Distances are translation invariant, so both sides are centred on the float32 mean of
+    ``b_GD``, which makes ``N = |a'|^2 + |b'|^2`` as small as it gets and with it the
+    cancellation. The squared distance ``s`` comes from :func:`_expansion` in float32; it is
+    kept when ``s > N / 8`` (:data:`_GRAM32_RATIO`), with a relative error below
+    :func:`gram32_error_bound` (3.8e-4 at D = 784, 1.5e-3 at D = 3,072; on the distance
+    itself half of that, plus 2^-24). That is the worst case over any summation order; the
+    errors seen on image batches are under 1e-5. Every other pair (near-duplicates,
+    anything close against the norms) is recomputed in float64 from explicit differences
+    (:func:`_redo_from_differences`) and is exact to float32 resolution; identical samples
+    get exactly 0, and with ``same`` the diagonal is set to 0. When more than 1/64 of the
+    pairs need recomputing, when a norm could overflow float32 (or is NaN), or when rows on
+    both sides sit at the mean (norms below 2^-87, where float32 underflow would count),
+    :func:`_gram64_squared_distances` computes them all.
+    """
+    mean_D = b_GD.mean(dim=0)
+    ac_RD = a_RD - mean_D
+    bc_GD = ac_RD if same else b_GD - mean_D
+    na_R = _norms64(ac_RD)
+    nb_G = na_R if same else _norms64(bc_GD)
+    # |s| <= 2 N stays finite below 2^126 ("not <" also catches NaN and infinity). A pair with
+    # N < 2^-87 (two rows at the mean) needs both norms below 2^-87; float32 underflow
+    # would not be negligible there.
+    tiny = 2.0**-87
+    if not bool(torch.maximum(na_R.max(), nb_G.max()) < 2.0**124) or (
+            bool((na_R < tiny).any()) and bool((nb_G < tiny).any())):
+        return _gram64_fallback(a_RD, b_GD, same, squared)
+    na32_R = na_R.to(torch.float32)
+    nb32_G = na32_R if same else nb_G.to(torch.float32)
+    norms_RG = na32_R[:, None] + nb32_G[None, :]
+    sq_RG = _expansion(norms_RG, ac_RD, bc_GD, same)
+    redo_RG = sq_RG <= norms_RG.mul_(_GRAM32_RATIO)
+    if same:  # symmetric: redo (i, j), i < j, for both entries (see gram32_error_bound)
+        redo_RG.triu_(1)
+    redo_P2 = redo_RG.nonzero()
+    if len(redo_P2) > _GRAM32_MAX_REDO * redo_RG.numel() / (2 if same else 1):
+        return _gram64_fallback(a_RD, b_GD, same, squared)
+    # Kept pairs have s > N / 8 > 0 and the others are overwritten: no clamp needed.
+    dist_RG = sq_RG if squared else sq_RG.sqrt_()
+    if same:
+        dist_RG.diagonal().zero_()
+    _redo_from_differences(dist_RG, a_RD, b_GD, redo_P2, squared, same)
+    return dist_RG
+
+
+def _norms64(x_RD: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the rows, summed in float64 (relative error about D * 2^-53)."""
+    return torch.linalg.vector_norm(x_RD, dim=1, dtype=torch.float64).square_()
+
+
+def _gram64_fallback(a_RD: torch.Tensor, b_GD: torch.Tensor, same: bool,
+                     squared: bool) -> torch.Tensor:
+    """The distances of :func:`_gram64_squared_distances`, in the dtype of ``a_RD``."""
+    sq_RG = _gram64_squared_distances(a_RD, b_GD, same)
+    return (sq_RG if squared else sq_RG.sqrt_()).to(a_RD.dtype)
+
+
+def _drop_constant_features(a_RD: torch.Tensor, b_GD: torch.Tensor,
+                            same: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples without the features that hold one value in every row of both sides
+    (e.g. the background pixels that a batch of MNIST digits shares, a quarter of them at
+    B = 512): they add exactly 0 to every distance, so dropping them changes no result and
+    saves their share of the matrix product."""
+    def spread(x_ND: torch.Tensor, ref_D: torch.Tensor) -> torch.Tensor:
+        # A sum of absolute differences is 0 exactly when every term is (NaN, inf stay in).
+        return (x_ND - ref_D).abs_().sum(dim=0)
+
+    # The first rows rule out most features cheaply; only the rest are checked on all rows.
+    ref_D = b_GD[0]
+    first_D = spread(b_GD[:8], ref_D) + (0.0 if same else spread(a_RD[:8], ref_D))
+    cand_C = (first_D == 0).nonzero().squeeze(1)
+    if len(cand_C) == 0:
+        return a_RD, b_GD
+    b_GC = b_GD.index_select(1, cand_C)
+    full_C = spread(b_GC, b_GC[0]) + (0.0 if same else spread(a_RD.index_select(1, cand_C), b_GC[0]))
+    keep_D = torch.ones(b_GD.shape[1], dtype=torch.bool, device=b_GD.device)
+    keep_D[cand_C[full_C == 0]] = False
+    keep_K = keep_D.nonzero().squeeze(1)
+    if len(keep_K) == len(keep_D):
+        return a_RD, b_GD
+    a_RD = a_RD.index_select(1, keep_K)
+    return a_RD, (a_RD if same else b_GD.index_select(1, keep_K))
+
+
+def _gram32_allowed(a_RD: torch.Tensor) -> bool:
+    """float32 samples, few enough features for the bound, and float32 matrix products that
+    really are float32 (TF32 or bfloat16 products, allowed by a matmul precision below
+    "highest", would void the bound)."""
+    return (a_RD.dtype == torch.float32
+            and gram32_error_bound(a_RD.shape[1]) <= _GRAM32_MAX_ERROR
+            and torch.get_float32_matmul_precision() == "highest"
+            and not (a_RD.is_cuda and torch.backends.cuda.matmul.allow_tf32))
 
 
 def sample_distances(
     x_RD: torch.Tensor, x_GD: torch.Tensor | None = None, squared: bool = False,
-    method: str = "gram64",
+    method: str = "gram32",
 ) -> torch.Tensor:
-    """Exact Euclidean distances between flattened samples, ``dist_RG[i, j] = |x_i - x_j|``.
+    """Euclidean distances between flattened samples, ``dist_RG[i, j] = |x_i - x_j|``.
 
     The reference code uses ``torch.cdist`` without the matrix-multiply expansion
     (docs/papers.md A.2.2 step 2), because the float32 expansion ``|x|^2 + |y|^2 - 2 x.y``
-    cancels badly for near-identical images and gives non-zero self-distances.
+    cancels badly for near-identical images and gives non-zero self-distances. The two Gram
+    methods here use the expansion where it is safe and explicit differences where it is not:
 
-    ``method="gram64"`` (default) computes the expansion in float64 and recomputes from
-    explicit differences every pair where cancellation could cost precision (see
-    ``_gram64_squared_distances``): results agree with the exact distance to better than
-    float32 resolution, self-distances are exactly 0, and on CPU it is about 9x faster than
-    the difference kernel at B = 512, D = 784, which otherwise dominates the cost of L_s.
-    Float64 inputs use ``torch.cdist`` (difference kernel) in float64.
-    ``method="cdist"`` is the reference code's ``torch.cdist(...,
-    compute_mode="donot_use_mm_for_euclid_dist")`` in the input dtype.
+    * ``"gram32"`` (default): the expansion of the centred batch in float32; a pair whose
+      squared distance is at most 1/8 of its centred norms is recomputed in float64 from
+      explicit differences (``_gram32_distances``). Self-distances and duplicates are
+      exactly 0, near-duplicates exact to float32 resolution, every other distance within
+      :func:`gram32_error_bound` / 2 + 2^-24 relative in the worst case (1.9e-4 at
+      D = 784, 7.4e-4 at D = 3,072), a few float32 ulps (under 1e-5) on image batches. On
+      CPU it costs about one float32 matrix product, 1.5 times less than "gram64" at
+      B = 512, D = 784 (benchmarks/bench_ls.py). Non-float32 inputs, more than about
+      8,000 features, or a matmul precision other than "highest" (TF32, bfloat16) use
+      "gram64".
+    * ``"gram64"``: the expansion in float64 (``_gram64_squared_distances``): every pair
+      within 2^-30 relative before rounding, i.e. exact to float32 resolution.
+    * ``"cdist"``: the reference code's ``torch.cdist(...,
+      compute_mode="donot_use_mm_for_euclid_dist")`` in the input dtype.
+
+    "gram32" and "gram64" first drop the features that hold one value over the whole batch
+    (they add exactly 0 to every distance; ``_drop_constant_features``), so D in their
+    bounds counts the features that vary.
+
+    Float64 inputs use ``torch.cdist`` (difference kernel) in float64 under every method.
+    When ``x_GD`` is omitted (or is ``x_RD``) the batch is compared with itself.
 
     ``squared=True`` gives the squared distance that the paper's text describes
     (A.2.2, FLAG-DISAGREE); the default follows the code.
@@ -223,14 +418,17 @@ def sample_distances(
             f"unknown distance method {method!r}; allowed values: {', '.join(DISTANCE_METHODS)}"
         )
     a_RD = x_RD.detach().reshape(x_RD.shape[0], -1)
-    b_GD = a_RD if x_GD is None else x_GD.detach().reshape(x_GD.shape[0], -1)
+    same = x_GD is None or x_GD is x_RD
+    b_GD = a_RD if same else x_GD.detach().reshape(x_GD.shape[0], -1)
     if a_RD.shape[1] != b_GD.shape[1]:
         raise ValueError(
             f"samples have {a_RD.shape[1]} and {b_GD.shape[1]} features; they must match"
         )
-    if method == "gram64" and a_RD.dtype != torch.float64:
-        sq_RG = _gram64_squared_distances(a_RD, b_GD)
-        return (sq_RG if squared else sq_RG.sqrt()).to(a_RD.dtype)
+    if method != "cdist" and a_RD.dtype != torch.float64 and a_RD.numel() and b_GD.numel():
+        a_RD, b_GD = _drop_constant_features(a_RD, b_GD.to(a_RD.dtype), same)
+        if method == "gram32" and _gram32_allowed(a_RD):
+            return _gram32_distances(a_RD, b_GD, same, squared)
+        return _gram64_fallback(a_RD, b_GD, same, squared)
     dist_RG = torch.cdist(
         a_RD, b_GD.to(a_RD.dtype), p=2.0, compute_mode="donot_use_mm_for_euclid_dist"
     )
@@ -254,8 +452,43 @@ def normalize_distances(
     return dist_RG / max_dist.clamp_min(torch.finfo(dist_RG.dtype).tiny)
 
 
+class _SymmetricPairSums(torch.autograd.Function):
+    """``(sum(P * (D P)), r^T D r)`` with ``r = P 1`` for a symmetric, constant D.
+
+    Autograd would compute the gradient with a second B x B x E product, ``D^T G``. For a
+    symmetric D both gradients follow from the forward's ``D P``: ``2 D P`` for the first
+    sum and ``2 (D P) 1`` (that is ``2 D r``) in every column for the second, so the
+    backward pass is three elementwise B x E operations and nothing B x B is read again.
+    """
+
+    @staticmethod
+    def forward(ctx, dist_BB: torch.Tensor, probs_BE: torch.Tensor):
+        dp_BE = dist_BB @ probs_BE  # sum_j D_ij p_e(j)
+        dr_B = dp_BE.sum(dim=1)  # D r, since r = P 1
+        ctx.save_for_backward(dp_BE, dr_B)
+        return (probs_BE * dp_BE).sum(), (probs_BE.sum(dim=1) * dr_B).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_same: torch.Tensor, g_all: torch.Tensor):
+        dp_BE, dr_B = ctx.saved_tensors
+        return None, torch.addcmul((2.0 * g_all) * dr_B[:, None], dp_BE, 2.0 * g_same)
+
+
+def _pair_sums(dist_RG: torch.Tensor, probs_rows_RE: torch.Tensor, probs_global_GE: torch.Tensor,
+               symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(P_R * (D P_G))`` and ``r_R^T D r_G`` (``r = P 1``), by one (R x G) @ (G x E)
+    product; :class:`_SymmetricPairSums` when ``symmetric`` allows it."""
+    if symmetric and probs_rows_RE is probs_global_GE and not dist_RG.requires_grad:
+        return _SymmetricPairSums.apply(dist_RG, probs_global_GE)
+    dp_RE = dist_RG @ probs_global_GE  # sum_j D_ij p_e(j)
+    # r_R^T D r_G = sum_i r_i * sum_j D_ij r_j, and D r_G is the row sum of D P_G.
+    return (probs_rows_RE * dp_RE).sum(), (probs_rows_RE.sum(dim=1) * dp_RE.sum(dim=1)).sum()
+
+
 def similarity_terms(
-    dist_RG: torch.Tensor, probs_rows_RE: torch.Tensor, probs_global_GE: torch.Tensor
+    dist_RG: torch.Tensor, probs_rows_RE: torch.Tensor, probs_global_GE: torch.Tensor,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same-expert and different-expert sums of L_s for a block of rows of D.
 
@@ -277,6 +510,11 @@ def similarity_terms(
     normalised with the global maximum (:func:`normalize_distances`). With E = 1 the
     different-expert term is undefined (E^2 - E = 0) and T is returned as 0.
 
+    ``symmetric=True`` says that ``dist_RG`` is a symmetric matrix (the distances of the
+    full batch, as :func:`sample_distances` returns them); with ``probs_rows_RE is
+    probs_global_GE`` the backward pass then reuses the forward's ``D P`` instead of a
+    second matrix product (:class:`_SymmetricPairSums`). The gradient assumes the symmetry.
+
     Returns ``(S, T)`` as 0-dim tensors that carry gradient into both P arguments.
     """
     R, G = dist_RG.shape
@@ -292,13 +530,10 @@ def similarity_terms(
         raise ValueError(f"row gates have {probs_rows_RE.shape[1]} experts, global gates {E}")
 
     dist_RG = dist_RG.to(probs_global_GE.dtype)
-    dp_RE = dist_RG @ probs_global_GE  # sum_j D_ij p_e(j)
-    same_sum = (probs_rows_RE * dp_RE).sum()
+    same_sum, all_pairs_sum = _pair_sums(dist_RG, probs_rows_RE, probs_global_GE, symmetric)
     S = same_sum / E
     if E < 2:
         return S, torch.zeros_like(S)
-    # r_R^T D r_G = sum_i r_i * sum_j D_ij r_j, and D r_G is the row sum of D P_G.
-    all_pairs_sum = (probs_rows_RE.sum(dim=1) * dp_RE.sum(dim=1)).sum()
     T = (all_pairs_sum - same_sum) / (E * E - E)
     return S, T
 
@@ -338,7 +573,7 @@ def sample_similarity_loss(
     variant: str = "normalized",
     squared: bool = False,
     dist_BB: torch.Tensor | None = None,
-    distance_method: str = "gram64",
+    distance_method: str = "gram32",
 ) -> torch.Tensor:
     """Sample-similarity regulariser L_s of Krishnamurthy et al. on one batch (docs/papers.md A.2.2).
 
@@ -349,9 +584,11 @@ def sample_similarity_loss(
     :func:`similarity_terms` for the vectorised sums and :func:`combine_similarity_terms`
     for the two normalisation variants.
 
-    ``dist_BB``, if given, is an already normalised distance matrix (then ``x_BD`` is
-    ignored); it lets a caller compute D once per batch and reuse it. ``distance_method``
-    is passed to :func:`sample_distances`.
+    ``dist_BB``, if given, is an already normalised distance matrix of the batch (then
+    ``x_BD`` is ignored); it lets a caller compute D once per batch and reuse it. It must be
+    symmetric, as every distance matrix is: the gradient uses ``D = D^T``
+    (:func:`similarity_terms`, ``symmetric``). ``distance_method`` is passed to
+    :func:`sample_distances`.
     """
     check_choice("loss.ls_variant", variant)  # a ConfigError, which is a ValueError
     if dist_BB is None:
@@ -360,5 +597,5 @@ def sample_similarity_loss(
         dist_BB = normalize_distances(
             sample_distances(x_BD, squared=squared, method=distance_method)
         )
-    S, T = similarity_terms(dist_BB, gate_probs_BE, gate_probs_BE)
+    S, T = similarity_terms(dist_BB, gate_probs_BE, gate_probs_BE, symmetric=True)
     return combine_similarity_terms(S, T, gate_probs_BE.shape[0], beta, gamma, variant)
