@@ -66,3 +66,22 @@ def test_bf16_keeps_the_gate_in_float32_and_tracks_fp32(tmp_path, data_root):
     assert len(fp32["history"]) == len(bf16["history"]) == 3
     for a, b in zip(fp32["history"], bf16["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * abs(a["train_loss"]) + 0.02
+
+
+@pytest.mark.parametrize("config", ["fmnist/vanilla.yaml", "synthetic/s1_moe_nonlinear.yaml"])
+def test_a_stack_on_the_gpu_follows_separate_gpu_runs(tmp_path, data_root, config):
+    """The CUDA default of stacked runs (vmapped gates, one R*E expert bank, each member's
+    noise from its own CUDA generator) against the same runs alone on the GPU."""
+    from moe_dist.train.stacked import build_stacked_trainer
+
+    def overrides(name: str, seed: int) -> list[str]:
+        data = tiny_mnist(tmp_path / name, data_root) if config.startswith("fmnist") else [
+            f"run_dir={tmp_path / name}", "data.train_size=400", "data.test_size=200", "train.epochs=3",
+            "train.progress=false"]
+        return [*data, "train.device=cuda", f"seed={seed}"]
+    alone = [build_trainer(load_config(CONFIGS / config, overrides(f"a{s}", s))).fit() for s in (0, 1)]
+    stacked = build_stacked_trainer([load_config(CONFIGS / config, overrides(f"s{s}", s)) for s in (0, 1)]).fit()
+    for a, s in zip(alone, stacked):
+        for x, y in zip(a["history"], s["history"]):
+            assert abs(x["train_loss"] - y["train_loss"]) <= 1e-4 * abs(x["train_loss"]), (x, y)
+        assert abs(a["test_error"] - s["test_error"]) <= 0.011
