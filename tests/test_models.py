@@ -206,6 +206,24 @@ def _apply(layer, x, weight, bias, shared):
     return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x, shared))
 
 
+def test_shared_columns_are_rebuilt_for_a_new_or_modified_input():
+    """The gate and the experts share the columns of one input (dense routing): the same
+    tensor gives the same columns object; a modified or another tensor, or one with a graph,
+    gets its own, equal to a fresh build."""
+    from moe_dist.models.layers import pool_phase_columns, shared_pool_phase_columns
+
+    x = torch.randn(4, 1, 28, 28)
+    cols = shared_pool_phase_columns(x, 3)
+    assert shared_pool_phase_columns(x, 3) is cols and cols.shape == (9, 4, 13 * 13 * 4)
+    x.mul_(2.0)
+    again = shared_pool_phase_columns(x, 3)
+    assert again is not cols and torch.equal(again, pool_phase_columns(x, 3))
+    assert torch.equal(shared_pool_phase_columns(x.clone(), 3), again)
+    assert shared_pool_phase_columns(x, 5).shape == (25, 4, 12 * 12 * 4)
+    with_graph = x.clone().requires_grad_()
+    assert shared_pool_phase_columns(with_graph, 3).grad_fn is not None
+
+
 def _plain_gate(gate, x):
     """FmnistGate's computation as nn modules run it (conv, BatchNorm2d, ReLU, max_pool2d)."""
     z_BF = F.max_pool2d(F.relu(gate.bn(gate.conv(x))), 2).flatten(1)
@@ -265,7 +283,7 @@ def test_fused_gate_block_equals_nn_modules(momentum):
 
 
 def test_fused_gate_block_gradcheck():
-    from moe_dist.models.layers import _ConvBatchNormReluPool, pool_phase_patches
+    from moe_dist.models.layers import _ConvBatchNormReluPool, pool_phase_columns
 
     torch.manual_seed(0)
     x = torch.randn(2, 1, 6, 8, dtype=torch.float64)  # 4 x 6 convolution outputs, no ties
@@ -273,7 +291,7 @@ def test_fused_gate_block_gradcheck():
     gamma, beta = torch.tensor([1.5, -0.7, 0.4], dtype=torch.float64), torch.randn(3, dtype=torch.float64)
 
     def block(x, w, b, g, beta):
-        return _ConvBatchNormReluPool.apply(pool_phase_patches(x, 3), w, b, g, beta, 1e-5)[0]
+        return _ConvBatchNormReluPool.apply(pool_phase_columns(x, 3), w, b, g, beta, 1e-5)[0]
     assert torch.autograd.gradcheck(block, tuple(t.requires_grad_() for t in (x, weight, bias, gamma, beta)))
 
 

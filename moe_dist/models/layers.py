@@ -30,6 +30,8 @@ Shape legend (suffixes on tensor names):
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,28 +127,50 @@ class StackedBatchNorm2d(nn.Module):
 def pool_phase_columns(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """im2col for a valid k x k convolution followed by a 2x2/2 max-pool.
 
-    Returns ``[..., K + 1, 4, M]``, ``M = P*N``, where ``[..., :K, a*2 + b, (i*Wp + j)*N + n]``
-    is the window of sample n whose convolution output lands at position ``(2i + a, 2j + b)``:
-    the four pooling phases of output ``(i, j)``. Row K is all ones, so that
-    ``[weight | bias] @ cols`` adds the bias inside the matrix product and the bias gradient
-    comes out of the same product. Leading dims of x beyond ``[N, C, H, W]`` (the expert dim)
-    are kept. Differentiable in x. The sample index is innermost: the copy then moves runs
-    of N contiguous floats, 6x faster on CPU than runs of Wp (sample-outermost columns).
+    Returns ``[..., K, 4, M]``, ``K = C*k*k``, ``M = P*N``, where
+    ``[..., :, a*2 + b, (i*Wp + j)*N + n]`` is the window of sample n whose convolution
+    output lands at position ``(2i + a, 2j + b)``: the four pooling phases of output
+    ``(i, j)``. Leading dims of x beyond ``[N, C, H, W]`` (the expert dim) are kept.
+    Differentiable in x. The sample index is innermost, so the copy moves runs of N
+    contiguous floats (6x faster on CPU than runs of Wp, sample-outermost columns); it is one
+    reshape with no in-place write, so it also runs under ``torch.func.vmap`` (stacked runs
+    call the gates that way).
     """
     *lead, N, C, H, W = x.shape
     k = kernel_size
     Hp, Wp = (H - k + 1) // 2, (W - k + 1) // 2
-    K = C * k * k
     d = len(lead)
     x_CHWN = x.movedim(d, -1).contiguous()  # [.., C, H, W, N]
     win = x_CHWN.unfold(d + 1, k, 1).unfold(d + 2, k, 1)  # [.., C, H', W', N, k, k]
     win = win.narrow(d + 1, 0, 2 * Hp).narrow(d + 2, 0, 2 * Wp)
     win = win.unflatten(d + 2, (Wp, 2)).unflatten(d + 1, (Hp, 2))  # [.., C, Hp, 2, Wp, 2, N, k, k]
     order = [*range(d), d, d + 6, d + 7, d + 2, d + 4, d + 1, d + 3, d + 5]  # C k k 2 2 Hp Wp N
-    cols = x.new_empty(*lead, K + 1, 4, Hp * Wp * N)
-    cols[..., :K, :, :].view(*lead, C, k, k, 2, 2, Hp, Wp, N).copy_(win.permute(order))
-    cols[..., K, :, :] = 1
-    return cols
+    return win.permute(order).reshape(*lead, C * k * k, 4, Hp * Wp * N)
+
+
+class _LastColumns:
+    """The columns of the last input, while that input is alive and unmodified: under dense
+    routing the FashionMNIST gate and the experts read the same images with the same kernel,
+    so the experts reuse the gate's columns instead of building them again. Only plain
+    tensors that need no gradient are remembered (a functorch wrapper, e.g. under vmap,
+    or an input with a graph is rebuilt each time)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.source: weakref.ref | None = None
+        self.cols: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        if x.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return pool_phase_columns(x, kernel_size)
+        key = (kernel_size, x._version, x.shape, x.stride(), x.dtype, x.device)
+        if self.source is not None and self.source() is x and self.key == key:
+            return self.cols
+        self.key, self.source, self.cols = key, weakref.ref(x), pool_phase_columns(x, kernel_size)
+        return self.cols
+
+
+shared_pool_phase_columns = _LastColumns()
 
 
 def first_max_phase(z: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,22 +194,25 @@ class _ConvReluPool(torch.autograd.Function):
     for a one-channel convolution was slower still; it is 60% of the paper-style loop's step.)
     Ties keep the first phase in row-major window order, which is the element max_pool2d
     selects; ReLU after the max equals ReLU before it, gradients included (a window whose
-    maximum is <= 0 passes no gradient either way).
+    maximum is <= 0 passes no gradient either way). The bias, the same for the four phases,
+    is added after the max (so the columns carry no ones row and are the gate's).
 
     Phase index 4 marks outputs clipped by the ReLU. Backward recomputes nothing: the output
     gradient goes to the winning phase, and one matrix product gives the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, cols: torch.Tensor, weight_EOK: torch.Tensor):
+    def forward(ctx, cols: torch.Tensor, weight_EOK: torch.Tensor, bias_EO: torch.Tensor):
         E, O, K = weight_EOK.shape
         M = cols.shape[-1]
         if cols.dim() == 3:  # shared columns [K, 4, M]: one GEMM for all experts
-            z_EO4M = torch.mm(weight_EOK.view(E * O, K), cols.view(K, 4 * M)).view(E, O, 4, M)
+            z_EO4M = torch.mm(weight_EOK.reshape(E * O, K), cols.view(K, 4 * M)).view(E, O, 4, M)
         else:
             z_EO4M = torch.bmm(weight_EOK, cols.view(E, K, 4 * M)).view(E, O, 4, M)
         best_EOM = z_EO4M.amax(2)
-        phase_EOM = torch.where(best_EOM > 0, first_max_phase(z_EO4M, best_EOM, 2), 4)
+        first_EOM = first_max_phase(z_EO4M, best_EOM, 2)
+        best_EOM += bias_EO.unsqueeze(-1).to(best_EOM.dtype)
+        phase_EOM = torch.where(best_EOM > 0, first_EOM, 4)
         ctx.save_for_backward(cols, weight_EOK, phase_EOM)
         return best_EOM.clamp_(min=0)
 
@@ -199,19 +226,19 @@ class _ConvReluPool(torch.autograd.Function):
         g_EOM = torch.where(phase_EOM < 4, grad_EOM, 0)
         index_EO1M = phase_EOM.clamp(max=3).long().unsqueeze(2)
         dz_EOQ = g_EOM.new_zeros(E, O, 4, M).scatter_(2, index_EO1M, g_EOM.unsqueeze(2)).view(E, O, 4 * M)
-        need_cols, need_weight = ctx.needs_input_grad
+        need_cols, need_weight, need_bias = ctx.needs_input_grad
         grad_cols = grad_weight = None
         if cols.dim() == 3:  # [E*O, 4M] @ [4M, K]; every expert read the same columns
             if need_weight:
                 grad_weight = (dz_EOQ.view(E * O, -1) @ cols.view(K, -1).t()).view(E, O, K)
             if need_cols:
-                grad_cols = (weight_EOK.view(E * O, K).t() @ dz_EOQ.view(E * O, -1)).view_as(cols)
+                grad_cols = (weight_EOK.reshape(E * O, K).t() @ dz_EOQ.view(E * O, -1)).view_as(cols)
         else:
             if need_weight:
                 grad_weight = torch.bmm(dz_EOQ, cols.view(E, K, -1).transpose(1, 2))
             if need_cols:
                 grad_cols = torch.bmm(weight_EOK.transpose(1, 2), dz_EOQ).view_as(cols)
-        return grad_cols, grad_weight
+        return grad_cols, grad_weight, g_EOM.sum(-1) if need_bias else None
 
 
 class StackedConvReluPool(nn.Module):
@@ -234,9 +261,8 @@ class StackedConvReluPool(nn.Module):
     def forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
         E, O = self.bias.shape
         N = x.shape[0] if shared else x.shape[1]
-        cols = pool_phase_columns(x, self.kernel_size)
-        weight_EOK = torch.cat([self.weight.flatten(2), self.bias.unsqueeze(-1)], dim=-1)
-        y_EOM = _ConvReluPool.apply(cols, weight_EOK)
+        cols = shared_pool_phase_columns(x, self.kernel_size) if shared else pool_phase_columns(x, self.kernel_size)
+        y_EOM = _ConvReluPool.apply(cols, self.weight.flatten(2), self.bias)
         return y_EOM.view(E, O, -1, N).permute(0, 3, 1, 2).reshape(E, N, -1)  # [E, O, P*N] -> [E, N, O*P]
 
 
@@ -268,23 +294,6 @@ class StackedPatchConv1d(nn.Module):
 
 
 # ----------------------------------------------------------------- the FashionMNIST gate's block
-
-
-def pool_phase_patches(x_NCHW: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Pooling-phase columns of one network's ``[N, C, H, W]`` input (no ones row), with the
-    sample index innermost: ``[K, 4, M]``, ``M = P*N``, where ``[:, a*2 + b, (i*Wp + j)*N + n]``
-    is the window whose convolution output lands at ``(2i + a, 2j + b)`` of sample n.
-
-    Sample-innermost columns are copied in runs of N contiguous floats (6x faster on CPU than
-    :func:`pool_phase_columns`' runs of Wp), and built by one reshape copy with no in-place
-    write, so that they also build under ``torch.func.vmap`` (stacked runs call gates so)."""
-    N, C, H, W = x_NCHW.shape
-    k = kernel_size
-    Hp, Wp = (H - k + 1) // 2, (W - k + 1) // 2
-    x_CHWN = x_NCHW.permute(1, 2, 3, 0).contiguous()
-    win = x_CHWN.unfold(1, k, 1).unfold(2, k, 1)[:, : 2 * Hp, : 2 * Wp]  # [C, 2Hp, 2Wp, N, k, k]
-    win = win.unflatten(2, (Wp, 2)).unflatten(1, (Hp, 2))  # [C, Hp, 2, Wp, 2, N, k, k]
-    return win.permute(0, 6, 7, 2, 4, 1, 3, 5).reshape(C * k * k, 4, Hp * Wp * N)  # C k k 2 2 Hp Wp N
 
 
 class _ConvBatchNormReluPool(torch.autograd.Function):
@@ -360,7 +369,7 @@ def conv_batchnorm_relu_pool(x_NCHW: torch.Tensor, conv: nn.Conv2d, bn: nn.Batch
     unbiased running variance)."""
     N = x_NCHW.shape[0]
     C, _, k, _ = conv.weight.shape
-    cols_K4M = pool_phase_patches(x_NCHW, k)
+    cols_K4M = shared_pool_phase_columns(x_NCHW, k)
     bias_C = conv.bias if conv.bias is not None else conv.weight.new_zeros(C)
     out_CM, mean_C, var_C, *_ = _ConvBatchNormReluPool.apply(cols_K4M, conv.weight.flatten(1), bias_C,
                                                               bn.weight, bn.bias, bn.eps)
