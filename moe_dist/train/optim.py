@@ -93,9 +93,9 @@ def build_optimizer(model: nn.Module, cfg: Config, split_groups=None) -> torch.o
         groups = [g for g in split_groups(groups) if g["params"]]
     if t.optimizer == "adam":
         # One fused kernel over all tensors instead of ~10 element-wise ops per parameter (on
-        # CPU the default is that per-parameter loop). DeepSpeed (split_groups) steps its own
-        # flat partitions with the optimizer it is given: left as it was.
-        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, fused=split_groups is None)
+        # CPU the default is that per-parameter loop); every engine alike, so that their
+        # checkpoints hold the same optimizer settings.
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     if t.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
