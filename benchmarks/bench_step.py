@@ -13,7 +13,7 @@ machine's speed hits both; the figures are per step, median and best round):
   ``MnistExpert`` modules in a loop, softmax mixture, mixture NLL, ``torch.optim.Adam`` with
   its defaults (always in this process, so it shares its memory settings);
 * ``--baseline CHECKOUT``: the same trainer step of another checkout (e.g. a git worktree of
-  the commit before a change), each side in its own fresh process, alternating.
+  the commit before a change), each side in its own process, the two in lockstep.
 
 ``--profile`` prints the torch profiler's top operations (self CPU time) of each side.
 Data: the full Fashion-MNIST when ``--data-root`` holds ``fashion-mnist/``, else the MNIST
@@ -119,39 +119,58 @@ def summary(name: str, seconds: list[float]) -> dict[str, float]:
     return {"side": name, "median_ms": 1000 * statistics.median(seconds), "best_ms": 1000 * min(seconds)}
 
 
-def child(args) -> None:
-    """``--child``: this process's trainer step only, as JSON on stdout (for --baseline)."""
+def serve(args) -> None:
+    """``--serve``: this checkout's trainer step, timed on request. Reads ``step N`` lines
+    (answers the seconds per step of N steps), ``profile`` (answers the table), ``quit``."""
     trainer, batches = build(args.data_root, args.threads)
     step = trainer_step(trainer, batches)
-    times = time_rounds({"step": step}, args.rounds, args.steps, args.warmup)["step"]
-    table = profile_table(step) if args.profile else ""
-    print(json.dumps({"times": times, "profile": table}))
-
-
-def run_child(checkout: Path, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"--threads={args.threads}",
-           f"--rounds={args.rounds}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-           f"--data-root={args.data_root}", *(["--profile"] if args.profile else [])]
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{checkout}: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    time_rounds({"step": step}, 0, 0, args.warmup)
+    done = 0
+    for line in sys.stdin:
+        command, *n = line.split()
+        if command == "step":
+            start = time.perf_counter()
+            for i in range(int(n[0])):
+                step(done + i)
+            done += int(n[0])
+            answer = (time.perf_counter() - start) / int(n[0])
+        elif command == "profile":
+            answer = profile_table(step)
+        else:
+            return
+        print(json.dumps(answer), flush=True)
 
 
 def compare_checkouts(args) -> list[dict[str, float]]:
-    """This checkout's and the baseline's trainer step, fresh processes, alternating."""
+    """This checkout's and the baseline's trainer step, each in its own process, in lockstep:
+    ``--steps`` steps on one side, then on the other, ``--rounds`` times, so that both see the
+    same machine (the idle side waits on its pipe)."""
     sides = {"this checkout": REPO, "baseline": Path(args.baseline).resolve()}
+    procs = {}
+    for name, checkout in sides.items():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", f"--threads={args.threads}",
+               f"--warmup={args.warmup}", f"--data-root={args.data_root}"]
+        procs[name] = subprocess.Popen(cmd, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(name: str, command: str):
+        procs[name].stdin.write(command + "\n")
+        procs[name].stdin.flush()
+        line = procs[name].stdout.readline()
+        if not line:
+            raise SystemExit(f"{sides[name]}: the benchmark process failed (see its stderr above)")
+        return json.loads(line)
+
     times: dict[str, list[float]] = {name: [] for name in sides}
-    profiles: dict[str, str] = {}
-    for _ in range(args.repeats):
-        for name, checkout in sides.items():
-            result = run_child(checkout, args)
-            times[name] += result["times"]
-            profiles[name] = result["profile"]
-    for name, table in profiles.items():
-        if table:
-            print(f"\n-- profile, {name} (10 steps) --\n{table}")
+    for _ in range(args.rounds):
+        for name in sides:
+            times[name].append(ask(name, f"step {args.steps}"))
+    for name in sides:
+        if args.profile:
+            print(f"\n-- profile, {name} (10 steps) --\n{ask(name, 'profile')}")
+        procs[name].stdin.write("quit\n")
+        procs[name].stdin.close()
+        procs[name].wait()
     return [summary(name, t) for name, t in times.items()]
 
 
@@ -170,30 +189,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="", help="a data root holding fashion-mnist/ (default: the fixture)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=12, help="alternating rounds per side")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--baseline", default="", help="another checkout whose trainer step to time as well")
-    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per side with --baseline")
     parser.add_argument("--profile", action="store_true", help="print the top operations of each side")
     parser.add_argument("--json", default="", help="also write the figures to this file")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args)
+    if args.serve:
+        return serve(args)
     trainer, batches = build(args.data_root, args.threads)
     steps = {"trainer step": trainer_step(trainer, batches), "reference": reference_step(trainer, batches)}
     print(f"{CONFIG.relative_to(REPO)}: batch 512, {args.threads} threads, {trainer.cfg.data.name}; "
           f"{args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up steps")
     times = time_rounds(steps, args.rounds, args.steps, args.warmup)
     rows = {"same process": [summary(name, t) for name, t in times.items()]}
+    # the reference's process state (memory settings) is the trainer's: say which it was
+    from moe_dist.train.process import keep_freed_memory
+    print(f"glibc keeps freed memory in this process: {keep_freed_memory()}")
     print_rows("this checkout's trainer step and the plain nn.Module reference, same process", rows["same process"])
     if args.profile:
         for name, step in steps.items():
             print(f"\n-- profile, {name} (10 steps) --\n{profile_table(step)}")
     if args.baseline:
         rows["checkouts"] = compare_checkouts(args)
-        print_rows(f"trainer step, this checkout and {args.baseline}, fresh processes", rows["checkouts"])
+        print_rows(f"trainer step, this checkout and {args.baseline}, two processes in lockstep", rows["checkouts"])
     if args.json:
         Path(args.json).write_text(json.dumps({"load": os.getloadavg(), **rows}, indent=2))
 

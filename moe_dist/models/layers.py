@@ -22,8 +22,9 @@ Shape legend (suffixes on tensor names):
     N  rows per expert batch (the shared batch, or each expert's padded batch)
     C  channels of one expert;  X = E*C stacked channels
     I, O  input and output features (or channels) of one expert's layer
-    K  values in one convolution window: C_in * kernel * kernel (+ 1 for the bias)
-    P  positions after 2x2 max-pooling (flattened Hp*Wp);  M = N*P
+    K  values in one convolution window: C_in * kernel * kernel
+    P  positions after 2x2 max-pooling (flattened Hp*Wp);  M = P*N (sample index innermost)
+    Q  convolution outputs per channel: 4 pooling phases x M
     H, W  spatial size;  S = H*W
     L, D  patch count and patch length of a 1-D input
 """
