@@ -224,6 +224,15 @@ def test_shared_columns_are_rebuilt_for_a_new_or_modified_input():
     assert shared_pool_phase_columns(with_graph, 3).grad_fn is not None
 
 
+def test_long_rows_matmul_t_is_the_matrix_product():
+    from moe_dist.models.layers import long_rows_matmul_t
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 2 ** 17, dtype=torch.float64), torch.randn(9, 2 ** 17, dtype=torch.float64)
+    torch.testing.assert_close(long_rows_matmul_t(a, b), a @ b.t(), **TOL)
+    torch.testing.assert_close(long_rows_matmul_t(a[:, 1:], b[:, 1:]), a[:, 1:] @ b[:, 1:].t(), **TOL)
+
+
 def _plain_gate(gate, x):
     """FmnistGate's computation as nn modules run it (conv, BatchNorm2d, ReLU, max_pool2d)."""
     z_BF = F.max_pool2d(F.relu(gate.bn(gate.conv(x))), 2).flatten(1)

@@ -185,6 +185,17 @@ def first_max_phase(z: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tens
     return 4 - ((z == best.unsqueeze(dim)) * code).amax(dim)
 
 
+def long_rows_matmul_t(a_XQ: torch.Tensor, b_KQ: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for a few long rows (X, K ~ 10, Q ~ 350,000: a convolution's weight
+    gradient from its columns). MKL runs that product on one thread; the two halves of Q
+    as one batched product run on two, then add."""
+    X, Q = a_XQ.shape
+    if Q % 2 or Q < 2 ** 16:
+        return a_XQ @ b_KQ.t()
+    halves_2XH = a_XQ.view(X, 2, Q // 2).transpose(0, 1)
+    return torch.bmm(halves_2XH, b_KQ.view(b_KQ.shape[0], 2, Q // 2).permute(1, 2, 0)).sum(0)
+
+
 class _ConvReluPool(torch.autograd.Function):
     """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts, from pooling-phase columns.
 
@@ -231,7 +242,7 @@ class _ConvReluPool(torch.autograd.Function):
         grad_cols = grad_weight = None
         if cols.dim() == 3:  # [E*O, 4M] @ [4M, K]; every expert read the same columns
             if need_weight:
-                grad_weight = (dz_EOQ.view(E * O, -1) @ cols.view(K, -1).t()).view(E, O, K)
+                grad_weight = long_rows_matmul_t(dz_EOQ.view(E * O, -1), cols.view(K, -1)).view(E, O, K)
             if need_cols:
                 grad_cols = (weight_EOK.reshape(E * O, K).t() @ dz_EOQ.view(E * O, -1)).view_as(cols)
         else:
@@ -357,7 +368,7 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
         dz_CQ.view(C, 4, M).scatter_add_(1, index_C1M, (g_CM * scale_C.unsqueeze(1)).unsqueeze(1))
         need_cols, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_cols = (weight_CK.t() @ dz_CQ).view(K, 4, M) if need_cols else None
-        grad_weight = dz_CQ @ cols_K4M.reshape(K, Q).t() if need_weight else None
+        grad_weight = long_rows_matmul_t(dz_CQ, cols_K4M.reshape(K, Q)) if need_weight else None
         grad_bias = dz_CQ.sum(1) if need_bias else None
         return grad_cols, grad_weight, grad_bias, grad_gamma_C, grad_beta_C, None
 
