@@ -196,6 +196,12 @@ def long_rows_matmul_t(a_XQ: torch.Tensor, b_KQ: torch.Tensor) -> torch.Tensor:
     return torch.bmm(halves_2XH, b_KQ.view(b_KQ.shape[0], 2, Q // 2).permute(1, 2, 0)).sum(0)
 
 
+def relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the ReLU's output ``out`` is positive, else 0: ReLU's own backward kernel
+    (16x faster on CPU than ``torch.where`` with a uint8 or bool condition)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
 class _ConvReluPool(torch.autograd.Function):
     """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts, from pooling-phase columns.
 
@@ -209,8 +215,8 @@ class _ConvReluPool(torch.autograd.Function):
     maximum is <= 0 passes no gradient either way). The bias, the same for the four phases,
     is added after the max (so the columns carry no ones row and are the gate's).
 
-    Phase index 4 marks outputs clipped by the ReLU. Backward recomputes nothing: the output
-    gradient goes to the winning phase, and one matrix product gives the weight gradient.
+    Backward recomputes nothing: the output gradient, where the ReLU passed it, goes to the
+    winning phase, and one matrix product gives the weight gradient.
     """
 
     @staticmethod
@@ -222,21 +228,20 @@ class _ConvReluPool(torch.autograd.Function):
         else:
             z_EO4M = torch.bmm(weight_EOK, cols.view(E, K, 4 * M)).view(E, O, 4, M)
         best_EOM = z_EO4M.amax(2)
-        first_EOM = first_max_phase(z_EO4M, best_EOM, 2)
-        best_EOM += bias_EO.unsqueeze(-1).to(best_EOM.dtype)
-        phase_EOM = torch.where(best_EOM > 0, first_EOM, 4)
-        ctx.save_for_backward(cols, weight_EOK, phase_EOM)
-        return best_EOM.clamp_(min=0)
+        phase_EOM = first_max_phase(z_EO4M, best_EOM, 2)
+        out_EOM = best_EOM.add_(bias_EO.unsqueeze(-1).to(best_EOM.dtype)).clamp_(min=0)
+        ctx.save_for_backward(cols, weight_EOK, phase_EOM, out_EOM)
+        return out_EOM
 
     @staticmethod
     def backward(ctx, grad_EOM: torch.Tensor):
-        cols, weight_EOK, phase_EOM = ctx.saved_tensors
+        cols, weight_EOK, phase_EOM, out_EOM = ctx.saved_tensors
         E, O, K = weight_EOK.shape
         M = cols.shape[-1]
         grad_EOM = grad_EOM.to(weight_EOK.dtype)  # autocast: products ran in low precision
         cols = cols.to(weight_EOK.dtype)
-        g_EOM = torch.where(phase_EOM < 4, grad_EOM, 0)
-        index_EO1M = phase_EOM.clamp(max=3).long().unsqueeze(2)
+        g_EOM = relu_backward(grad_EOM, out_EOM.to(grad_EOM.dtype))
+        index_EO1M = phase_EOM.long().unsqueeze(2)
         dz_EOQ = g_EOM.new_zeros(E, O, 4, M).scatter_(2, index_EO1M, g_EOM.unsqueeze(2)).view(E, O, 4 * M)
         need_cols, need_weight, need_bias = ctx.needs_input_grad
         grad_cols = grad_weight = None
@@ -318,7 +323,7 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
     ``[N, C, 26, 26]`` activation. Here the statistics are two-pass (mean, then the mean
     squared deviation, as nn.BatchNorm2d on CPU), the normalised phases are reduced with
     ``amax`` and a uint8 index of the first phase reaching the maximum (max_pool2d's choice on
-    ties; 4 marks a window clipped by the ReLU, which passes no gradient), and backward is
+    ties; a window clipped by the ReLU passes no gradient), and backward is
     BatchNorm's closed-form gradient scattered to the winning phases, then one matrix product
     for the weight gradient. Returns the pooled ``[C, M]`` output, the batch mean and biased
     variance (for the running statistics) and, as non-differentiable outputs so that
@@ -339,23 +344,22 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
         # (mul, add_: addcmul with two broadcast operands is 5x slower on CPU)
         y_C4M = (centred_CQ * (gamma_C * invstd_C).unsqueeze(1)).add_(beta_C.unsqueeze(1)).view(-1, 4, M)
         best_CM = y_C4M.amax(1)
-        phase_CM = torch.where(best_CM > 0, first_max_phase(y_C4M, best_CM, 1), 4)
-        return best_CM.clamp(min=0), mean_C + bias_C, var_C, centred_CQ, invstd_C, phase_CM
+        return best_CM.clamp(min=0), mean_C + bias_C, var_C, centred_CQ, invstd_C, first_max_phase(y_C4M, best_CM, 1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         cols_K4M, weight_CK, _, gamma_C, _, _ = inputs
-        _, mean_C, var_C, centred_CQ, invstd_C, phase_CM = output
+        out_CM, mean_C, var_C, centred_CQ, invstd_C, phase_CM = output
         ctx.mark_non_differentiable(mean_C, var_C, centred_CQ, invstd_C, phase_CM)
-        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM)
+        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM)
 
     @staticmethod
     def backward(ctx, grad_CM, *_):
-        cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM = ctx.saved_tensors
+        cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM = ctx.saved_tensors
         K, _, M = cols_K4M.shape
         C, Q = centred_CQ.shape
-        g_CM = torch.where(phase_CM < 4, grad_CM, 0)
-        index_C1M = phase_CM.clamp(max=3).long().unsqueeze(1)
+        g_CM = relu_backward(grad_CM, out_CM)
+        index_C1M = phase_CM.long().unsqueeze(1)
         xhat_CM = centred_CQ.view(C, 4, M).gather(1, index_C1M).squeeze(1) * invstd_C.unsqueeze(1)
         grad_beta_C = g_CM.sum(1)
         grad_gamma_C = (g_CM * xhat_CM).sum(1)
