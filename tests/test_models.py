@@ -206,6 +206,125 @@ def _apply(layer, x, weight, bias, shared):
     return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x, shared))
 
 
+def test_shared_columns_are_rebuilt_for_a_new_or_modified_input():
+    """The gate and the experts share the columns of one input (dense routing): the same
+    tensor gives the same columns object; a modified or another tensor, or one with a graph,
+    gets its own, equal to a fresh build."""
+    from moe_dist.models.layers import pool_phase_columns, shared_pool_phase_columns
+
+    x = torch.randn(4, 1, 28, 28)
+    cols = shared_pool_phase_columns(x, 3)
+    assert shared_pool_phase_columns(x, 3) is cols and cols.shape == (9, 4, 13 * 13 * 4)
+    x.mul_(2.0)
+    again = shared_pool_phase_columns(x, 3)
+    assert again is not cols and torch.equal(again, pool_phase_columns(x, 3))
+    assert torch.equal(shared_pool_phase_columns(x.clone(), 3), again)
+    assert shared_pool_phase_columns(x, 5).shape == (25, 4, 12 * 12 * 4)
+    with_graph = x.clone().requires_grad_()
+    assert shared_pool_phase_columns(with_graph, 3).grad_fn is not None
+
+
+def test_long_rows_matmul_t_is_the_matrix_product():
+    from moe_dist.models.layers import long_rows_matmul_t
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 2 ** 17, dtype=torch.float64), torch.randn(9, 2 ** 17, dtype=torch.float64)
+    torch.testing.assert_close(long_rows_matmul_t(a, b), a @ b.t(), **TOL)
+    torch.testing.assert_close(long_rows_matmul_t(a[:, 1:], b[:, 1:]), a[:, 1:] @ b[:, 1:].t(), **TOL)
+
+
+def _plain_gate(gate, x):
+    """FmnistGate's computation as nn modules run it (conv, BatchNorm2d, ReLU, max_pool2d)."""
+    z_BF = F.max_pool2d(F.relu(gate.bn(gate.conv(x))), 2).flatten(1)
+    return gate.out(F.relu(gate.fc2(F.relu(gate.fc1(z_BF)))))
+
+
+def _gate_and_images(seed: int = 0, momentum: float | None = 0.1, batch: int = 6):
+    """A FashionMNIST gate whose BatchNorm has a negative and a zero scale (the max of the
+    normalised phases is then the min of the convolution's, or all of them tie) and a bias
+    that clips half the windows; images with flat regions, so that pooling windows tie."""
+    torch.manual_seed(seed)
+    gate = FmnistGate(5).double()
+    gate.bn.momentum = momentum
+    with torch.no_grad():
+        gate.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.0, 1.0, 0.3, -2.0, 0.9, 1.2]))
+        gate.bn.bias.normal_()
+    x = torch.randn(batch, 1, 28, 28, dtype=torch.float64) + 0.5
+    x[:, :, :9] = 0.25  # flat band: equal convolution outputs in a window
+    x[: batch // 2, :, 14:22, 4:20] = 1.0  # a flat square (interior: oneDNN rounds the borders apart)
+    return gate, x
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_gate_block_equals_nn_modules(momentum):
+    """The fused conv + BatchNorm + ReLU + max-pool of FmnistGate (training, local statistics)
+    gives nn's outputs, gradients (input and every parameter, ties and negative BatchNorm
+    scales included), running statistics and counter, step after step; evaluation and
+    several processes (global statistics) run the nn modules."""
+    from moe_dist.models.layers import fuses_conv_batchnorm
+    from moe_dist.parallel.batchnorm import LocalBatchStats
+
+    gate, x = _gate_and_images(momentum=momentum)
+    ref = copy.deepcopy(gate)
+    assert fuses_conv_batchnorm(x, gate.conv, gate.bn)
+    for _ in range(3):
+        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, out_ref = gate(x_ours), _plain_gate(ref, x_ref)
+        torch.testing.assert_close(out, out_ref, **TOL)
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        (out_ref * w).sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, **TOL)
+        for (name, p), p_ref in zip(gate.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+        gate.zero_grad(), ref.zero_grad()
+        x = x.flip(0) * 1.1
+    for (name, b), b_ref in zip(gate.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, **TOL, msg=name)
+    assert int(gate.bn.num_batches_tracked) == 3
+
+    class Distributed(LocalBatchStats):
+        distributed = True
+    gate.bn.batch_stats = Distributed()
+    assert not fuses_conv_batchnorm(x, gate.conv, gate.bn)
+    gate.bn.batch_stats = LocalBatchStats()
+    assert not fuses_conv_batchnorm(x, gate.conv, gate.eval().bn)
+
+
+def test_fused_gate_block_gradcheck():
+    from moe_dist.models.layers import _ConvBatchNormReluPool, pool_phase_columns
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 8, dtype=torch.float64)  # 4 x 6 convolution outputs, no ties
+    weight, bias = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    gamma, beta = torch.tensor([1.5, -0.7, 0.4], dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+
+    def block(x, w, b, g, beta):
+        return _ConvBatchNormReluPool.apply(pool_phase_columns(x, 3), w, b, g, beta, 1e-5)[0]
+    assert torch.autograd.gradcheck(block, tuple(t.requires_grad_() for t in (x, weight, bias, gamma, beta)))
+
+
+def test_gates_run_under_vmap_in_training():
+    """Stacked runs call a gate through torch.func.vmap over functional_call, a leading member
+    dim on parameters, buffers and input: forward and backward in training mode give each
+    member what the nn modules give it, running statistics included."""
+    gate, _ = _gate_and_images()
+    torch.manual_seed(1)
+    params = {k: torch.stack([v, 1.1 * v]).detach().requires_grad_() for k, v in gate.named_parameters()}
+    buffers = {k: torch.stack([v, v]).clone() for k, v in gate.named_buffers()}
+    x_2B = torch.randn(2, 6, 1, 28, 28, dtype=torch.float64)
+    run = torch.func.vmap(lambda p, b, x: torch.func.functional_call(gate, (p, b), (x,)), in_dims=(0, 0, 0))
+    (run(params, buffers, x_2B).square().sum()).backward()
+    for m in range(2):
+        ref = copy.deepcopy(gate)
+        ref.load_state_dict({k: v[m].detach() for k, v in params.items()} | dict(gate.named_buffers()))
+        _plain_gate(ref, x_2B[m]).square().sum().backward()
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name].grad[m], p.grad, **TOL, msg=name)
+        for name, b in ref.named_buffers():
+            torch.testing.assert_close(buffers[name][m], b, **TOL, msg=name)
+
+
 # ----------------------------------------------------------------------------- routing
 
 

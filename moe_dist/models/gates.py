@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.models.layers import conv_batchnorm_relu_pool, fuses_conv_batchnorm
 from moe_dist.parallel.batchnorm import BatchNorm2d
 
 
@@ -77,7 +78,10 @@ class FmnistGate(nn.Module):
             self.out = nn.Linear(32, num_experts)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        z_BF = F.max_pool2d(F.relu(self.bn(self.conv(x_B1HW))), 2).flatten(1)
+        if fuses_conv_batchnorm(x_B1HW, self.conv, self.bn):  # training on local statistics
+            z_BF = conv_batchnorm_relu_pool(x_B1HW, self.conv, self.bn)
+        else:
+            z_BF = F.max_pool2d(F.relu(self.bn(self.conv(x_B1HW))), 2).flatten(1)
         h_BH = F.relu(self.fc2(F.relu(self.fc1(z_BF))))
         return h_BH if self.attentive else self.out(h_BH)
 

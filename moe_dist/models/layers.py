@@ -22,13 +22,16 @@ Shape legend (suffixes on tensor names):
     N  rows per expert batch (the shared batch, or each expert's padded batch)
     C  channels of one expert;  X = E*C stacked channels
     I, O  input and output features (or channels) of one expert's layer
-    K  values in one convolution window: C_in * kernel * kernel (+ 1 for the bias)
-    P  positions after 2x2 max-pooling (flattened Hp*Wp);  M = N*P
+    K  values in one convolution window: C_in * kernel * kernel
+    P  positions after 2x2 max-pooling (flattened Hp*Wp);  M = P*N (sample index innermost)
+    Q  convolution outputs per channel: 4 pooling phases x M
     H, W  spatial size;  S = H*W
     L, D  patch count and patch length of a 1-D input
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -125,91 +128,134 @@ class StackedBatchNorm2d(nn.Module):
 def pool_phase_columns(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """im2col for a valid k x k convolution followed by a 2x2/2 max-pool.
 
-    Returns ``[..., K + 1, 4, M]`` where ``[..., :K, a*2 + b, n*P + i*Wp + j]`` is the window
-    whose convolution output lands at position ``(2i + a, 2j + b)``: the four pooling phases
-    of output ``(i, j)``. Row K is all ones, so that ``[weight | bias] @ cols`` adds the bias
-    inside the matrix product and the bias gradient comes out of the same product. Leading
-    dims of x beyond ``[N, C, H, W]`` (the expert dim) are kept. Differentiable in x.
+    Returns ``[..., K, 4, M]``, ``K = C*k*k``, ``M = P*N``, where
+    ``[..., :, a*2 + b, (i*Wp + j)*N + n]`` is the window of sample n whose convolution
+    output lands at position ``(2i + a, 2j + b)``: the four pooling phases of output
+    ``(i, j)``. Leading dims of x beyond ``[N, C, H, W]`` (the expert dim) are kept.
+    Differentiable in x. The sample index is innermost, so the copy moves runs of N
+    contiguous floats (6x faster on CPU than runs of Wp, sample-outermost columns); it is one
+    reshape with no in-place write, so it also runs under ``torch.func.vmap`` (stacked runs
+    call the gates that way).
     """
     *lead, N, C, H, W = x.shape
     k = kernel_size
     Hp, Wp = (H - k + 1) // 2, (W - k + 1) // 2
-    K = C * k * k
-    win = x.unfold(-2, k, 1).unfold(-2, k, 1)[..., : 2 * Hp, : 2 * Wp, :, :]  # [.., N, C, 2Hp, 2Wp, k, k]
-    win = win.unflatten(-3, (Wp, 2)).unflatten(-5, (Hp, 2))  # [.., N, C, Hp, 2, Wp, 2, k, k]
     d = len(lead)
-    order = [*range(d), d + 1, d + 6, d + 7, d + 3, d + 5, d, d + 2, d + 4]  # C k k 2 2 N Hp Wp
-    cols = x.new_empty(*lead, K + 1, 4, N * Hp * Wp)
-    cols[..., :K, :, :].view(*lead, C, k, k, 2, 2, N, Hp, Wp).copy_(win.permute(order))
-    cols[..., K, :, :] = 1
-    return cols
+    x_CHWN = x.movedim(d, -1).contiguous()  # [.., C, H, W, N]
+    win = x_CHWN.unfold(d + 1, k, 1).unfold(d + 2, k, 1)  # [.., C, H', W', N, k, k]
+    win = win.narrow(d + 1, 0, 2 * Hp).narrow(d + 2, 0, 2 * Wp)
+    win = win.unflatten(d + 2, (Wp, 2)).unflatten(d + 1, (Hp, 2))  # [.., C, Hp, 2, Wp, 2, N, k, k]
+    order = [*range(d), d, d + 6, d + 7, d + 2, d + 4, d + 1, d + 3, d + 5]  # C k k 2 2 Hp Wp N
+    return win.permute(order).reshape(*lead, C * k * k, 4, Hp * Wp * N)
+
+
+class _LastColumns:
+    """The columns of the last input, while that input is alive and unmodified: under dense
+    routing the FashionMNIST gate and the experts read the same images with the same kernel,
+    so the experts reuse the gate's columns instead of building them again. Only plain
+    tensors that need no gradient are remembered (a functorch wrapper, e.g. under vmap,
+    or an input with a graph is rebuilt each time)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.source: weakref.ref | None = None
+        self.cols: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        if x.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return pool_phase_columns(x, kernel_size)
+        key = (kernel_size, x._version, x.shape, x.stride(), x.dtype, x.device)
+        if self.source is not None and self.source() is x and self.key == key:
+            return self.cols
+        self.key, self.source, self.cols = key, weakref.ref(x), pool_phase_columns(x, kernel_size)
+        return self.cols
+
+
+shared_pool_phase_columns = _LastColumns()
+
+
+def first_max_phase(z: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 index of the first of the 4 pooling phases (dim ``dim`` of ``z``) whose value is
+    ``best`` (their maximum): max_pool2d's choice among tied elements, the phases being in
+    row-major window order. One comparison, a product and a max (torch.max with indices is
+    several times slower on CPU); no in-place write, so it runs under ``torch.func.vmap``."""
+    shape = [1] * z.dim()
+    shape[dim] = 4
+    code = torch.arange(4, 0, -1, dtype=torch.uint8, device=z.device).view(shape)  # 4 - phase
+    return 4 - ((z == best.unsqueeze(dim)) * code).amax(dim)
+
+
+def long_rows_matmul_t(a_XQ: torch.Tensor, b_KQ: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for a few long rows (X, K ~ 10, Q ~ 350,000: a convolution's weight
+    gradient from its columns). MKL runs that product on one thread; the two halves of Q
+    as one batched product run on two, then add."""
+    X, Q = a_XQ.shape
+    if Q % 2 or Q < 2 ** 16:
+        return a_XQ @ b_KQ.t()
+    halves_2XH = a_XQ.view(X, 2, Q // 2).transpose(0, 1)
+    return torch.bmm(halves_2XH, b_KQ.view(b_KQ.shape[0], 2, Q // 2).permute(1, 2, 0)).sum(0)
+
+
+def relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the ReLU's output ``out`` is positive, else 0: ReLU's own backward kernel
+    (16x faster on CPU than ``torch.where`` with a uint8 or bool condition)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
 
 
 class _ConvReluPool(torch.autograd.Function):
     """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts, from pooling-phase columns.
 
-    Each of the four pooling phases is one matrix product ``[weight | bias] @ cols[:, phase]``;
-    a running maximum with a uint8 argmax replaces the ``[N, E, H, W]`` convolution output
-    and the int64 indices of max_pool2d. (Profiling the MNIST bank: max_pool2d and its
-    backward on that tensor took most of a training step, and oneDNN's weight gradient for a
-    one-channel convolution was slower still; it is 60% of the paper-style loop's step.)
+    One matrix product gives the convolution outputs of the four pooling phases; their
+    maximum and a uint8 index of the winning phase replace the ``[N, E, H, W]`` convolution
+    output and the int64 indices of max_pool2d. (Profiling the MNIST bank: max_pool2d and
+    its backward on that tensor took most of a training step, and oneDNN's weight gradient
+    for a one-channel convolution was slower still; it is 60% of the paper-style loop's step.)
     Ties keep the first phase in row-major window order, which is the element max_pool2d
     selects; ReLU after the max equals ReLU before it, gradients included (a window whose
-    maximum is <= 0 passes no gradient either way).
+    maximum is <= 0 passes no gradient either way). The bias, the same for the four phases,
+    is added after the max (so the columns carry no ones row and are the gate's).
 
-    Phase index 4 marks outputs clipped by the ReLU. Backward recomputes nothing: the
-    gradient of each phase is the output gradient where that phase won.
+    Backward recomputes nothing: the output gradient, where the ReLU passed it, goes to the
+    winning phase, and one matrix product gives the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, cols: torch.Tensor, weight_EOK: torch.Tensor):
-        # uint8 max/mul instead of torch.where/masked_fill: the latter are several times
-        # slower on CPU, and this loop is most of the MNIST bank's step.
-        best_EOM = _phase_product(cols, weight_EOK, 0)
-        for p in range(1, 4):
-            z_EOM = _phase_product(cols, weight_EOK, p)
-            won_EOM = (z_EOM > best_EOM).view(torch.uint8)  # strictly: ties keep the earlier phase
-            if p == 1:
-                phase_EOM = won_EOM
-            else:  # phases only grow, so "p where won, else unchanged" is a max
-                torch.maximum(phase_EOM, won_EOM.mul_(p), out=phase_EOM)
-            torch.maximum(best_EOM, z_EOM, out=best_EOM)
-        torch.maximum(phase_EOM, (best_EOM <= 0).view(torch.uint8).mul_(4), out=phase_EOM)
-        best_EOM.clamp_(min=0)
-        ctx.save_for_backward(cols, weight_EOK, phase_EOM)
-        return best_EOM
+    def forward(ctx, cols: torch.Tensor, weight_EOK: torch.Tensor, bias_EO: torch.Tensor):
+        E, O, K = weight_EOK.shape
+        M = cols.shape[-1]
+        if cols.dim() == 3:  # shared columns [K, 4, M]: one GEMM for all experts
+            z_EO4M = torch.mm(weight_EOK.reshape(E * O, K), cols.view(K, 4 * M)).view(E, O, 4, M)
+        else:
+            z_EO4M = torch.bmm(weight_EOK, cols.view(E, K, 4 * M)).view(E, O, 4, M)
+        best_EOM = z_EO4M.amax(2)
+        phase_EOM = first_max_phase(z_EO4M, best_EOM, 2)
+        out_EOM = best_EOM.add_(bias_EO.unsqueeze(-1).to(best_EOM.dtype)).clamp_(min=0)
+        ctx.save_for_backward(cols, weight_EOK, phase_EOM, out_EOM)
+        return out_EOM
 
     @staticmethod
     def backward(ctx, grad_EOM: torch.Tensor):
-        cols, weight_EOK, phase_EOM = ctx.saved_tensors
+        cols, weight_EOK, phase_EOM, out_EOM = ctx.saved_tensors
+        E, O, K = weight_EOK.shape
+        M = cols.shape[-1]
         grad_EOM = grad_EOM.to(weight_EOK.dtype)  # autocast: products ran in low precision
         cols = cols.to(weight_EOK.dtype)
-        shared = cols.dim() == 3
-        need_cols, need_weight = ctx.needs_input_grad
-        grad_cols = torch.zeros_like(cols) if need_cols else None
-        grad_weight = torch.zeros_like(weight_EOK) if need_weight else None
-        for p in range(4):
-            g_EOM = grad_EOM * (phase_EOM == p).to(grad_EOM.dtype)
-            cols_KM = cols[..., p, :]
+        g_EOM = relu_backward(grad_EOM, out_EOM.to(grad_EOM.dtype))
+        index_EO1M = phase_EOM.long().unsqueeze(2)
+        dz_EOQ = g_EOM.new_zeros(E, O, 4, M).scatter_(2, index_EO1M, g_EOM.unsqueeze(2)).view(E, O, 4 * M)
+        need_cols, need_weight, need_bias = ctx.needs_input_grad
+        grad_cols = grad_weight = None
+        if cols.dim() == 3:  # [E*O, 4M] @ [4M, K]; every expert read the same columns
             if need_weight:
-                if shared:  # [E*O, M] @ [M, K]
-                    grad_weight += (g_EOM.flatten(0, 1) @ cols_KM.t()).view_as(weight_EOK)
-                else:
-                    grad_weight += torch.bmm(g_EOM, cols_KM.transpose(1, 2))
+                grad_weight = long_rows_matmul_t(dz_EOQ.view(E * O, -1), cols.view(K, -1)).view(E, O, K)
             if need_cols:
-                if shared:  # every expert read the same columns: sum their gradients
-                    grad_cols[:, p] = weight_EOK.flatten(0, 1).t() @ g_EOM.flatten(0, 1)
-                else:
-                    grad_cols[:, :, p] = torch.bmm(weight_EOK.transpose(1, 2), g_EOM)
-        return grad_cols, grad_weight
-
-
-def _phase_product(cols: torch.Tensor, weight_EOK: torch.Tensor, phase: int) -> torch.Tensor:
-    """Convolution outputs of one pooling phase, ``[E, O, M]``."""
-    if cols.dim() == 3:  # shared columns [K, 4, M]: one GEMM for all experts
-        E, O, _ = weight_EOK.shape
-        return torch.mm(weight_EOK.flatten(0, 1), cols[:, phase]).view(E, O, -1)
-    return torch.bmm(weight_EOK, cols[:, :, phase])
+                grad_cols = (weight_EOK.reshape(E * O, K).t() @ dz_EOQ.view(E * O, -1)).view_as(cols)
+        else:
+            if need_weight:
+                grad_weight = torch.bmm(dz_EOQ, cols.view(E, K, -1).transpose(1, 2))
+            if need_cols:
+                grad_cols = torch.bmm(weight_EOK.transpose(1, 2), dz_EOQ).view_as(cols)
+        return grad_cols, grad_weight, g_EOM.sum(-1) if need_bias else None
 
 
 class StackedConvReluPool(nn.Module):
@@ -232,11 +278,9 @@ class StackedConvReluPool(nn.Module):
     def forward(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
         E, O = self.bias.shape
         N = x.shape[0] if shared else x.shape[1]
-        cols = pool_phase_columns(x, self.kernel_size)
-        weight_EOK = torch.cat([self.weight.flatten(2), self.bias.unsqueeze(-1)], dim=-1)
-        y_EOM = _ConvReluPool.apply(cols, weight_EOK)
-        # [E, O, N*P] -> [E, N, O*P]; a view when O == 1 (all the papers' experts)
-        return y_EOM.view(E, O, N, -1).transpose(1, 2).reshape(E, N, -1)
+        cols = shared_pool_phase_columns(x, self.kernel_size) if shared else pool_phase_columns(x, self.kernel_size)
+        y_EOM = _ConvReluPool.apply(cols, self.weight.flatten(2), self.bias)
+        return y_EOM.view(E, O, -1, N).permute(0, 3, 1, 2).reshape(E, N, -1)  # [E, O, P*N] -> [E, N, O*P]
 
 
 class StackedPatchConv1d(nn.Module):
@@ -264,3 +308,109 @@ class StackedPatchConv1d(nn.Module):
         x_EJD = x.reshape(E, -1, self.patch_size)  # J = N*L patches per expert
         z_EJO = torch.baddbmm(self.bias.unsqueeze(1), x_EJD, w_EOD.transpose(1, 2))
         return z_EJO.view(E, N, -1, O)
+
+
+# ----------------------------------------------------------------- the FashionMNIST gate's block
+
+
+class _ConvBatchNormReluPool(torch.autograd.Function):
+    """``max_pool2d(relu(batch_norm(conv2d(x))), 2)`` in training mode, from pooling-phase
+    columns (one matrix product for the four phases, ``[C, 4, M]``).
+
+    The FashionMNIST gate spent most of a training step outside its matrix products in this
+    block: oneDNN's convolution and its one-input-channel weight gradient, BatchNorm forward
+    and backward, max_pool2d with int64 indices and its backward, each a pass over the
+    ``[N, C, 26, 26]`` activation. Here the statistics are two-pass (mean, then the mean
+    squared deviation, as nn.BatchNorm2d on CPU), the normalised phases are reduced with
+    ``amax`` and a uint8 index of the first phase reaching the maximum (max_pool2d's choice on
+    ties; a window clipped by the ReLU passes no gradient), and backward is
+    BatchNorm's closed-form gradient scattered to the winning phases, then one matrix product
+    for the weight gradient. Returns the pooled ``[C, M]`` output, the batch mean and biased
+    variance (for the running statistics) and, as non-differentiable outputs so that
+    ``torch.func`` transforms see them, what backward reads.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps):
+        K, _, M = cols_K4M.shape
+        # The conv bias only shifts the mean: it enters the statistics, not the centred values.
+        z_CQ = weight_CK @ cols_K4M.reshape(K, 4 * M)  # Q = 4M positions per channel
+        mean_C = z_CQ.mean(1)
+        centred_CQ = z_CQ - mean_C.unsqueeze(1)
+        var_C = torch.linalg.vecdot(centred_CQ, centred_CQ) / centred_CQ.shape[1]
+        invstd_C = torch.rsqrt(var_C + eps)
+        # (mul, add_: addcmul with two broadcast operands is 5x slower on CPU)
+        y_C4M = (centred_CQ * (gamma_C * invstd_C).unsqueeze(1)).add_(beta_C.unsqueeze(1)).view(-1, 4, M)
+        best_CM = y_C4M.amax(1)
+        return best_CM.clamp(min=0), mean_C + bias_C, var_C, centred_CQ, invstd_C, first_max_phase(y_C4M, best_CM, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cols_K4M, weight_CK, _, gamma_C, _, _ = inputs
+        out_CM, mean_C, var_C, centred_CQ, invstd_C, phase_CM = output
+        ctx.mark_non_differentiable(mean_C, var_C, centred_CQ, invstd_C, phase_CM)
+        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM)
+
+    @staticmethod
+    def backward(ctx, grad_CM, *_):
+        cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM = ctx.saved_tensors
+        K, _, M = cols_K4M.shape
+        C, Q = centred_CQ.shape
+        g_CM = relu_backward(grad_CM, out_CM)
+        index_C1M = phase_CM.long().unsqueeze(1)
+        xhat_CM = centred_CQ.view(C, 4, M).gather(1, index_C1M).squeeze(1) * invstd_C.unsqueeze(1)
+        grad_beta_C = g_CM.sum(1)
+        grad_gamma_C = (g_CM * xhat_CM).sum(1)
+        # dz = s (dy - mean(dy) - xhat mean(dy xhat)), s = gamma / std, means over the Q positions;
+        # dy is g at each window's winning phase, 0 elsewhere
+        scale_C = gamma_C * invstd_C
+        shift_C1 = (scale_C * grad_beta_C / Q).unsqueeze(1)
+        slope_C1 = (scale_C * invstd_C * grad_gamma_C / Q).unsqueeze(1)
+        dz_CQ = (centred_CQ * -slope_C1).sub_(shift_C1)
+        dz_CQ.view(C, 4, M).scatter_add_(1, index_C1M, (g_CM * scale_C.unsqueeze(1)).unsqueeze(1))
+        need_cols, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_cols = (weight_CK.t() @ dz_CQ).view(K, 4, M) if need_cols else None
+        grad_weight = long_rows_matmul_t(dz_CQ, cols_K4M.reshape(K, Q)) if need_weight else None
+        grad_bias = dz_CQ.sum(1) if need_bias else None
+        return grad_cols, grad_weight, grad_bias, grad_gamma_C, grad_beta_C, None
+
+
+def conv_batchnorm_relu_pool(x_NCHW: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``max_pool2d(relu(bn(conv(x))), 2).flatten(1)`` for a training-mode BatchNorm on local
+    statistics (see :func:`fuses_conv_batchnorm`), fused (:class:`_ConvBatchNormReluPool`):
+    the same values and gradients, and the running statistics and counter updated exactly as
+    nn.BatchNorm2d updates them (momentum, or the cumulative average when it is None;
+    unbiased running variance)."""
+    N = x_NCHW.shape[0]
+    C, _, k, _ = conv.weight.shape
+    cols_K4M = shared_pool_phase_columns(x_NCHW, k)
+    bias_C = conv.bias if conv.bias is not None else conv.weight.new_zeros(C)
+    out_CM, mean_C, var_C, *_ = _ConvBatchNormReluPool.apply(cols_K4M, conv.weight.flatten(1), bias_C,
+                                                              bn.weight, bn.bias, bn.eps)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        count = cols_K4M.shape[1] * cols_K4M.shape[2]
+        bn.running_mean.copy_(momentum * mean_C + (1 - momentum) * bn.running_mean)
+        bn.running_var.copy_(momentum * var_C * (count / max(count - 1, 1)) + (1 - momentum) * bn.running_var)
+    return out_CM.view(C, -1, N).permute(2, 0, 1).reshape(N, -1)  # [C, P, N] -> [N, C*P]
+
+
+def fuses_conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """Whether :func:`conv_batchnorm_relu_pool` computes ``conv -> bn -> ReLU -> 2x2 pool`` on
+    ``x``: BatchNorm in training mode on this process's batch (several processes use the
+    global batch's statistics, ``moe_dist.parallel.batchnorm``), affine, with running
+    statistics; a plain valid convolution whose output the pool covers (even size), so the
+    statistics over the four pooling phases are those over the whole output."""
+    stats = getattr(bn, "batch_stats", None)
+    if not (bn.training and bn.affine and bn.track_running_stats and not (stats and stats.distributed)):
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # the matrix product would run in low precision
+        return False
+    if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+        return False
+    k = conv.kernel_size[0]
+    return (x.dim() == 4 and conv.kernel_size == (k, k) and (x.shape[2] - k + 1) % 2 == 0
+            and (x.shape[3] - k + 1) % 2 == 0 and x.dtype == conv.weight.dtype and x.shape[0] > 0)

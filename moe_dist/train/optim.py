@@ -92,7 +92,10 @@ def build_optimizer(model: nn.Module, cfg: Config, split_groups=None) -> torch.o
     if split_groups is not None:
         groups = [g for g in split_groups(groups) if g["params"]]
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        # One fused kernel over all tensors instead of ~10 element-wise ops per parameter (on
+        # CPU the default is that per-parameter loop); every engine alike, so that their
+        # checkpoints hold the same optimizer settings.
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     if t.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
