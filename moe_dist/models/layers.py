@@ -149,29 +149,35 @@ def pool_phase_columns(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return win.permute(order).reshape(*lead, C * k * k, 4, Hp * Wp * N)
 
 
-class _LastColumns:
-    """The columns of the last input, while that input is alive and unmodified: under dense
+class _RecentColumns:
+    """The columns of recent inputs, while each input is alive and unmodified: under dense
     routing the FashionMNIST gate and the experts read the same images with the same kernel,
-    so the experts reuse the gate's columns instead of building them again. Only plain
-    tensors that need no gradient are remembered (a functorch wrapper, e.g. under vmap,
-    or an input with a graph is rebuilt each time)."""
+    so the experts reuse the gate's columns instead of building them again (a stack of runs
+    asks for its members' inputs in turn, hence several entries). An entry goes when its
+    input is freed, so nothing is held between steps. Only plain tensors that need no
+    gradient are remembered (a functorch wrapper, e.g. under vmap, or an input with a graph
+    is rebuilt each time)."""
 
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.source: weakref.ref | None = None
-        self.cols: torch.Tensor | None = None
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.entries: dict[int, tuple[tuple, weakref.ref, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         if x.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(x):
             return pool_phase_columns(x, kernel_size)
         key = (kernel_size, x._version, x.shape, x.stride(), x.dtype, x.device)
-        if self.source is not None and self.source() is x and self.key == key:
-            return self.cols
-        self.key, self.source, self.cols = key, weakref.ref(x), pool_phase_columns(x, kernel_size)
-        return self.cols
+        entry = self.entries.get(id(x))
+        if entry is not None and entry[1]() is x and entry[0] == key:
+            return entry[2]
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        cols = pool_phase_columns(x, kernel_size)
+        ident = id(x)
+        self.entries[ident] = (key, weakref.ref(x, lambda _: self.entries.pop(ident, None)), cols)
+        return cols
 
 
-shared_pool_phase_columns = _LastColumns()
+shared_pool_phase_columns = _RecentColumns()
 
 
 def first_max_phase(z: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tensor:

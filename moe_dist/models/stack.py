@@ -34,6 +34,7 @@ sample; C classes; H hidden size.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -111,6 +112,25 @@ def _share_module(modules: Sequence[nn.Module]) -> tuple[list[_Shared], list[_Sh
 # ----------------------------------------------------------------------------- gates
 
 
+class _MemberRows:
+    """Member r's rows of the last stacked input, the same view objects for every caller of
+    one forward pass, so that a member's gate and its experts see one tensor (and the
+    experts reuse the gate's im2col columns, ``moe_dist.models.layers.shared_pool_phase_columns``)."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, members: int) -> list[torch.Tensor]:
+        if self.source is None or self.source() is not x or len(self.rows) != members:
+            self.source, self.rows = weakref.ref(x), list(x.chunk(members))
+        return self.rows
+
+
+member_rows = _MemberRows()
+
+
+
 class StackedGate(nn.Module):
     """The members' gates on their own rows: ``[R*B, ...] -> [R*B, E]`` (or ``[R*B, H]``)."""
 
@@ -138,7 +158,7 @@ class StackedGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] // self.num_members
         if self.mode == "loop":
-            return torch.cat([gate(x[r * rows:(r + 1) * rows]) for r, gate in enumerate(self.members)])
+            return torch.cat([gate(x_r) for x_r, gate in zip(member_rows(x, self.num_members), self.members)])
         x_RB = x.view(self.num_members, rows, *x.shape[1:])
 
         def one(params, buffers, x_B):
@@ -195,7 +215,7 @@ class StackedDispatch(LocalDispatch):
         R, E = self.num_members, self.experts_per_member
         rows = x.shape[0] // R
         if self.member_banks is not None:  # each member's E experts share its rows' im2col work
-            outs = [bank(x[r * rows:(r + 1) * rows], shared=True) for r, bank in enumerate(self.member_banks)]
+            outs = [bank(x_r, shared=True) for x_r, bank in zip(member_rows(x, R), self.member_banks)]
             hidden = None if outs[0][1] is None else torch.cat([h for _, h in outs], dim=1)
             return torch.cat([o for o, _ in outs], dim=1), hidden
         x_REB = x.view(R, 1, rows, *x.shape[1:]).expand(R, E, rows, *x.shape[1:])
