@@ -124,12 +124,27 @@ def test_the_moe_runs_the_chosen_experts_with_product_weights_and_regularises_p_
 
 # ------------------------------------------------------------------ expert parallelism
 
+# Cases run in float64: at world 4 the experts' float32 kernels round the padded batches of
+# four ranks and of one process differently, by up to 1.6e-5 relative in a gradient.
+FLOAT64_CASES = {"g4"}
+
+
+def case_batches(case: str) -> list:
+    batches = make_batches(STEPS, GLOBAL_BATCH)
+    return [(x.double(), y) for x, y in batches] if case in FLOAT64_CASES else batches
+
+
+def case_model(case: str):
+    model = make_model(case)
+    return model.double() if case in FLOAT64_CASES else model
+
+
 def equivalence_worker(rank: int, world: int, out_dir: str, case: str) -> None:
     from moe_dist.parallel import parallelize
 
-    batches = make_batches(STEPS, GLOBAL_BATCH)
+    batches = case_batches(case)
     ctx = ParallelContext.create(ep_size=world, num_experts=CASES[case][0])
-    model = parallelize(make_model(case), ctx)
+    model = parallelize(case_model(case), ctx)
     record = {"local_experts": model.experts.num_experts,
               **distributed_run(model, ctx, batches, rank, world, adam=ADAM)}
     torch.save(record, Path(out_dir) / f"w{world}_{case}_rank{rank}.pt")
@@ -142,8 +157,8 @@ def equivalence_dir(tmp_path_factory):
 
 def run_both(out_dir: Path, case: str, world: int) -> tuple[list[dict], dict]:
     """Each rank's record of a gloo world of ``world`` ranks, and the one-process reference."""
-    batches = make_batches(STEPS, GLOBAL_BATCH)
-    reference = parallel_reference(case, batches, make=make_model, adam=ADAM)
+    batches = case_batches(case)
+    reference = parallel_reference(case, batches, make=case_model, adam=ADAM)
     spawn(equivalence_worker, world, str(out_dir), case)
     return [torch.load(out_dir / f"w{world}_{case}_rank{r}.pt") for r in range(world)], reference
 
