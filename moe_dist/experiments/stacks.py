@@ -124,8 +124,13 @@ def train_plan(p: Plan, say=print) -> list[dict[str, Any]]:
     for number, stack in enumerate(p.stacks):
         names = ", ".join(p.configs[i].run_dir for i in stack)
         say(f"stack {number + 1}/{len(p.stacks)}: {len(stack)} run{'s' if len(stack) > 1 else ''}: {names}")
-        trainer = build_stacked_trainer([p.configs[i] for i in stack])
         extras = [_extra_metrics(p.entries[i]) for i in stack]
+        if len(stack) == 1:  # a run alone: the plain trainer (a stack of one only adds overhead)
+            from moe_dist.train.build import build_trainer
+
+            results[stack[0]] = build_trainer(p.configs[stack[0]]).fit(extra_metrics=extras[0])
+            continue
+        trainer = build_stacked_trainer([p.configs[i] for i in stack])
         for i, metrics in zip(stack, trainer.fit(extra_metrics=extras)):
             results[i] = metrics
     return [results[i] for i in range(len(p.entries))]
