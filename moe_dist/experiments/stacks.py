@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,14 +140,12 @@ def train_plan(p: Plan, say=print) -> list[dict[str, Any]]:
 def train_entries(entries: Sequence[StackEntry], stack_size: int = DEFAULT_STACK_SIZE) -> list[dict[str, Any]]:
     """Plan and train, training runs first, then the distillations (their sources may be
     among the training runs, so their configs resolve only once those have finished)."""
-    trains = [e for e in entries if not e.distill]
-    distills = [e for e in entries if e.distill]
-    results = train_plan(plan(trains, stack_size)) if trains else []
-    if distills:
-        results += train_plan(plan(distills, stack_size))
-    order = trains + distills
-    by_entry = dict(zip(range(len(order)), results))
-    return [by_entry[order.index(e)] for e in entries]
+    results: dict[int, dict[str, Any]] = {}
+    for distill in (False, True):
+        wave = [i for i, e in enumerate(entries) if bool(e.distill) == distill]
+        if wave:
+            results.update(zip(wave, train_plan(plan([entries[i] for i in wave], stack_size))))
+    return [results[i] for i in range(len(entries))]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -178,8 +177,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from moe_dist.paper import format_summary
 
     for entry, metrics in zip(entries, train_entries(entries, args.stack_size)):
-        print(f"\n{entry.resolve().run_dir}")
-        print(format_summary(entry.resolve(), metrics))
+        cfg = entry.resolve()
+        print(f"\n{cfg.run_dir}")
+        print(format_summary(cfg, metrics))
     return 0
 
 
@@ -222,7 +222,7 @@ def sweep_stacked(root: str, jobs: Sequence[Any], args: argparse.Namespace) -> i
     with log.open("a") as out, SignalForwarder() as forwarder:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
-        code = forwarder.call(command, stdout=out, stderr=out, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+        code = forwarder.call(command, stdout=out, stderr=out, env={**os.environ, "TQDM_DISABLE": "1"})
     if code == PREEMPTED_EXIT_CODE:
         raise Preempted(forwarder.signum, str(root))
     failed = [job for job in jobs if not RunDir(job.run_dir).finished()]

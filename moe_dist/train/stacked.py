@@ -175,7 +175,8 @@ class StackedTrainer:
         return self.members[0].device
 
     def say(self, line: str) -> None:
-        self.members[0].say(line) if self.members else print(line)
+        if self.members:
+            self.members[0].say(line)
 
     def fit(self, extra_metrics: Sequence[ExtraMetrics | None] | None = None) -> list[dict[str, Any]]:
         """Train every member to its ``train.epochs`` (resuming their checkpoints); the members'
