@@ -161,7 +161,7 @@ def test_experts_study_writes_every_row_and_the_figure(tmp_path, data_root):
     existing = [("lcv", 2), ("lcv", 4), ("ls", 2)]
     for regularizer, E in existing:
         run = experts_run_dir(root, regularizer, E, 0)
-        build_trainer(load_config(config, [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}",
+        build_trainer(load_config(config, [*overrides, *REGULARIZERS["mnist"][regularizer], f"moe.num_experts={E}",
                                      "seed=0", f"name=study_experts/{regularizer}_e{E}", f"run_dir={run}"])).fit()
     stamps = {run: (run / "metrics.json").stat().st_mtime_ns
               for run in (experts_run_dir(root, r, E, 0) for r, E in existing)}

@@ -33,16 +33,45 @@ from moe_dist.launch import moe_dist_command
 from moe_dist.rundir import RunDir
 from moe_dist.tables import markdown_table
 
-#: The regularisers of the paper's plotted models (A.10): the model files of figures 6-7
-#: name w = 1.0 and beta = 1e-5, gamma = 1e-4 (the training cells' 1e-6 / 1e-1 were not plotted).
-REGULARIZERS: dict[str, tuple[str, ...]] = {
-    "lcv": ("loss.importance_weight=1.0", "loss.ls_beta=0.0", "loss.ls_gamma=0.0"),
-    "ls": ("loss.importance_weight=0.0", "loss.ls_beta=1.0e-5", "loss.ls_gamma=1.0e-4",
-           "loss.ls_variant=reference"),
+def _regularizer(routing: str, importance: float = 0.0, beta: float = 0.0, gamma: float = 0.0) -> tuple[str, ...]:
+    """The overrides of one regulariser: every loss weight and the routing, set explicitly so
+    that the base config's own regulariser cannot leak into a study point. L_s with the
+    reference normalisation, the paper's code (docs/papers.md A.2.2); without L_s the variant
+    is left alone (it changes nothing, and earlier runs keep matching their configs)."""
+    variant = ("loss.ls_variant=reference",) if beta or gamma else ()
+    return (f"moe.routing={routing}", f"loss.importance_weight={importance}", f"loss.ls_beta={beta}",
+            f"loss.ls_gamma={gamma}", *variant)
+
+
+#: The study's regularisers per architecture (``model.arch``). MNIST: the paper's plotted models
+#: of figures 6-7 (A.10: their model files name L_cv w = 1.0 and L_s beta = 1e-5, gamma = 1e-4;
+#: the training cells' 1e-6 / 1e-1 were not plotted). Fashion-MNIST: the paper's chosen values
+#: of Table 7 (configs/fmnist/*.yaml), the study at scale. ``vanilla`` has no regulariser;
+#: ``attentive_ls`` is the attentive gate with its own chosen L_s.
+REGULARIZERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mnist": {"vanilla": _regularizer("dense"), "lcv": _regularizer("dense", importance=1.0),
+              "ls": _regularizer("dense", beta=1.0e-5, gamma=1.0e-4),
+              "attentive_ls": _regularizer("attentive", beta=1.0e-6, gamma=1.0e-2)},
+    "fmnist": {"vanilla": _regularizer("dense"), "lcv": _regularizer("dense", importance=0.2),
+               "ls": _regularizer("dense", beta=1.0e-7, gamma=1.0e-2),
+               "attentive_ls": _regularizer("attentive", beta=1.0e-6, gamma=1.0e-6)},
 }
+#: What ``--regularizers`` defaults to: the paper's figure for MNIST, the issue's four at scale.
+DEFAULT_REGULARIZERS = {"mnist": ("lcv", "ls"), "fmnist": ("vanilla", "lcv", "ls", "attentive_ls")}
+
+
+def regularizers_of(config: str | Path) -> dict[str, tuple[str, ...]]:
+    """The regulariser table of ``config``'s architecture; ConfigError for one without."""
+    arch = load_config(config).model.arch
+    if arch not in REGULARIZERS:
+        raise ConfigError(f"model.arch={arch!r}: study experts has regulariser settings for "
+                          f"{', '.join(REGULARIZERS)} only")
+    return REGULARIZERS[arch]
+
+
 #: Keys each study run sets; overriding them would be ignored.
-OWNED_KEYS = ("name", "run_dir", "seed", "moe.num_experts", "loss.importance_weight", "loss.ls_beta",
-              "loss.ls_gamma", "loss.ls_variant")
+OWNED_KEYS = ("name", "run_dir", "seed", "moe.num_experts", "moe.routing", "loss.importance_weight",
+              "loss.ls_beta", "loss.ls_gamma", "loss.ls_variant")
 #: study.csv columns: (E, regulariser) identify the row; the rest are means over seeds of these
 #: metrics.json fields, in study.md's column order (checked against moe_dist/fields.py).
 METRIC_COLUMNS = names("experts_used", "usage_entropy", "test_error", "step_seconds", "peak_memory_mb")
@@ -61,7 +90,7 @@ def train_process(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
         raise MoEDistError(f"study run failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
-def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] = ("lcv", "ls"),
+def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] | None = None,
                       seeds: Sequence[int] = (0,), root: str | Path = "runs/study_experts",
                       overrides: Sequence[str] = (), nproc: int = 1, stack: bool = False) -> list[dict[str, Any]]:
     """Train every (E, regulariser, seed) not yet complete, then write study.md, study.csv
@@ -75,16 +104,19 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     from moe_dist.train.build import build_trainer
     from moe_dist.train.process import process_group_backend
 
-    unknown = [r for r in regularizers if r not in REGULARIZERS] or ([] if regularizers else [""])
+    table = regularizers_of(config)
+    if regularizers is None:
+        regularizers = DEFAULT_REGULARIZERS[load_config(config).model.arch]
+    unknown = [r for r in regularizers if r not in table] or ([] if regularizers else [""])
     if unknown:
-        raise ConfigError(f"--regularizers {unknown[0]!r} is not one of: {', '.join(REGULARIZERS)}")
+        raise ConfigError(f"--regularizers {unknown[0]!r} is not one of: {', '.join(table)}")
     reject_overrides(overrides, OWNED_KEYS, "use --experts, --regularizers, --seeds and --root")
     launched = world_info_from_env().distributed
     if nproc < 1 or (launched and nproc != 1):
         raise ConfigError(f"--nproc {nproc}: must be a positive integer, and is left out under a launcher "
                           "(the study then trains on the launcher's ranks)")
     root = Path(root)
-    runs_args = _study_runs(config, experts, regularizers, seeds, root, overrides)
+    runs_args = _study_runs(config, experts, {r: table[r] for r in regularizers}, seeds, root, overrides)
     if stack:
         _train_stacked(config, root, runs_args, nproc, launched)
     first = next(iter(runs_args.values()))[0]  # the runs share one group: the first run's settings
@@ -118,15 +150,16 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     return rows
 
 
-def _study_runs(config, experts, regularizers, seeds, root: Path, overrides) -> dict:
+def _study_runs(config, experts, regularizers: dict[str, tuple[str, ...]], seeds, root: Path, overrides) -> dict:
     """(regulariser, E, seed) -> (config, overrides) of every run; every config is checked
-    before anything trains."""
+    before anything trains. E-major, so that the cheaper expert counts finish (and can be
+    committed) first when a long study is interrupted."""
     runs_args = {}
-    for regularizer in regularizers:
-        for E in experts:
+    for E in experts:
+        for regularizer in regularizers:
             for seed in seeds:
                 run_dir = experts_run_dir(root, regularizer, E, seed)
-                args = [*overrides, *REGULARIZERS[regularizer], f"moe.num_experts={E}", f"seed={seed}",
+                args = [*overrides, *regularizers[regularizer], f"moe.num_experts={E}", f"seed={seed}",
                         f"name=study_experts/{regularizer}_e{E}", f"run_dir={run_dir}"]
                 runs_args[(regularizer, E, seed)] = (load_config(config, args), args)
     return runs_args
@@ -260,8 +293,9 @@ def register(subparsers: Any) -> None:
                               "--experts 5,10,15 --seeds 0,1 data.name=mnist10k", formatter_class=raw)
     p.add_argument("--config", required=True, help="base MoE config, e.g. configs/mnist/vanilla.yaml")
     p.add_argument("--experts", type=comma_ints, default=[5, 10, 15], help="expert counts (default 5,10,15)")
-    p.add_argument("--regularizers", type=lambda s: [r for r in s.split(",") if r], default=["lcv", "ls"],
-                   help=f"any of {','.join(REGULARIZERS)} (default lcv,ls)")
+    p.add_argument("--regularizers", type=lambda s: [r for r in s.split(",") if r], default=None,
+                   help=f"any of {','.join(REGULARIZERS['fmnist'])} (default: lcv,ls for MNIST, all four for "
+                        "Fashion-MNIST)")
     p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")
     p.add_argument("--root", default="runs/study_experts", help="folder of the runs and the report")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
