@@ -113,7 +113,33 @@ class DenseExperts(torch.nn.Module):
         return self.bank(x_RD.view(L, n, -1), shared=False)[0]
 
 
+class CommFloor(torch.nn.Module):
+    """The exchanges alone: the minimum rows each way (tokens out, outputs back, and the two
+    gradients: four all-to-alls of ``rows`` rows to the other rank), no computation. Its
+    step time is what any dispatch must pay on this machine's gloo transport; with the
+    dense step it gives the *overhead floor* (dense + exchanges) / dense. Threads are as
+    busy as the layers': the loopback copies run on the same cores as the experts."""
+
+    def __init__(self, rows: int, width: int):
+        super().__init__()
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([rows]))  # what each rank sends to the others
+        me = dist.get_rank()
+        self.send = [0 if j == me else rows for j in range(len(counts))]
+        self.recv = [0 if j == me else int(c) for j, c in enumerate(counts)]
+        self.width = width
+
+    def forward(self, x):
+        buf = x.new_empty(sum(self.send), self.width)
+        out = x.new_empty(sum(self.recv), self.width)
+        for _ in range(4):
+            dist.all_to_all_single(out, buf, self.recv, self.send)
+        return out
+
+
 def layer_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor):
+    if name == "comm-floor":
+        return layer(x)
     xi = x.requires_grad_(True) if not x.requires_grad else x
     out = layer(xi)
     if name.startswith("dense"):
@@ -225,16 +251,21 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     remote_pairs = int((owner_E[routed.expert_index] != ctx.ep_rank).sum())
     dense = {f"dense-{kind}": DenseExperts(8 // EP, stats["expert_rows"], kind == "grouped")
              for kind in ("grouped", "bmm")}
-    steps = timed_steps({**layers, **dense}, x, cot, args.steps, args.warmup)
+    floor = {"comm-floor": CommFloor(stats["min_remote_rows"], HIDDEN)}
+    steps = timed_steps({**layers, **dense, **floor}, x, cot, args.steps, args.warmup)
     t = {n: statistics.median(v) for n, v in steps.items()}
     best = {n: min(v) for n, v in steps.items()}  # the least disturbed step, on a loaded machine
     t_dense = {n: t.pop(n) for n in dense}
+    t_comm = t.pop("comm-floor")
+    best.pop("comm-floor")
     fastest = min(t_dense.values())
     if rank == 0:
         result["step_seconds"] = t
         result["best_step_seconds"] = best
         result["tokens_per_second"] = {n: EP * args.tokens / v for n, v in t.items()}
         result["dense_step_seconds"] = t_dense
+        result["comm_floor_seconds"] = t_comm
+        result["overhead_floor"] = (fastest + t_comm) / fastest
         result["overhead_ratio"] = {n: v / fastest for n, v in t.items()}
         if "deepspeed" in t:
             result["tokens_per_second_ours_over_deepspeed"] = t["deepspeed"] / t["ours"]
@@ -299,6 +330,8 @@ def report(r: dict, experts: list[int]) -> str:
                      f"{b['send']:>9.3f} {b['return']:>11.3f} {b['total']:>10.3f}")
     for n, t in r["dense_step_seconds"].items():
         lines.append(f"{n:<15} {t:>8.3f}  (the same expert FLOPs per process, no dispatch)")
+    lines.append(f"exchanges alone (4 all-to-alls of the minimum rows): {r['comm_floor_seconds']:.4f} s per step; "
+                 f"overhead floor of any dispatch here (dense + exchanges) / dense: {r['overhead_floor']:.3f}")
     if "tokens_per_second_ours_over_deepspeed" in r:
         lines.append(f"tokens/s ours / deepspeed (dropless): {r['tokens_per_second_ours_over_deepspeed']:.3f} "
                      f"(fastest steps: {r['best_ours_over_deepspeed']:.3f})")
