@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,10 @@ def test_pretrained_gate_study_routes_each_pair_to_its_expert_and_keeps_frozen_p
     assert "| gate trained on pretrained experts | 1 |" in (root / "summary.md").read_text()
 
     # Run again: every stage is finished and skipped; with other settings the root is refused.
+    assert run_pretrained_gate_study("mnist10k", {0: pairs}, [0], tmp_path, overrides) == rows
+    # Committed results hold config.yaml + metrics.json only: a finished study needs no weights.
+    for folder in list(tmp_path.rglob("checkpoints")):
+        shutil.rmtree(folder)
     assert run_pretrained_gate_study("mnist10k", {0: pairs}, [0], tmp_path, overrides) == rows
     with pytest.raises(ConfigError, match=r"seed0/scratch holds a finished run with a different config "
                                           r"\(train.batch_size\)"):

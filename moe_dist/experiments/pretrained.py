@@ -138,6 +138,10 @@ def _initial_weights(cfg: Config, data: Dataset) -> dict[str, torch.Tensor]:
     return cpu_copy(build_network(cfg, data, ParallelContext.local()).state_dict())
 
 
+def _all_finished(*cfgs: Config) -> bool:
+    return all(RunDir(cfg.run_dir).finished(cfg) for cfg in cfgs)
+
+
 def _write_assembled(folder: Path, state: dict[str, torch.Tensor], sources: dict[str, Any]) -> Path:
     """A checkpoint-only folder that ``train.init_from`` reads; assembled.json says what it
     holds. Rank 0 writes it; every rank returns once it is there."""
@@ -180,22 +184,25 @@ class PretrainedGateStudy:
         """Stage (1): end-to-end MoE, then its frozen gate with same-init / new experts."""
         folder = self.root / f"seed{seed}"
         scratch = self._stage(self.scratch_cfg, folder, "scratch", seed)
-        _train(scratch, self.data)
-        trained = RunDir(scratch.run_dir).latest_weights()
         gate_from_scratch = {"train.init_from": scratch.run_dir, "train.init_parts": ["gate"],
                              "train.freeze": ["gate"]}
         same = self._stage(self.scratch_cfg, folder, "scratch_same_wts", seed, gate_from_scratch)
+        rand = self._stage(self.scratch_cfg, folder, "scratch_rand_wts", seed + RAND_WTS_SEED_OFFSET,
+                           {**gate_from_scratch, **SCRATCH_RAND_OPTIMIZER[self.dataset]})
+        paths = {"scratch": Path(scratch.run_dir), "scratch_same_wts": Path(same.run_dir),
+                 "scratch_rand_wts": Path(rand.run_dir)}
+        if _all_finished(scratch, same, rand):  # committed results carry no weights: read none
+            return paths
+        _train(scratch, self.data)
+        trained = RunDir(scratch.run_dir).latest_weights()
         if not RunDir(same.run_dir).finished(same):
             initial_experts = part_state(_initial_weights(scratch, self.data), "experts")
             _train(same, self.data, {**initial_experts, **part_state(trained, "gate")},
                    f"the scratch run's initial experts and trained gate ({scratch.run_dir})")
-        rand = self._stage(self.scratch_cfg, folder, "scratch_rand_wts", seed + RAND_WTS_SEED_OFFSET,
-                           {**gate_from_scratch, **SCRATCH_RAND_OPTIMIZER[self.dataset]})
         _train(rand, self.data, part_state(trained, "gate"), f"the scratch gate ({scratch.run_dir})")
         for cfg in (same, rand):
             _check_frozen(cfg, "gate", trained, scratch.run_dir)
-        return {"scratch": Path(scratch.run_dir), "scratch_same_wts": Path(same.run_dir),
-                "scratch_rand_wts": Path(rand.run_dir)}
+        return paths
 
     def prechosen(self, split: int, pairs: Sequence[Sequence[int]], seed: int) -> dict[str, Path]:
         """Stage (2): experts pretrained on class pairs, a gate on them, then new experts."""
@@ -210,6 +217,11 @@ class PretrainedGateStudy:
                     raise ConfigError(f"class pair {list(pair)} has no {name} samples in {self.dataset} "
                                       "(data.train_size / data.test_size keep only the first samples)")
         folder = self.root / f"split{split}_seed{seed}"
+        gate, same, rand = self._prechosen_stages(folder, seed)
+        paths = {"pretrained_gate": Path(gate.run_dir), "prechosen_same_wts": Path(same.run_dir),
+                 "prechosen_rand_wts": Path(rand.run_dir)}
+        if _all_finished(gate, same, rand):  # committed results carry no weights: read none
+            return paths
         initial, trained, single_dirs = [], [], []
         for i, pair in enumerate(pairs):
             # One seed per expert (seed * E + i): E singles built under one seed would be identical.
@@ -225,8 +237,6 @@ class PretrainedGateStudy:
         sources = {"pairs": [list(p) for p in pairs], "singles": single_dirs}
         experts = _write_assembled(folder / "assembled" / "pretrained_experts", _stack_singles(trained),
                                    {**sources, "holds": "experts.* = the trained single experts, stacked"})
-        gate = self._stage(self.prechosen_cfg, folder, "pretrained_gate", seed, {
-            "train.init_from": str(experts), "train.init_parts": ["experts"], "train.freeze": ["experts"]})
         pretrained = RunDir(experts).latest_weights()
         _train(gate, self.data, pretrained, f"the pretrained experts ({experts})")
         _check_frozen(gate, "experts", pretrained, str(experts))
@@ -237,16 +247,25 @@ class PretrainedGateStudy:
                                 {**sources, "gate": gate.run_dir,
                                  "holds": "experts.* = the single experts' initial weights; "
                                           "gate.* = the pretrained gate"})
-        same = self._stage(self.prechosen_cfg, folder, "prechosen_same_wts", seed, {
-            "train.init_from": str(init), "train.init_parts": ["experts", "gate"], "train.freeze": ["gate"]})
         _train(same, self.data, init_state, f"the pretrained experts' initial weights and gate ({init})")
-        rand = self._stage(self.prechosen_cfg, folder, "prechosen_rand_wts", seed + RAND_WTS_SEED_OFFSET, {
-            "train.init_from": gate.run_dir, "train.init_parts": ["gate"], "train.freeze": ["gate"]})
         _train(rand, self.data, gate_state, f"the pretrained gate ({gate.run_dir})")
         for cfg in (same, rand):
             _check_frozen(cfg, "gate", gate_state, gate.run_dir)
-        return {"pretrained_gate": Path(gate.run_dir), "prechosen_same_wts": Path(same.run_dir),
-                "prechosen_rand_wts": Path(rand.run_dir)}
+        return paths
+
+    def _prechosen_stages(self, folder: Path, seed: int) -> tuple[Config, Config, Config]:
+        """The configs of stage (2)'s gate, same-init and new-expert runs: their init_from
+        paths are the fixed folders ``prechosen`` assembles into."""
+        assembled = folder / "assembled"
+        gate = self._stage(self.prechosen_cfg, folder, "pretrained_gate", seed, {
+            "train.init_from": str(assembled / "pretrained_experts"), "train.init_parts": ["experts"],
+            "train.freeze": ["experts"]})
+        same = self._stage(self.prechosen_cfg, folder, "prechosen_same_wts", seed, {
+            "train.init_from": str(assembled / "prechosen_init"), "train.init_parts": ["experts", "gate"],
+            "train.freeze": ["gate"]})
+        rand = self._stage(self.prechosen_cfg, folder, "prechosen_rand_wts", seed + RAND_WTS_SEED_OFFSET, {
+            "train.init_from": gate.run_dir, "train.init_parts": ["gate"], "train.freeze": ["gate"]})
+        return gate, same, rand
 
     def summarize(self, runs: Mapping[str, Sequence[Path]]) -> list[dict[str, Any]]:
         """Mean of each A.6 column per stage, next to the paper's; writes summary.md/.csv."""
