@@ -17,6 +17,7 @@ from moe_dist.cli import main
 from moe_dist.config import from_dict, load_config, save_config
 from moe_dist.errors import ConfigError
 from moe_dist.experiments.distill import distill_config
+from moe_dist.experiments.dead_experts import wilson
 from moe_dist.experiments.pretrained import STAGES, run_pretrained_gate_study
 from moe_dist.experiments.study import REGULARIZERS, experts_run_dir
 from moe_dist.train.checkpoint import load_checkpoint
@@ -206,3 +207,34 @@ def test_procedure_commands_refuse_bad_arguments_in_one_line(argv, message, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ dead experts (Section 4.2)
+
+def test_wilson_interval_matches_published_values():
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_dead_experts_study_counts_failures_and_resumes(tmp_path, data_root, capsys):
+    overrides = [f"data.root={data_root}", "data.train_size=4000", "data.test_size=300", "train.epochs=10", "train.progress=false", "train.num_threads=1"]
+    root = tmp_path / "dead"
+    args = ["study", "dead-experts", "--dataset", "mnist10k", "--split", "0", "--seeds", "3,5", "--root", str(root)]
+    assert main([*args, *overrides]) == 0
+    runs = sorted(root.glob("pair*/seed*/metrics.json"))
+    assert len(runs) == 10, "5 pairs x 2 seeds"
+    saved = load_config(root / "pair3_8" / "seed5" / "config.yaml")
+    assert (saved.model.kind, saved.data.classes, saved.seed, saved.train.lr) == ("single", [3, 8], 5, 1e-3)
+    errors = {p.parent: json.loads(p.read_text())["test_error"] for p in runs}
+    with open(root / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["pair"] for r in table] == ["0 vs 7", "1 vs 9", "2 vs 4", "3 vs 8", "5 vs 6", "all pairs"]
+    assert int(table[-1]["runs"]) == 10
+    failed = sum(e > 0.25 for e in errors.values())
+    assert 0 < failed < 10, "the settings give both outcomes, so the count is tested"
+    assert int(table[-1]["failed"]) == failed
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    assert main([*args, *overrides]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps, "finished runs are not trained again"
+    assert main([*args[:-6], "--split", "7", "--root", str(root), *overrides]) != 0
+    assert "--split 7: mnist10k has splits 0..4" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from typing import Any
 
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError, MoEDistError
+from moe_dist.experiments import dead_experts
 from moe_dist.experiments.arguments import IntermixedParser, comma_ints, reject_overrides
 from moe_dist.fields import names
 from moe_dist.launch import moe_dist_command
@@ -283,6 +284,7 @@ def register(subparsers: Any) -> None:
         epilog="examples:\n  moe-dist study experts --config configs/mnist/vanilla.yaml --experts 5,10,15\n"
                "  moe-dist study pretrained-gate --dataset mnist10k --splits 0,1 --seeds 0")
     sub = study.add_subparsers(dest="study", required=True, parser_class=IntermixedParser)
+    dead_experts.register(sub)
 
     p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)",
                        description="Train the config at each expert count with each regulariser (L_cv, L_s) and\n"
