@@ -128,7 +128,7 @@ FIELDS: tuple[Field, ...] = (
     Field("engine", _M, "-", "the config's engine"),
     Field("ep_size", _M, "count", "ranks sharing the experts of one MoE (expert parallelism)"),
     Field("comm_bytes_per_step", _M, "bytes", "several processes only: bytes one rank sends to the others per "
-          "training step (mean over ranks and steps), by kind: dispatch (experts' inputs, outputs, their gradients), "
+          "training step (mean over the ranks and this session's steps), by kind: dispatch (experts' inputs, outputs, their gradients), "
           "gradients (all-reduce), other (gate losses, BatchNorm, layouts), total; an all-reduce counts as a ring, "
           "2(P-1)/P x its size (a model); engine=deepspeed's own reductions are not counted"),
     Field("torch", _M, "-", "torch version"),

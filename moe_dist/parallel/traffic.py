@@ -18,6 +18,9 @@ What is counted:
 * all-reduce: a *model*, the ring algorithm's ``2 (P - 1) / P x size`` per rank. gloo and
   NCCL choose their algorithm by size and topology (tree, ring, recursive halving), so the
   real figure differs; the ring's is the bandwidth-optimal one and what cost models use.
+
+Not counted: what DeepSpeed sends itself (``engine: deepspeed`` reduces the gradients in its
+own engine), and the gloo/NCCL protocol overhead (headers, a ring's intermediate hops).
 """
 
 from __future__ import annotations
