@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moe_dist.config import LossConfig, ModelConfig, MoEConfig, load_config
 from moe_dist.models import build_model
@@ -61,10 +62,15 @@ def worker(rank: int, world: int, run_dir: str, root: str, out_dir: str) -> None
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, data_root):
+def traffic_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("traffic")
     spawn(worker, 2, str(out / "run"), data_root, str(out))
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(traffic_run):
+    return [json.loads((traffic_run / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def replicated_bytes(model) -> tuple[int, int]:
@@ -100,6 +106,15 @@ def test_dense_run_reports_the_analytic_bytes_per_step(records):
     expected["total"] = sum(expected.values())
     assert metrics["comm_bytes_per_step"] == expected
     assert metrics["steps"] == TRAIN // BATCH and metrics["num_processes"] == 2
+
+
+@pytest.mark.multiprocess
+def test_dense_run_logs_the_bytes_per_step_to_tensorboard(traffic_run, records):
+    """One epoch: perf/comm_bytes_per_step/{kind} at step 1 holds metrics.json's values."""
+    events = EventAccumulator(str(traffic_run / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    for kind, value in records[0]["metrics"]["comm_bytes_per_step"].items():
+        assert [(e.step, e.value) for e in events.Scalars(f"perf/comm_bytes_per_step/{kind}")] == [(1, value)], kind
 
 
 @pytest.mark.multiprocess
