@@ -187,21 +187,23 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (E, batch, ep_size): step ms, t(ep 2)/t(ep 1), memory, MB sent per rank."""
+    """One Markdown line per (E, batch, ep_size): step ms, t(ep 2)/t(ep 1), memory, MB sent per rank."""
+    from moe_dist.tables import markdown_table
+
     one = {(r["experts"], r["batch"]): r["step_seconds"] for r in rows if r["ep_size"] == 1}
-    head = (f"{'E':>4} {'batch':>5} {'ep':>2} {'step ms':>8} {'t/t(ep1)':>8} {'peak RSS MB':>11} {'model+act MB':>12} "
-            f"{'dispatch MB':>11} {'grads MB':>8} {'other KB':>8} {'total MB':>8} {'load':>5}")
-    lines = [head]
+    headers = ("E", "batch", "ep", "step ms", "t / t(ep 1)", "peak RSS MB", "model + act MB", "dispatch MB",
+               "gradients MB", "other KB", "total MB", "load")
+    lines = []
     for r in rows:
         sent = {k: max(b[k] for b in r["bytes_per_step"]) for k in KINDS}  # the busiest rank
-        ratio = r["step_seconds"] / one[(r["experts"], r["batch"])]
-        lines.append(f"{r['experts']:>4} {r['batch']:>5} {r['ep_size']:>2} {1000 * r['step_seconds']:>8.1f} "
-                     f"{ratio:>8.2f} {max(r['peak_rss_mb']):>11.0f} {max(r['rss_delta_mb']):>12.0f} "
-                     f"{sent['dispatch'] / 2**20:>11.3f} {sent['gradients'] / 2**20:>8.3f} "
-                     f"{sent['other'] / 2**10:>8.2f} {sum(sent.values()) / 2**20:>8.3f} {r['load']:>5.2f}")
-    lines.append("step ms: median of the slowest rank's steps; memory and bytes: the largest over the ranks; "
-                 "bytes a rank sends to the other per step (all-reduces as a ring: a model); load: 1-min average")
-    return "\n".join(lines)
+        lines.append((r["experts"], r["batch"], r["ep_size"], f"{1000 * r['step_seconds']:.1f}",
+                      f"{r['step_seconds'] / one[(r['experts'], r['batch'])]:.2f}", f"{max(r['peak_rss_mb']):.0f}",
+                      f"{max(r['rss_delta_mb']):.0f}", f"{sent['dispatch'] / 2**20:.3f}",
+                      f"{sent['gradients'] / 2**20:.3f}", f"{sent['other'] / 2**10:.2f}",
+                      f"{sum(sent.values()) / 2**20:.3f}", f"{r['load']:.2f}"))
+    return (markdown_table(headers, lines, align=["right"] * len(headers))
+            + "\nstep ms: median of the slowest rank's steps; memory and bytes: the larger of the ranks; bytes a "
+              "rank sends to the other per step (all-reduces as a ring: a model); load: 1-min average")
 
 
 def main() -> None:
@@ -214,7 +216,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: E = 5 and 20 at batch 64, batch 32 at E = 20, 2 steps")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument("--table", default="", help="print the table of an earlier --json FILE (measures nothing)")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())["rows"]))
+        return
     if args.quick:
         args.experts_list, args.batch_default, args.batches, args.steps, args.warmup = [5, 20], 64, [32], 2, 1
     load_before = os.getloadavg()

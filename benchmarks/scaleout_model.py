@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_dist.tables import markdown_table
+
 D, C = 28 * 28, 10  # input features (the gathered images), expert outputs
 F32 = 4
 KINDS = ("dispatch", "gradients", "other")
@@ -172,10 +174,11 @@ def fit_sharing(rows: list[dict], compute: np.ndarray, sizes_of) -> tuple[float,
 
 def check_cpu(rows: list[dict], compute: np.ndarray, sharing: tuple[float, float], memory: np.ndarray,
               sizes_of) -> str:
-    """Every measured row next to the model's prediction (time, memory, bytes)."""
+    """Every measured row next to the model's prediction (time, memory, bytes), Markdown."""
     s, alpha = sharing
-    lines = [f"{'E':>4} {'batch':>5} {'ep':>2} {'step ms':>8} {'compute':>7} {'wire ms':>7} {'n':>2} {'model':>7} "
-             f"{'meas/model':>10} {'RSS+ MB':>7} {'model':>5} {'MB sent':>8} {'formula':>8}"]
+    headers = ("E", "batch", "ep", "measured ms", "compute ms", "wire ms", "n", "model ms", "measured / model",
+               "model + act MB", "model MB", "bytes sent MB", "formula MB")
+    lines = []
     for r in rows:
         E, P, B = r["experts"], r["ep_size"], r["batch"]
         b, sizes = B // P, sizes_of(E)
@@ -186,11 +189,10 @@ def check_cpu(rows: list[dict], compute: np.ndarray, sharing: tuple[float, float
         n = collectives(E, P, P, sizes) if P > 1 else 0
         t = (s * compute_s + n * alpha + wire) if P > 1 else compute_s
         known, regs = memory_regressors(E, P, b, sizes)
-        mem = known + float(np.dot(memory, regs))
-        lines.append(f"{E:>4} {B:>5} {P:>2} {1000 * r['step_seconds']:>8.1f} {1000 * compute_s:>7.1f} "
-                     f"{1000 * wire:>7.2f} {n:>2} {1000 * t:>7.1f} {r['step_seconds'] / t:>10.2f} "
-                     f"{max(r['rss_delta_mb']):>7.0f} {mem:>5.0f} {sent / 2**20:>8.3f} {formula / 2**20:>8.3f}")
-    return "\n".join(lines)
+        lines.append((E, B, P, f"{1000 * r['step_seconds']:.1f}", f"{1000 * compute_s:.1f}", f"{1000 * wire:.2f}", n,
+                      f"{1000 * t:.1f}", f"{r['step_seconds'] / t:.2f}", f"{max(r['rss_delta_mb']):.0f}",
+                      f"{known + float(np.dot(memory, regs)):.0f}", f"{sent / 2**20:.3f}", f"{formula / 2**20:.3f}"))
+    return markdown_table(headers, lines, align=["right"] * len(headers))
 
 
 def fit_gpu() -> tuple[float, float, float]:
@@ -237,19 +239,16 @@ def gpu_table(memory: np.ndarray, b: int = 512) -> tuple[str, list[dict]]:
         for N in (8, 64, 512):
             rows.append(gpu_row(E, N, choose_ep(E, N), b, gpu, memory))
             rows.append(gpu_row(E, N, 1, b, gpu, memory))  # data parallel only, for comparison
-    lines = [f"H200 compute = max({gpu[0]:.1f} ms, {gpu[1] * 1000:.3f} us x b + {gpu[2] * 1e6:.1f} ns x L x G); "
+    title = (f"H200 compute = max({gpu[0]:.1f} ms, {gpu[1] * 1000:.3f} us x b + {gpu[2] * 1e6:.1f} ns x L x G); "
              f"batch {b} per GPU; latency {ALPHA_NODE * 1e6:.0f} us per collective in one node, "
-             f"{ALPHA_CLUSTER * 1e6:.0f} us across nodes (assumed)",
-             f"{'GPUs':>5} {'E':>5} {'ep':>4} {'dp':>4} {'L':>4} {'compute ms':>10} {'dispatch MB':>11} "
-             f"{'grads MB':>8} {'other MB':>8} {'n':>3} {'comm ms':>7} {'step ms':>7} {'samples/s':>10} "
-             f"{'memory MB':>9}"]
-    for r in rows:
-        s = r["bytes_per_gpu"]
-        lines.append(f"{r['gpus']:>5} {r['experts']:>5} {r['ep_size']:>4} {r['dp']:>4} {r['local_experts']:>4} "
-                     f"{r['compute_ms']:>10.2f} {s['dispatch'] / 2**20:>11.2f} {s['gradients'] / 2**20:>8.2f} "
-                     f"{s['other'] / 2**20:>8.3f} {r['collectives']:>3} {r['comm_ms']:>7.2f} {r['step_ms']:>7.2f} "
-                     f"{r['samples_per_s']:>10.3g} {r['memory_mb']:>9.0f}")
-    return "\n".join(lines), rows
+             f"{ALPHA_CLUSTER * 1e6:.0f} us across nodes (assumed)")
+    headers = ("GPUs", "E", "ep_size", "dp", "experts per GPU", "compute ms", "dispatch MB", "gradients MB",
+               "collectives", "comm ms", "step ms", "samples/s", "memory per GPU MB")
+    lines = [(r["gpus"], r["experts"], r["ep_size"], r["dp"], r["local_experts"], f"{r['compute_ms']:.2f}",
+              f"{r['bytes_per_gpu']['dispatch'] / 2**20:.1f}", f"{r['bytes_per_gpu']['gradients'] / 2**20:.1f}",
+              r["collectives"], f"{r['comm_ms']:.2f}", f"{r['step_ms']:.2f}", f"{round(r['samples_per_s'], 2 - int(math.log10(r['samples_per_s']))):,.0f}",
+              f"{r['memory_mb']:,.0f}") for r in rows]
+    return title + "\n\n" + markdown_table(headers, lines, align=["right"] * len(headers)), rows
 
 
 def report(rows: list[dict]) -> tuple[str, dict]:
