@@ -356,9 +356,9 @@ def report(r: dict, experts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def run_two_ranks(worker, args: argparse.Namespace) -> dict:
-    """Run ``worker(rank, 2, port, args, out_path)`` in 2 spawned processes; rank 0 writes
-    its result as JSON to ``out_path``, returned here."""
+def run_two_ranks(worker, args: argparse.Namespace, nprocs: int = 2) -> dict:
+    """Run ``worker(rank, nprocs, port, args, out_path)`` in ``nprocs`` (default 2) spawned
+    processes; rank 0 writes its result as JSON to ``out_path``, returned here."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -366,7 +366,7 @@ def run_two_ranks(worker, args: argparse.Namespace) -> dict:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(worker, args=(2, port, args, str(out)), nprocs=2, start_method="spawn")
+        mp.start_processes(worker, args=(nprocs, port, args, str(out)), nprocs=nprocs, start_method="spawn")
         return json.loads(out.read_text())
 
 

@@ -32,7 +32,7 @@ class Field:
     record: str
     """metrics | history | conditional | conditional.top{k} (module docstring)."""
     unit: str
-    """fraction, bits, nats, s, MB, count, or - (none: a loss, a name, a list, a flag)."""
+    """fraction, bits, nats, s, MB, bytes, count, or - (none: a loss, a name, a list, a flag)."""
     meaning: str
     """One line, for README's table."""
     eval_key: str | None = None
@@ -127,6 +127,10 @@ FIELDS: tuple[Field, ...] = (
     Field("num_processes", _M, "count", "processes (ranks) that trained the run"),
     Field("engine", _M, "-", "the config's engine"),
     Field("ep_size", _M, "count", "ranks sharing the experts of one MoE (expert parallelism)"),
+    Field("comm_bytes_per_step", _M, "bytes", "several processes only: bytes one rank sends to the others per "
+          "training step (mean over the ranks and this session's steps), by kind: dispatch (experts' inputs, outputs, their gradients), "
+          "gradients (all-reduce), other (gate losses, BatchNorm, layouts), total; an all-reduce counts as a ring, "
+          "2(P-1)/P x its size (a model); engine=deepspeed's own reductions are not counted"),
     Field("torch", _M, "-", "torch version"),
     Field("format", _M, "-", "metrics.json layout (2: epochs from 1, train_seconds; older files read as 2)"),
     Field("history", _M, "-", "one record per epoch (the history[] rows)"),

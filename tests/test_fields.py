@@ -16,7 +16,7 @@ from moe_dist.tables import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
-UNITS = {"fraction", "bits", "nats", "s", "MB", "count", "-"}
+UNITS = {"fraction", "bits", "nats", "s", "MB", "bytes", "count", "-"}
 TOPK_KEY = re.compile(r"top\d+")
 
 

@@ -61,6 +61,9 @@ def test_run_folder_holds_the_documented_interface(tmp_path, data_root):
     assert [e.step for e in events.Scalars("eval/error")] == [1, 2, 3]  # epochs completed, from 1
     assert events.Scalars("eval/error")[-1].value == pytest.approx(saved["test_error"], abs=1e-6)
     assert "moe/selection_table" in tags["images"]
+    # one process sends nothing: no bytes field, no bytes curves (tests/test_traffic.py: two)
+    assert "comm_bytes_per_step" not in saved
+    assert not [t for t in tags["scalars"] if t.startswith("perf/comm_bytes")]
 
 
 def test_eval_command_reproduces_final_metrics(tmp_path, data_root, capsys):

@@ -13,6 +13,8 @@
 * ``batchnorm``: BatchNorm with the global batch's statistics (installed by ``parallelize``).
 * ``grads``: :class:`GradientReducer`, gradient sums over the right groups (no DDP).
 * ``state``: checkpoints in the single-process layout, loadable at any ep_size.
+* ``traffic``: bytes each collective sends to other ranks, by kind (a run's
+  ``comm_bytes_per_step``).
 """
 
 from moe_dist.parallel.comm import (agree_max_int, all_gather_floats, all_reduce, group_exists, is_distributed, rank,
@@ -20,6 +22,7 @@ from moe_dist.parallel.comm import (agree_max_int, all_gather_floats, all_reduce
 from moe_dist.parallel.dispatch import BatchLayout, ExpertParallelDispatch, LocalDispatch
 from moe_dist.parallel.env import (WorldInfo, barrier, destroy_distributed, group_timeout, init_distributed, is_main,
                                    join_process_group, process_group, world_info_from_env)
+from moe_dist.parallel import traffic
 from moe_dist.parallel.failure import collective_failure
 from moe_dist.parallel.grads import GradientReducer, all_reduce_gradients
 from moe_dist.parallel.groups import ParallelContext, check_layout
@@ -35,7 +38,7 @@ __all__ = [
     "process_group", "barrier", "group_timeout", "collective_failure",
     "GradientReducer", "all_reduce_gradients",
     "ParallelContext", "check_layout",
-    "moe_modules", "parallelize", "split_parameters",
+    "moe_modules", "parallelize", "split_parameters", "traffic",
     "full_model_state", "full_optimizer_state", "load_full_model_state",
     "load_full_optimizer_state", "slice_model_state",
 ]

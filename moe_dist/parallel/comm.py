@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_dist.parallel.traffic import count_all_gather, count_all_reduce
+
 __all__ = ["group_exists", "is_distributed", "world_size", "rank", "all_reduce", "all_gather_floats",
            "agree_max_int", "same_on_every_rank"]
 
@@ -48,6 +50,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if not is_distributed():
         return t
     work = _backend_device(t)
+    count_all_reduce("other", work, None)
     dist.all_reduce(work, op=_OPS[op])
     if work is not t:
         t.copy_(work)
@@ -60,6 +63,7 @@ def all_gather_floats(value: float) -> list[float]:
         return [value]
     mine = _backend_device(torch.tensor([value], dtype=torch.float64))
     gathered = [torch.zeros_like(mine) for _ in range(world_size())]
+    count_all_gather("other", mine, None)
     dist.all_gather(gathered, mine)
     return [float(t) for t in gathered]
 

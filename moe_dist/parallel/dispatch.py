@@ -57,9 +57,14 @@ import torch
 from moe_dist import losses
 from moe_dist.parallel import collectives as coll
 from moe_dist.parallel.groups import ParallelContext
+from moe_dist.parallel.traffic import count_all_gather
 
 __all__ = ["BatchLayout", "LocalDispatch", "ExpertParallelDispatch", "capacity_keep",
            "run_expert_batch", "routing_capacity"]
+
+# The traffic heading (moe_dist.parallel.traffic) of the experts' inputs, outputs and their
+# gradients; counts, routing metadata, layouts and gate losses stay under "other".
+DISPATCH = "dispatch"
 
 
 @dataclass(frozen=True)
@@ -292,7 +297,9 @@ class ExpertParallelDispatch(LocalDispatch):
         if self.world_size == 1:
             return BatchLayout((batch_size,), 0)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        torch.distributed.all_gather(sizes, torch.tensor([batch_size], dtype=torch.int64))
+        mine = torch.tensor([batch_size], dtype=torch.int64)
+        count_all_gather("other", mine, None)
+        torch.distributed.all_gather(sizes, mine)
         return BatchLayout(tuple(int(s) for s in torch.cat(sizes).tolist()), self.ctx.rank)
 
     def _ep_sizes(self, layout: BatchLayout) -> tuple[int, ...]:
@@ -312,7 +319,7 @@ class ExpertParallelDispatch(LocalDispatch):
         if P == 1:
             return _run_shared(experts, x)
         sizes = self._ep_sizes(layout)
-        x_G = coll.all_gather_rows(x, sizes, self.ctx.ep_rank, self.ctx.ep_group)
+        x_G = coll.all_gather_rows(x, sizes, self.ctx.ep_rank, self.ctx.ep_group, kind=DISPATCH)
         out_LGC, hidden_LGH = _run_shared(experts, x_G)
         C = out_LGC.shape[-1]
         z_LGF = torch.cat([out_LGC, hidden_LGH.to(out_LGC.dtype)], -1) if need_hidden else out_LGC
@@ -323,7 +330,7 @@ class ExpertParallelDispatch(LocalDispatch):
         counts = [len(block) for block in self.blocks]
         recv_splits = [B * n * F_ for n in counts]
         recv = coll.all_to_all_rows(z_LGF.transpose(0, 1).reshape(-1), recv_splits,
-                                    [g * L * F_ for g in sizes], self.ctx.ep_group)
+                                    [g * L * F_ for g in sizes], self.ctx.ep_group, kind=DISPATCH)
         z_EBF = torch.cat([part.view(B, n, F_).transpose(0, 1)  # rank order = global expert order
                            for part, n in zip(recv.split(recv_splits), counts)])
         if need_hidden:
@@ -369,7 +376,7 @@ class ExpertParallelDispatch(LocalDispatch):
         x_Q = _SendRows.apply(x, route)
         if weights_BK is not None:  # all K weights of a unit: the receiver picks its slots
             w_UK = coll.all_to_all_rows(weights_BK.index_select(0, route.sample_U), route.recv_units,
-                                        route.send_units, route.group)
+                                        route.send_units, route.group, kind=DISPATCH)
         out_QC, padded = _run_sorted(experts, x_Q, route.counts_L)
         me = self.ctx.ep_rank
         if weights_BK is None:
@@ -504,14 +511,14 @@ class _SendRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, route: _Route) -> torch.Tensor:
         ctx.route, ctx.batch = route, x.shape[0]
         rows = coll.exchange_rows(x.index_select(0, route.sample_U), route.recv_units, route.send_units,
-                                  route.group)
+                                  route.group, kind=DISPATCH)
         return rows.index_select(0, route.unit_Q)
 
     @staticmethod
     def backward(ctx, grad_Q: torch.Tensor):
         route = ctx.route
         grad_U = grad_Q.new_zeros((sum(route.recv_units),) + grad_Q.shape[1:]).index_add_(0, route.unit_Q, grad_Q)
-        grad = coll.exchange_rows(grad_U, route.send_units, route.recv_units, route.group)
+        grad = coll.exchange_rows(grad_U, route.send_units, route.recv_units, route.group, kind=DISPATCH)
         return grad.new_zeros((ctx.batch,) + grad.shape[1:]).index_add_(0, route.sample_U, grad), None
 
 
@@ -523,7 +530,7 @@ class _ReturnRows(torch.autograd.Function):
     def forward(ctx, out_Q: torch.Tensor, route: _Route) -> torch.Tensor:
         ctx.route = route
         ret = out_Q.new_empty(out_Q.shape).index_copy_(0, route.place_Q, out_Q)
-        back = coll.exchange_rows(ret, route.send_pairs, route.recv_pairs, route.group)
+        back = coll.exchange_rows(ret, route.send_pairs, route.recv_pairs, route.group, kind=DISPATCH)
         # zeros only where some pair was dropped: otherwise every row is written
         make = back.new_empty if back.shape[0] == route.num_pairs else back.new_zeros
         return make((route.num_pairs,) + back.shape[1:]).index_copy_(0, route.pair_P, back)
@@ -532,7 +539,7 @@ class _ReturnRows(torch.autograd.Function):
     def backward(ctx, grad_S: torch.Tensor):
         route = ctx.route
         grad = coll.exchange_rows(grad_S.index_select(0, route.pair_P), route.recv_pairs, route.send_pairs,
-                                  route.group)
+                                  route.group, kind=DISPATCH)
         return grad.index_select(0, route.place_Q), None
 
 
@@ -548,7 +555,7 @@ def _combine_units(out_QC: torch.Tensor, w_UK: torch.Tensor, route: _Route, batc
     if need_top:
         z_QC = torch.cat([z_QC, out_QC * (route.entry_Q % K == 0).unsqueeze(1)], 1)
     z_UC = z_QC.new_zeros((sum(route.recv_units), z_QC.shape[1])).index_add(0, route.unit_Q, z_QC)
-    back_UC = coll.all_to_all_rows(z_UC, route.send_units, route.recv_units, route.group)
+    back_UC = coll.all_to_all_rows(z_UC, route.send_units, route.recv_units, route.group, kind=DISPATCH)
     y_BC = back_UC.new_zeros((batch, back_UC.shape[1])).index_add(0, route.sample_U, back_UC)
     C = out_QC.shape[1]
     return (y_BC[:, :C], y_BC[:, C:]) if need_top else (y_BC, None)

@@ -27,6 +27,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe_dist.parallel.groups import ParallelContext
 from moe_dist.parallel.model import split_parameters
+from moe_dist.parallel.traffic import count_all_reduce
 
 __all__ = ["GradientReducer", "all_reduce_gradients"]
 
@@ -64,6 +65,7 @@ def all_reduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | 
         flat = _flatten_dense_tensors(grads)
         if i == 0:
             flat = torch.cat([flat, present.to(flat.dtype)])
+        count_all_reduce("gradients", flat, group)
         dist.all_reduce(flat, group=group)
         if i == 0:
             present = flat[-present.numel():]

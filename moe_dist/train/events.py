@@ -2,7 +2,8 @@
 
 Tags by namespace: ``train/*`` (epoch means of the loss parts, error, lr), ``eval/*``,
 ``moe/*`` (specialisation metrics, routing statistics, the selection-table figure),
-``perf/step_seconds/*`` (every rank's mean step time, and their max and mean) and
+``perf/step_seconds/*`` (every rank's mean step time, and their max and mean),
+``perf/comm_bytes_per_step/*`` (bytes a rank sends to the others per step, by kind) and
 ``hparam/*`` with the hparams table at the end of the run.
 """
 
@@ -22,8 +23,11 @@ __all__ = ["log_epoch", "log_final", "SummaryWriter"]
 
 
 def log_epoch(writer: SummaryWriter, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None,
-              lr: float, step_seconds_by_rank: list[float], class_names: list[str]) -> None:
-    """One epoch's scalars (and the selection table when it was evaluated)."""
+              lr: float, step_seconds_by_rank: list[float], class_names: list[str],
+              comm_bytes_per_step: dict[str, float] | None = None) -> None:
+    """One epoch's scalars (and the selection table when it was evaluated).
+    ``comm_bytes_per_step``: the epoch's bytes sent per step and rank, by kind (several
+    processes only)."""
     # Each value once: the tags of moe_dist/fields.py (the evaluation's copies in the record
     # have none: they are logged below as eval/*, moe/*); a new loss part gets train/<part>;
     # the task loss alone when it is the whole loss (no gate losses).
@@ -40,6 +44,10 @@ def log_epoch(writer: SummaryWriter, epoch: int, record: dict[str, Any], metrics
     if step_seconds_by_rank:
         writer.add_scalar("perf/step_seconds/max", max(step_seconds_by_rank), epoch)
         writer.add_scalar("perf/step_seconds/mean", sum(step_seconds_by_rank) / len(step_seconds_by_rank), epoch)
+    for kind, nbytes in (comm_bytes_per_step or {}).items():
+        writer.add_scalar(f"perf/comm_bytes_per_step/{kind}", nbytes, epoch)
+    if comm_bytes_per_step:
+        writer.add_scalar("perf/comm_bytes_per_step/total", sum(comm_bytes_per_step.values()), epoch)
     if metrics is None:
         return
     for key, tag in fields.eval_scalar_tags().items():

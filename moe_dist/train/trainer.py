@@ -30,7 +30,7 @@ from moe_dist.data import Split, TensorBatches
 from moe_dist.data.augment import cifar_augment, cifar_draws
 from moe_dist.errors import CheckpointError, ConfigError
 from moe_dist.losses import model_loss
-from moe_dist.parallel import all_gather_floats, all_reduce, barrier, collective_failure, destroy_distributed
+from moe_dist.parallel import all_gather_floats, all_reduce, barrier, collective_failure, destroy_distributed, traffic
 from moe_dist.rundir import METRICS_FORMAT, RunDir
 from moe_dist.train.engines import Engine
 from moe_dist.train.evaluate import batch_share, evaluate, global_batch_size
@@ -91,6 +91,11 @@ class Trainer:
         self.writer: SummaryWriter | None = None
         self.bar: tqdm | None = None
         self.step_seconds_by_rank: list[float] = []  # the last epoch's mean step time of every rank
+        # Bytes sent to other ranks (moe_dist.parallel.traffic), summed over the ranks: this
+        # session's training steps, and the last epoch's per step and rank (TensorBoard)
+        self.comm_bytes: dict[str, float] = dict.fromkeys(traffic.KINDS, 0.0)
+        self.comm_steps = 0
+        self.epoch_comm_bytes: dict[str, float] = {}
         self._owns_process_group = owns_process_group
         self._started = time.perf_counter() if started is None else started  # this session, for total_seconds
         self._earlier_seconds = 0.0  # total_seconds of the sessions before this one
@@ -193,6 +198,7 @@ class Trainer:
         augment = self._augmenter(epoch, first)
         batches = self.data.train_batches
         stopped, step_seconds, timed_steps = None, 0.0, 0  # this session's steps only
+        sent_before = traffic.SENT.snapshot()
         for index, (x, y_B, idx_B) in enumerate(batches.batches(epoch, first), first):
             x = augment(x, index)
             start = time.perf_counter()
@@ -213,11 +219,33 @@ class Trainer:
                 self.state.batch, self.state.partial = index + 1, tally.partial()
                 return EpochOutcome(preempted=True)
         self.state.batch, self.state.partial = 0, {}
+        self._add_traffic(traffic.SENT.since(sent_before), timed_steps)
         record = tally.record(self.cfg.moe.capacity_factor, with_dispatch_entropy=with_clusters and self.num_experts > 0)
         # every rank's mean step time (one small all-gather) for perf/step_seconds/*: ranks wait
         # for each other in the collectives, so the times differ by the work outside them
         self.step_seconds_by_rank = all_gather_floats(step_seconds / max(timed_steps, 1))
         return EpochOutcome(record, stopped_early=stopped)
+
+    def _add_traffic(self, sent: dict[str, int], steps: int) -> None:
+        """Add an epoch's bytes sent (this rank's, ``steps`` steps) to the session's, summed
+        over the ranks: one small all-reduce per epoch, none per step. Evaluation, checkpoints
+        and this reduction fall outside the epoch's steps and are not counted."""
+        if not self.ctx.distributed or not steps:
+            return
+        summed = all_reduce(torch.tensor([float(sent[k]) for k in traffic.KINDS], dtype=torch.float64)).tolist()
+        for kind, value in zip(traffic.KINDS, summed):
+            self.comm_bytes[kind] += value
+        self.comm_steps += steps
+        world = self.ctx.world_size
+        self.epoch_comm_bytes = {k: v / (steps * world) for k, v in zip(traffic.KINDS, summed)}
+
+    def comm_bytes_per_step(self) -> dict[str, float] | None:
+        """Bytes one rank sends to the others per training step, by kind and in total (mean
+        over the ranks and this session's steps); None in one process."""
+        if not self.comm_steps:
+            return None
+        per_step = {k: v / (self.comm_steps * self.ctx.world_size) for k, v in self.comm_bytes.items()}
+        return {**per_step, "total": sum(per_step.values())}
 
     # ----------------------------------------------------------------------------- schedule
     def fit(self, extra_metrics: ExtraMetrics | None = None) -> dict[str, Any]:
@@ -306,7 +334,7 @@ class Trainer:
         self.say(epoch_line(record, self.cfg.train.epochs))
         if self.writer is not None:
             log_epoch(self.writer, epoch + 1, record, metrics, self.engine.optimizer.param_groups[0]["lr"],
-                      self.step_seconds_by_rank, self.data.dataset.class_names)
+                      self.step_seconds_by_rank, self.data.dataset.class_names, self.epoch_comm_bytes)
         if last or self.state.epoch % self.cfg.train.checkpoint_every == 0:
             self.checkpoint()
         return metrics
@@ -448,6 +476,10 @@ class Trainer:
             "num_processes": self.ctx.world_size,
             "engine": self.cfg.engine,
             "ep_size": self.ctx.ep_size,
+        })
+        if self.comm_steps:
+            result["comm_bytes_per_step"] = self.comm_bytes_per_step()
+        result.update({
             "torch": torch.__version__,
             "format": METRICS_FORMAT,
             "history": history,
