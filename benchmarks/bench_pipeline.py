@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--shards", default="", help="existing fashion_mnist shard folder (default: write one)")
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--chunk-size", type=int, default=0, help="samples per tar member (0: the default)")
-    parser.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA or ../shared/data)")
+    parser.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA, else ./data)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     workers = [0] if args.quick else [int(w) for w in args.workers.split(",")]

@@ -178,7 +178,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=f"datasets (NAME, the config's data.name):\n{datasets}\n\n{cli_help.DATA_EXAMPLES}")
     p.add_argument("action", choices=("download", "info", "shards"), metavar="ACTION", help="download | info | shards")
     p.add_argument("name", metavar="NAME", help="a dataset (below)")
-    p.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA or ../shared/data)")
+    p.add_argument("--root", default="", help="dataset folder (default: $MOE_DIST_DATA, else ./data)")
     shards = p.add_argument_group("shards", "write train-NNNNNN.tar, test-NNNNNN.tar and manifest.json")
     shards.add_argument("--out", default="", help="shard folder to write")
     shards.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")

@@ -39,7 +39,7 @@ examples:
 DATA_DESCRIPTION = """\
 Download a dataset (with torchvision: pip install -e ".[vision]", needs network), check and
 describe one (info), or write one to webdataset tar shards for data.format=webdataset.
-Files are looked up in --root, else $MOE_DIST_DATA, else ../shared/data."""
+Files are looked up in --root, else $MOE_DIST_DATA, else ./data."""
 DATA_EXAMPLES = """\
 examples:
   moe-dist data download fashion_mnist

@@ -65,7 +65,7 @@ class DataConfig:
     name: str = "synthetic"
     """Dataset: mnist | fashion_mnist | mnist10k | cifar100 | fmnist_mnist | synthetic."""
     root: str = ""
-    """Folder holding the dataset files; empty means $MOE_DIST_DATA or ../shared/data."""
+    """Folder holding the dataset files; empty means $MOE_DIST_DATA, else ./data."""
     normalization: str = "paper"
     """paper (each dataset's published mean/std) | half ((x-0.5)/0.5, paper Section 4) | none."""
     setting: str = "s1"

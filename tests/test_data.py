@@ -191,8 +191,7 @@ def test_default_data_root(monkeypatch):
     monkeypatch.setenv("MOE_DIST_DATA", "/somewhere/data")
     assert default_data_root() == "/somewhere/data"
     monkeypatch.delenv("MOE_DIST_DATA")
-    repo_shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    assert default_data_root() == (str(repo_shared) if repo_shared.is_dir() else "./data")
+    assert default_data_root() == "./data"
 
 
 def test_download_without_torchvision(monkeypatch, tmp_path):

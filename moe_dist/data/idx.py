@@ -104,8 +104,8 @@ FASHION_MNIST = IdxSource(
     title="Fashion-MNIST",
     subdirs=("fashion-mnist", "FashionMNIST/raw"),
     checksums={
-        # Upstream .gz md5s (what torchvision downloads) and the decompressed md5s from
-        # shared/data/fashion-mnist/README.md, which hold for any recompression.
+        # Upstream .gz md5s (what torchvision downloads) and the md5s of the decompressed
+        # files, which hold for any recompression.
         "train-images-idx3-ubyte": KnownChecksums(
             frozenset({"8d4fb7e6c68d591d4c3dfef9ec88bf0d"}), "f4a8712d7a061bf5bd6d2ca38dc4d50a"
         ),

@@ -69,12 +69,8 @@ class Dataset:
 
 
 def default_data_root() -> str:
-    """$MOE_DIST_DATA, else `<repo>/../shared/data` when it exists, else "./data"."""
-    env = os.environ.get("MOE_DIST_DATA")
-    if env:
-        return env
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return str(shared) if shared.is_dir() else "./data"
+    """$MOE_DIST_DATA, else "./data" (where ``moe-dist download`` puts the datasets)."""
+    return os.environ.get("MOE_DIST_DATA") or "./data"
 
 
 def check_name(name: str) -> None:
