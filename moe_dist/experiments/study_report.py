@@ -64,10 +64,12 @@ def discover_grid(root: Path, experts: Sequence[int] | None = None, regularizers
                   seeds: Sequence[int] | None = None, order: Sequence[str] = ()) -> StudyGrid:
     """The grid of ``root``'s run folders (finished or not), where a list is not given:
     regularisers in ``order`` first (the study's), then by name."""
-    found = [(m["regularizer"], int(m["E"]), int(s["seed"]))
-             for point in (sorted(Path(root).iterdir()) if Path(root).is_dir() else [])
-             if point.is_dir() and (m := _POINT.fullmatch(point.name))
-             for run in sorted(point.iterdir()) if run.is_dir() and (s := _SEED.fullmatch(run.name))]
+    found = []  # (regulariser, E, seed) of every run folder
+    for point in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        match = _POINT.fullmatch(point.name)
+        if point.is_dir() and match:
+            found += [(match["regularizer"], int(match["E"]), int(seed["seed"])) for run in sorted(point.iterdir())
+                      if run.is_dir() and (seed := _SEED.fullmatch(run.name))]
     if not found and None in (experts, regularizers, seeds):
         raise MoEDistError(f"--root {root}: no study run folders there (REGULARIZER_eE/seedS); "
                            "give the --root a study wrote")
