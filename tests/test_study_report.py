@@ -67,7 +67,7 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
     written = _study(root)
     before = _files(root)
 
-    assert main(["study", "experts", "--report-only", "--root", str(root), "--heatmaps", "4,8",
+    assert main(["study", "experts", "--report-only", "--root", str(root), "--experts", "4,8,16", "--heatmaps", "4,8",
                  "--heatmap-regularizers", f"lcv,{OTHER}"]) == 0
 
     after = _files(root)
@@ -92,6 +92,7 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
         assert float(row["stack_members_mean"]) == 4
     report = (root / "study.md").read_text()
     assert f"- {OTHER} E=8: 1 of 3 seeds (missing seed 1, 2)" in report
+    assert f"- E=16: no finished run (lcv, {OTHER}: 0 of 3 seeds)" in report  # asked for, not there yet
     assert report.count("\n| ") == 1 + len(rows) and "sent bytes/step" in report and "2 (ep 2)" in report
     assert "whole stack's" in report
     for name in FIGURE_NAMES:

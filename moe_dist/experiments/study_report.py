@@ -121,13 +121,19 @@ def summarize(runs: dict[tuple[str, int], list[StudyRun]], keys: Sequence[str]) 
 
 
 def incomplete_points(runs: dict[tuple[str, int], list[StudyRun]], grid: StudyGrid) -> list[str]:
-    """``attentive_ls E=160: 1 of 3 seeds (missing seed 1, 2)``, one per point short of seeds."""
+    """``attentive_ls E=160: 1 of 3 seeds (missing seed 1, 2)``, one per point short of seeds;
+    one line for an E none of whose points has finished (a study not yet that far)."""
     lines = []
-    for (regularizer, E), point in runs.items():
-        missing = [s for s in grid.seeds if s not in {run.seed for run in point}]
-        if missing:
-            lines.append(f"{regularizer} E={E}: {len(point)} of {len(grid.seeds)} seeds "
-                         f"(missing seed {', '.join(map(str, missing))})")
+    for E in grid.experts:
+        points = [(r, runs[(r, E)]) for r in grid.regularizers]
+        if not any(point for _, point in points):
+            lines.append(f"E={E}: no finished run ({', '.join(grid.regularizers)}: 0 of {len(grid.seeds)} seeds)")
+            continue
+        for regularizer, point in points:
+            missing = [s for s in grid.seeds if s not in {run.seed for run in point}]
+            if missing:
+                lines.append(f"{regularizer} E={E}: {len(point)} of {len(grid.seeds)} seeds "
+                             f"(missing seed {', '.join(map(str, missing))})")
     return lines
 
 
@@ -171,7 +177,8 @@ def experts_markdown(runs: dict[tuple[str, int], list[StudyRun]], rows: list[dic
              f"Runs under `{root}`{f' (base config `{config}`)' if config else ''}: data {data.get('name', '?')}, "
              f"{any_run.get('model', {}).get('arch', '?')} architecture, {train.get('epochs', '?')} epochs, "
              f"batch {train.get('batch_size', '?')}. Regularisers (each run's saved config): "
-             + "; ".join(f"{r} = {describe_regularizer(first[r])}" for r in grid.regularizers if r in first) + ".",
+             + "; ".join(f"{r} = {describe_regularizer(first[r]) if r in first else '(no finished run)'}"
+                         for r in grid.regularizers) + ".",
              "",
              "Cells: mean ± sample std (n - 1) over the seeds, the mean alone for one seed. experts used = "
              "experts top-gated for > 1 % of the test samples; H_u, H_s and I(E;Y) in bits (H_u at most log2 E); "
