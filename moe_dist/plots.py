@@ -9,6 +9,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def class_names(data: str | None, columns: int) -> list[str] | None:
+    """The class names of dataset ``data`` (``data.name``) where they are fixed and number
+    ``columns``: the tick labels of a selection table's class axis; None otherwise."""
+    if data == "synthetic":
+        names = ["-1", "+1"]
+    elif data in ("mnist", "mnist10k", "fashion_mnist", "fmnist_mnist"):
+        from moe_dist.data.combined import CLASS_NAMES
+        from moe_dist.data.idx import FASHION_MNIST, MNIST
+
+        names = {"fashion_mnist": list(FASHION_MNIST.class_names),
+                 "fmnist_mnist": list(CLASS_NAMES)}.get(data, list(MNIST.class_names))
+    else:
+        return None
+    return names if len(names) == columns else None
+
+
 def selection_heatmap(table_EC, class_names: list[str] | None = None, title: str = "expert selection"):
     """Expert x class count table as a heatmap (paper figures 2, 3): which expert takes which class."""
     table = np.asarray(table_EC, dtype=float)

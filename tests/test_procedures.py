@@ -20,6 +20,7 @@ from moe_dist.experiments.distill import distill_config
 from moe_dist.experiments.dead_experts import wilson
 from moe_dist.experiments.pretrained import STAGES, run_pretrained_gate_study
 from moe_dist.experiments.study import REGULARIZERS, experts_run_dir
+from moe_dist.experiments.study_figures import FIGURE_NAMES
 from moe_dist.train.checkpoint import load_checkpoint
 from moe_dist.train.build import build_trainer
 
@@ -157,7 +158,7 @@ def test_pretrained_gate_study_routes_each_pair_to_its_expert_and_keeps_frozen_p
 
 # ------------------------------------------------------------------------- experts (A.10)
 
-def test_experts_study_writes_every_row_and_the_figure(tmp_path, data_root):
+def test_experts_study_writes_every_row_and_the_figures(tmp_path, data_root):
     """Three of the four runs exist already (trained here in-process) and are reused; the
     fourth is trained by the study in its own process."""
     config = CONFIGS / "mnist" / "vanilla.yaml"
@@ -185,11 +186,13 @@ def test_experts_study_writes_every_row_and_the_figure(tmp_path, data_root):
         table = list(csv.DictReader(f))
     assert {(int(r["E"]), r["regularizer"]) for r in table} == {(2, "lcv"), (4, "lcv"), (2, "ls"), (4, "ls")}
     for row in table:
-        assert 1 <= float(row["experts_used"]) <= int(row["E"])
-        assert float(row["peak_memory_mb"]) > 0 and float(row["step_seconds"]) > 0
+        assert 1 <= float(row["experts_used_mean"]) <= int(row["E"]) and row["seeds"] == "1"
+        assert float(row["peak_memory_mb_mean"]) > 0 and float(row["step_seconds_mean"]) > 0
+        assert row["experts_used_std"] == "", "one seed: no std"
     assert (root / "study.md").read_text().count("\n| ") == 5
-    png = (root / "study.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for name in FIGURE_NAMES:
+        png = (root / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -199,7 +202,12 @@ def test_experts_study_writes_every_row_and_the_figure(tmp_path, data_root):
     (["study", "experts", "--config", "configs/mnist/vanilla.yaml", "moe.num_experts=3"],
      "moe.num_experts is set by this procedure"),
     (["study", "experts", "--config", "configs/mnist/vanilla.yaml", "--regularizers", "l1"],
-     "--regularizers 'l1' is not one of: lcv, ls"),
+     "--regularizers 'l1' is not one of: vanilla, lcv, ls, attentive_ls"),
+    (["study", "experts", "--config", "configs/mnist/vanilla.yaml", "--experts", "5,10", "--heatmaps", "20"],
+     "--heatmaps 20: the study has no run with E = 20; available: 5,10"),
+    (["study", "experts", "--config", "configs/mnist/vanilla.yaml", "--heatmap-regularizers", "vanilla"],
+     "--heatmap-regularizers 'vanilla': the study has no run of it; available: lcv,ls"),
+    (["study", "experts", "--experts", "5"], "--config is required to train the study"),
     (["distill", "no/such/run"], "no/such/run is not a run folder"),
 ])
 def test_procedure_commands_refuse_bad_arguments_in_one_line(argv, message, capsys, monkeypatch):

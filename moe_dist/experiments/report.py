@@ -303,18 +303,9 @@ def _synthetic_table(pairs: list[tuple[Group, dict[str, Any]]]) -> list[str]:
 
 def _class_names(run: Run, columns: int) -> list[str] | None:
     """Tick labels of the selection heatmap, where the dataset's class names are fixed."""
-    data = run.config.get("data.name")
-    if data == "synthetic":
-        names = ["-1", "+1"]
-    elif data in ("mnist", "mnist10k", "fashion_mnist", "fmnist_mnist"):
-        from moe_dist.data.combined import CLASS_NAMES
-        from moe_dist.data.idx import FASHION_MNIST, MNIST
+    from moe_dist.plots import class_names
 
-        names = {"fashion_mnist": list(FASHION_MNIST.class_names),
-                 "fmnist_mnist": list(CLASS_NAMES)}.get(data, list(MNIST.class_names))
-    else:
-        return None
-    return names if len(names) == columns else None
+    return class_names(run.config.get("data.name"), columns)
 
 
 def _slug(text: str, taken: set[str]) -> str:

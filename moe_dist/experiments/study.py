@@ -6,20 +6,21 @@
   ``moe-dist train`` process, so its ``peak_memory_mb`` is its own; ``--nproc N`` starts
   each under torchrun on N processes (with ``parallel.ep_size=`` among the overrides: the
   experts sharded). Every run trains for the config's ``train.epochs`` (the paper's E = 15
-  L_cv model had only 10 epochs, A.10).
+  L_cv model had only 10 epochs, A.10). The report (study.md, study.csv: mean ± std over
+  seeds; the figures) is moe_dist/experiments/study_report.py and study_figures.py; it reads
+  the run folders alone, so ``--report-only`` redoes it without training or data.
 * ``study pretrained-gate`` (docs/papers.md A.6, Table 1): see moe_dist/experiments/pretrained.py.
 
 Both also run under a launcher, ``torchrun --nproc_per_node N -m moe_dist.cli study ...
 parallel.ep_size=N``: every rank then trains each run in-process, one process group held for
 the whole study (moe_dist.parallel.process_group), and only rank 0 writes the tables and the
-figure, which equal a single process's. Run in-process, ``peak_memory_mb`` is the highest
+figures, which equal a single process's. Run in-process, ``peak_memory_mb`` is the highest
 of the process so far (it only grows along the study); use ``--nproc`` to measure it per run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +30,10 @@ from moe_dist.config import load_config
 from moe_dist.errors import ConfigError, MoEDistError
 from moe_dist.experiments import dead_experts
 from moe_dist.experiments.arguments import IntermixedParser, comma_ints, reject_overrides
-from moe_dist.fields import names
+from moe_dist.experiments.study_report import (StudyGrid, discover_grid, experts_run_dir, heatmap_choice,
+                                               write_experts_report)
 from moe_dist.launch import moe_dist_command
 from moe_dist.rundir import RunDir
-from moe_dist.tables import markdown_table
 
 def _regularizer(routing: str, importance: float = 0.0, beta: float = 0.0, gamma: float = 0.0) -> tuple[str, ...]:
     """The overrides of one regulariser: every loss weight and the routing, set explicitly so
@@ -73,14 +74,8 @@ def regularizers_of(config: str | Path) -> dict[str, tuple[str, ...]]:
 #: Keys each study run sets; overriding them would be ignored.
 OWNED_KEYS = ("name", "run_dir", "seed", "moe.num_experts", "moe.routing", "loss.importance_weight",
               "loss.ls_beta", "loss.ls_gamma", "loss.ls_variant")
-#: study.csv columns: (E, regulariser) identify the row; the rest are means over seeds of these
-#: metrics.json fields, in study.md's column order (checked against moe_dist/fields.py).
-METRIC_COLUMNS = names("experts_used", "usage_entropy", "test_error", "step_seconds", "peak_memory_mb")
-
-
-def experts_run_dir(root: Path, regularizer: str, num_experts: int, seed: int) -> Path:
-    """The run folder of one (regulariser, E, seed) of the study."""
-    return root / f"{regularizer}_e{num_experts}" / f"seed{seed}"
+#: Every regulariser name, in the study's order: the order of a report's rows and lines.
+REGULARIZER_ORDER = tuple(dict.fromkeys(r for table in REGULARIZERS.values() for r in table))
 
 
 def train_process(config: str | Path, overrides: Sequence[str], nproc: int = 1) -> None:
@@ -93,9 +88,12 @@ def train_process(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
 
 def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: Sequence[str] | None = None,
                       seeds: Sequence[int] = (0,), root: str | Path = "runs/study_experts",
-                      overrides: Sequence[str] = (), nproc: int = 1, stack: bool = False) -> list[dict[str, Any]]:
+                      overrides: Sequence[str] = (), nproc: int = 1, stack: bool = False,
+                      heatmaps: Sequence[int] | None = None,
+                      heatmap_regularizers: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train every (E, regulariser, seed) not yet complete, then write study.md, study.csv
-    and study.png under ``root``. Returns the table rows (means over seeds).
+    and the figures under ``root`` (moe_dist/experiments/study_report.py). Returns study.csv's
+    rows (mean and std over seeds).
 
     Each run is its own process, or ``nproc`` under torchrun; started by a launcher itself
     (several ranks), the study trains every run in-process on the launcher's ranks. With
@@ -116,6 +114,8 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
     if nproc < 1 or (launched and nproc != 1):
         raise ConfigError(f"--nproc {nproc}: must be a positive integer, and is left out under a launcher "
                           "(the study then trains on the launcher's ranks)")
+    grid = StudyGrid(tuple(experts), tuple(regularizers), tuple(seeds))
+    heatmap_choice(grid.experts, grid.regularizers, heatmaps, heatmap_regularizers)  # refused before training
     root = Path(root)
     runs_args = _study_runs(config, experts, {r: table[r] for r in regularizers}, seeds, root, overrides)
     if stack:
@@ -129,26 +129,25 @@ def run_experts_study(config: str | Path, experts: Sequence[int], regularizers: 
                 build_trainer(cfg).fit()
             else:
                 train_process(config, args, nproc)
-    runs = {(r, E): [RunDir(experts_run_dir(root, r, E, s)).read_metrics() for s in seeds]
-            for r in regularizers for E in experts}
-    rows = []
-    for (regularizer, E), metrics in runs.items():
-        row: dict[str, Any] = {"E": E, "regularizer": regularizer, "seeds": len(metrics)}
-        for key in METRIC_COLUMNS:
-            values = [m[key] for m in metrics if m.get(key) is not None]
-            row[key] = sum(values) / len(values) if values else None
-        rows.append(row)
     if not is_main():
-        return rows
+        return []
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "study.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (root / "study.md").write_text(experts_markdown(rows, config))
-    experts_figure({key: metrics[0]["selection_table"] for key, metrics in runs.items()}, rows,
-                   root / "study.png")
-    return rows
+    return write_experts_report(root, grid, config, heatmaps, heatmap_regularizers)
+
+
+def experts_report(root: str | Path, experts: Sequence[int] | None = None, regularizers: Sequence[str] | None = None,
+                   seeds: Sequence[int] | None = None, config: str | Path | None = None,
+                   heatmaps: Sequence[int] | None = None,
+                   heatmap_regularizers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``--report-only``: the report of the runs under ``root`` as they are, nothing trained and
+    no data read. A list left out is what the run folders hold (their names: any regulariser,
+    not only this version's table); a point with no finished run is listed as missing."""
+    from moe_dist.parallel import is_main
+
+    grid = discover_grid(Path(root), experts, regularizers, seeds, REGULARIZER_ORDER)
+    if not is_main():
+        return []
+    return write_experts_report(root, grid, config, heatmaps, heatmap_regularizers)
 
 
 def _study_runs(config, experts, regularizers: dict[str, tuple[str, ...]], seeds, root: Path, overrides) -> dict:
@@ -182,76 +181,25 @@ def _train_stacked(config: str | Path, root: Path, runs_args: dict, nproc: int, 
         raise MoEDistError(f"study stack failed (exit {result.returncode}): {' '.join(cmd)}")
 
 
-def experts_markdown(rows: list[dict[str, Any]], config: str | Path) -> str:
-    """study.md: one row per (E, regulariser), what the paper's figures 6-7 show in numbers."""
-    fmt = lambda v, p=3: "" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = [
-        "# Expert-count study (docs/papers.md A.10)",
-        "",
-        f"Base config `{config}`; lcv = L_cv w 1.0, ls = L_s beta 1e-5 gamma 1e-4 (reference normalisation), "
-        "the paper's plotted models. experts used = experts receiving > 1 % of the test samples (top-gated); "
-        "H_u in bits (max log2 E); means over seeds.",
-        "",
-        markdown_table(("E", "regulariser", "seeds", "experts used", "H_u", "test error", "step s", "peak memory MB"),
-                       [(r["E"], r["regularizer"], r["seeds"], fmt(r["experts_used"], 1), fmt(r["usage_entropy"]),
-                         fmt(r["test_error"], 4), fmt(r["step_seconds"], 4), fmt(r["peak_memory_mb"], 0))
-                        for r in rows]),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def experts_figure(tables: dict[tuple[str, int], list[list[int]]], rows: list[dict[str, Any]], path: Path) -> None:
-    """Like the paper's figure 6: expert-selection heatmaps (experts x true class, first
-    seed) with one row per regulariser and one column per E, and experts used vs E."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    regularizers = list(dict.fromkeys(r for r, _ in tables))
-    counts = sorted({E for _, E in tables})
-    fig = plt.figure(figsize=(2.8 * len(counts) + 3.6, 2.6 * len(regularizers) + 0.6))
-    grid = fig.add_gridspec(len(regularizers), len(counts) + 1, width_ratios=[1.0] * len(counts) + [1.2])
-    for i, regularizer in enumerate(regularizers):
-        for j, E in enumerate(counts):
-            ax = fig.add_subplot(grid[i, j])
-            table_EC = np.asarray(tables[(regularizer, E)], dtype=float)
-            ax.imshow(table_EC, cmap="viridis", aspect="auto", interpolation="nearest")
-            ax.set_title(f"{regularizer}, E = {E}", fontsize=9)
-            ax.set_xticks(range(table_EC.shape[1]))
-            ax.set_xticklabels([str(c) for c in range(table_EC.shape[1])], fontsize=6)
-            ax.set_yticks(range(E))
-            ax.set_yticklabels([str(e) for e in range(E)], fontsize=5 if E > 10 else 6)
-            if i == len(regularizers) - 1:
-                ax.set_xlabel("true class", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("top-gated expert", fontsize=8)
-    ax = fig.add_subplot(grid[:, -1])
-    for regularizer in regularizers:
-        points = sorted((r["E"], r["experts_used"]) for r in rows if r["regularizer"] == regularizer)
-        ax.plot(*zip(*points), marker="o", label=regularizer)
-    ax.plot(counts, counts, linestyle="--", color="grey", linewidth=0.8, label="all experts")
-    ax.set_xlabel("experts E")
-    ax.set_ylabel("experts used (> 1 % of samples)")
-    ax.set_xticks(counts)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------- CLI
 
 def cmd_experts(args: argparse.Namespace) -> int:
+    from moe_dist.experiments.study_figures import FIGURE_NAMES
     from moe_dist.parallel import is_main
 
-    rows = run_experts_study(args.config, args.experts, args.regularizers, args.seeds, args.root, args.overrides,
-                             args.nproc, args.stack)
+    if args.report_only:
+        rows = experts_report(args.root, args.experts, args.regularizers, args.seeds, args.config, args.heatmaps,
+                              args.heatmap_regularizers)
+    elif args.config is None:
+        raise ConfigError("--config is required to train the study (only --report-only goes without it)")
+    else:
+        rows = run_experts_study(args.config, args.experts or [5, 10, 15], args.regularizers, args.seeds or [0],
+                                 args.root, args.overrides, args.nproc, args.stack, args.heatmaps,
+                                 args.heatmap_regularizers)
     if not is_main():
         return 0
     print((Path(args.root) / "study.md").read_text())
-    print(f"{len(rows)} rows: {args.root}/study.md, study.csv, study.png")
+    print(f"{len(rows)} rows: {args.root}/study.md, study.csv, {', '.join(FIGURE_NAMES)}")
     return 0
 
 
@@ -287,24 +235,36 @@ def register(subparsers: Any) -> None:
     dead_experts.register(sub)
 
     p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)",
-                       description="Train the config at each expert count with each regulariser (L_cv, L_s) and\n"
-                                   "seed, one moe-dist train process per run, then tabulate and plot experts used,\n"
-                                   "H_u, error, step time and peak memory (study.md, study.csv, study.png).\n"
-                                   "Details: README, \"Studies\".",
-                       epilog="example:\n  moe-dist study experts --config configs/mnist/vanilla.yaml "
-                              "--experts 5,10,15 --seeds 0,1 data.name=mnist10k", formatter_class=raw)
-    p.add_argument("--config", required=True, help="base MoE config, e.g. configs/mnist/vanilla.yaml")
-    p.add_argument("--experts", type=comma_ints, default=[5, 10, 15], help="expert counts (default 5,10,15)")
+                       description="Train the config at each expert count with each regulariser and seed (one\n"
+                                   "moe-dist train process per run, or stacks), then report experts used, H_u, H_s,\n"
+                                   "I(E;Y), error, step time and memory as mean ± std over seeds: study.md, study.csv\n"
+                                   "and figures (study_usage, study_error, study_cost, study_selection .png).\n"
+                                   "--report-only redoes the report from the finished runs. Details: README, \"Studies\".",
+                       epilog="examples:\n  moe-dist study experts --config configs/mnist/vanilla.yaml "
+                              "--experts 5,10,15 --seeds 0,1 data.name=mnist10k\n"
+                              "  moe-dist study experts --report-only --root docs/results/study_experts --heatmaps 5,15",
+                       formatter_class=raw)
+    p.add_argument("--config", help="base MoE config, e.g. configs/mnist/vanilla.yaml (not needed with --report-only)")
+    p.add_argument("--experts", type=comma_ints, default=None,
+                   help="expert counts (default 5,10,15; with --report-only: those under --root)")
     p.add_argument("--regularizers", type=lambda s: [r for r in s.split(",") if r], default=None,
                    help=f"any of {','.join(REGULARIZERS['fmnist'])} (default: lcv,ls for MNIST, all four for "
-                        "Fashion-MNIST)")
-    p.add_argument("--seeds", type=comma_ints, default=[0], help="seeds (default 0)")
+                        "Fashion-MNIST; with --report-only: those under --root)")
+    p.add_argument("--seeds", type=comma_ints, default=None,
+                   help="seeds (default 0; with --report-only: those under --root)")
     p.add_argument("--root", default="runs/study_experts", help="folder of the runs and the report")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start each run under torchrun on N processes (default 1: one process); "
                         "add parallel.ep_size=N to shard the experts")
     p.add_argument("--stack", action="store_true",
                    help="train the runs of each E (regularisers x seeds) as one stack, in one process")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite study.md, study.csv and the figures from the finished runs under "
+                        "--root (missing points are listed; --nproc, --stack and overrides are unused)")
+    p.add_argument("--heatmaps", type=comma_ints, default=None, metavar="E,E",
+                   help="expert counts of the selection heatmaps (default: the smallest and largest E)")
+    p.add_argument("--heatmap-regularizers", type=lambda s: [r for r in s.split(",") if r], default=None,
+                   metavar="R,R", help="regularisers of the selection heatmaps (default lcv,ls where present)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
     p.set_defaults(func=cmd_experts)
 
