@@ -222,13 +222,15 @@ def cmd_pretrained_gate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``moe-dist study experts ...`` and ``moe-dist study pretrained-gate ...``."""
+    """Add ``moe-dist study experts ...``, ``pretrained-gate ...`` and ``dead-experts ...``."""
     raw = argparse.RawDescriptionHelpFormatter
     study = subparsers.add_parser(
-        "study", help="multi-run studies of the papers (expert count, pretrained gate)", formatter_class=raw,
-        description="The papers' multi-run studies: experts used as the number of experts grows (experts), and\n"
-                    "whether end-to-end training finds a good decomposition (pretrained-gate). Each writes\n"
-                    "its runs and a summary under --root. Details: README, \"Studies\".",
+        "study", help="multi-run studies of the papers (expert count, pretrained gate, dead experts)",
+        formatter_class=raw,
+        description="The papers' multi-run studies: experts used as the number of experts grows (experts),\n"
+                    "whether end-to-end training finds a good decomposition (pretrained-gate), and how often\n"
+                    "a Section 4.2 expert never trains (dead-experts). Each writes its runs and a summary\n"
+                    "under --root. Details: README, \"Studies\".",
         epilog="examples:\n  moe-dist study experts --config configs/mnist/vanilla.yaml --experts 5,10,15\n"
                "  moe-dist study pretrained-gate --dataset mnist10k --splits 0,1 --seeds 0")
     sub = study.add_subparsers(dest="study", required=True, parser_class=IntermixedParser)
@@ -268,6 +270,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
     p.set_defaults(func=cmd_experts)
 
+    _register_pretrained_gate(sub)
+
+
+def _register_pretrained_gate(sub: Any) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("pretrained-gate", help="pretrained gate / pretrained experts (paper Section 4.2, A.6)",
                        description="Paper section 4.2: gates and experts trained end-to-end (scratch) against an\n"
                                    "intuitive decomposition (one expert pretrained per class pair), each gate then\n"
