@@ -14,7 +14,6 @@ from matplotlib.image import imread
 
 from conftest import REPO
 from moe_dist.cli import main
-from moe_dist.experiments import study_report
 from moe_dist.experiments.study_figures import FIGURE_NAMES, sort_by_class
 from moe_dist.experiments.study_report import experts_run_dir
 
@@ -36,8 +35,9 @@ def _write_run(root: Path, regularizer: str, E: int, seed: int, rng: np.random.G
     table = rng.integers(0, 50, size=(E, 10))
     metrics.update({k: float(rng.uniform(0.1, 3.0)) for k in KEYS[1:-1]},
                    experts_used=int(rng.integers(1, E + 1)), selection_table=table.tolist(), stack_members=4)
-    if E == 8:
-        metrics.update(comm_bytes_per_step=float(rng.uniform(1e5, 1e6)), num_processes=2, ep_size=2)
+    if E == 8:  # the trainer's per-kind record; the report aggregates its total
+        kinds = {k: float(rng.uniform(1e5, 1e6)) for k in ("dispatch", "gradients", "other")}
+        metrics.update(comm_bytes_per_step={**kinds, "total": sum(kinds.values())}, num_processes=2, ep_size=2)
     (run / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
@@ -60,9 +60,7 @@ def _files(root: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trains_nothing(tmp_path, monkeypatch):
-    # Bytes per step is a field newer trainers register; the report shows it wherever a run has it.
-    monkeypatch.setattr(study_report, "OPTIONAL_KEYS", ("comm_bytes_per_step",))
+def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trains_nothing(tmp_path):
     root = tmp_path / "study"
     written = _study(root)
     before = _files(root)
@@ -80,7 +78,7 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
     for row in rows:
         runs = written[(row["regularizer"], int(row["E"]))]
         for key in KEYS:
-            values = [m[key] for m in runs if key in m]
+            values = [m[key]["total"] if key == "comm_bytes_per_step" else m[key] for m in runs if key in m]
             if not values:
                 assert row[f"{key}_mean"] == row[f"{key}_std"] == "", key
                 continue
@@ -93,7 +91,7 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
     report = (root / "study.md").read_text()
     assert f"- {OTHER} E=8: 1 of 3 seeds (missing seed 1, 2)" in report
     assert f"- E=16: no finished run (lcv, {OTHER}: 0 of 3 seeds)" in report  # asked for, not there yet
-    assert report.count("\n| ") == 1 + len(rows) and "sent bytes/step" in report and "2 (ep 2)" in report
+    assert report.count("\n| ") == 1 + len(rows) and "bytes sent/step" in report and "2 (ep 2)" in report
     assert "whole stack's" in report
     for name in FIGURE_NAMES:
         image = imread(root / name)

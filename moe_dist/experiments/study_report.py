@@ -34,7 +34,7 @@ _COLUMNS = {"experts_used": ("experts used", ".1f"), "usage_entropy": ("H_u", ".
             "sample_entropy": ("H_s", ".3f"), "mutual_information": ("I(E;Y)", ".3f"),
             "mutual_information_predicted": ("I pred.", ".3f"), "test_error": ("test error", ".4f"),
             "step_seconds": ("step s", ".4f"), "peak_memory_mb": ("peak memory MB", ".0f"),
-            "comm_bytes_per_step": ("sent bytes/step", ".4g")}
+            "comm_bytes_per_step": ("bytes sent/step", ".4g")}
 _POINT = re.compile(r"(?P<regularizer>.+)_e(?P<E>\d+)")
 _SEED = re.compile(r"seed(?P<seed>\d+)")
 
@@ -96,6 +96,13 @@ def metric_keys(runs: dict[tuple[str, int], list[StudyRun]]) -> tuple[str, ...]:
     return (*METRIC_KEYS, *(k for k in OPTIONAL_KEYS if k in present))
 
 
+def _metric(metrics: dict[str, Any], key: str) -> Any:
+    """A run's value of ``key``; for a per-kind record (``comm_bytes_per_step``: dispatch,
+    gradients, other, total) its total."""
+    value = metrics.get(key)
+    return value.get("total") if isinstance(value, dict) else value
+
+
 def _numbers(values: Iterable[Any]) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
@@ -110,7 +117,7 @@ def summarize(runs: dict[tuple[str, int], list[StudyRun]], keys: Sequence[str]) 
             continue
         row: dict[str, Any] = {"E": E, "regularizer": regularizer, "seeds": len(point)}
         for key in keys:
-            values = _numbers(run.metrics.get(key) for run in point)
+            values = _numbers(_metric(run.metrics, key) for run in point)
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) >= 2 else None
         row["stack_members_mean"] = statistics.fmean(run.metrics.get("stack_members") or 1 for run in point)
