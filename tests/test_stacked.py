@@ -106,7 +106,7 @@ def test_one_stacked_step_equals_separate_steps(case, mode):
         alone.train()
         loss, _ = model_loss(alone(x[r]), y[r], cfg.loss.kind)
         loss.backward()
-        assert abs(float(losses[r]) - float(loss)) <= 1e-6 * abs(float(loss)), (r, float(losses[r]), float(loss))
+        assert abs(float(losses[r].detach()) - float(loss.detach())) <= 1e-6 * abs(float(loss.detach())), (r, float(losses[r].detach()), float(loss.detach()))
         for (name, a), (_, b) in zip(stacked.named_parameters(), alone.named_parameters()):
             if name in ZERO_GRADIENT:
                 continue
