@@ -23,10 +23,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moe_dist.config import Config, load_config, with_values
+from moe_dist.config import Config, load_config
 from moe_dist.errors import ConfigError
 from moe_dist.experiments.arguments import reject_overrides
-from moe_dist.experiments.pretrained import CONFIG_DIR, DATASETS, SPLITS
+from moe_dist.experiments.pretrained import CONFIG_DIR, DATASETS, SPLITS, single_expert_config
 from moe_dist.rundir import RunDir
 from moe_dist.tables import markdown_table
 
@@ -39,10 +39,9 @@ def pair_configs(dataset: str, split: int, seeds: list[int], root: Path, overrid
     """(a, b) -> the configs of that pair's runs, one per seed: the pretraining stage's config
     (configs/section4/<prefix>_pretrained_gate.yaml) as a single expert on the pair."""
     base = load_config(CONFIG_DIR / f"{DATASETS[dataset]}_pretrained_gate.yaml", overrides)
-    return {tuple(pair): [with_values(base, {
-        "name": f"section4/dead_experts/pair{pair[0]}_{pair[1]}", "seed": seed, "model.kind": "single",
-        "data.classes": list(pair), "run_dir": str(root / f"pair{pair[0]}_{pair[1]}" / f"seed{seed}")})
-        for seed in seeds] for pair in SPLITS[dataset][split]}
+    return {tuple(pair): [single_expert_config(base, pair, seed, f"section4/dead_experts/pair{pair[0]}_{pair[1]}",
+                                               root / f"pair{pair[0]}_{pair[1]}" / f"seed{seed}")
+                          for seed in seeds] for pair in SPLITS[dataset][split]}
 
 
 def wilson(failed: int, n: int, z: float = 1.96) -> tuple[float, float]:

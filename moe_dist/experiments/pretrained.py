@@ -138,6 +138,12 @@ def _initial_weights(cfg: Config, data: Dataset) -> dict[str, torch.Tensor]:
     return cpu_copy(build_network(cfg, data, ParallelContext.local()).state_dict())
 
 
+def single_expert_config(base: Config, pair: Sequence[int], seed: int, name: str, run_dir: Path) -> Config:
+    """The pretraining step's run: one expert alone (``model.kind: single``) on one class pair."""
+    return with_values(base, {"name": name, "run_dir": str(run_dir), "seed": seed, "model.kind": "single",
+                              "data.classes": list(pair)})
+
+
 def _all_finished(*cfgs: Config) -> bool:
     return all(RunDir(cfg.run_dir).finished(cfg) for cfg in cfgs)
 
@@ -225,10 +231,9 @@ class PretrainedGateStudy:
         initial, trained, single_dirs = [], [], []
         for i, pair in enumerate(pairs):
             # One seed per expert (seed * E + i): E singles built under one seed would be identical.
-            single = with_values(self.prechosen_cfg, {
-                "name": f"section4/{self.prefix}_pretrained_expert",
-                "run_dir": str(folder / f"expert{i}_{'_'.join(map(str, pair))}"),
-                "seed": seed * E + i, "model.kind": "single", "data.classes": list(pair)})
+            single = single_expert_config(self.prechosen_cfg, pair, seed * E + i,
+                                          f"section4/{self.prefix}_pretrained_expert",
+                                          folder / f"expert{i}_{'_'.join(map(str, pair))}")
             initial.append(_initial_weights(single, self.data))
             if not RunDir(single.run_dir).finished(single):
                 build_trainer(single, dataset=self.data).fit()
