@@ -28,7 +28,7 @@ from typing import Any
 
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError, MoEDistError
-from moe_dist.experiments import dead_experts
+from moe_dist.experiments import dead_experts, loss_scale
 from moe_dist.experiments.arguments import IntermixedParser, comma_ints, reject_overrides
 from moe_dist.experiments.study_report import (StudyGrid, discover_grid, experts_run_dir, heatmap_choice,
                                                write_experts_report)
@@ -56,8 +56,14 @@ REGULARIZERS: dict[str, dict[str, tuple[str, ...]]] = {
               "attentive_ls": _regularizer("attentive", beta=1.0e-6, gamma=1.0e-2)},
     "fmnist": {"vanilla": _regularizer("dense"), "lcv": _regularizer("dense", importance=0.2),
                "ls": _regularizer("dense", beta=1.0e-7, gamma=1.0e-2),
-               "attentive_ls": _regularizer("attentive", beta=1.0e-6, gamma=1.0e-6)},
+               "attentive_ls": _regularizer("attentive", beta=1.0e-6, gamma=1.0e-6),
+               "ls_x1000": _regularizer("dense", beta=1.0e-4, gamma=10.0)},
 }
+# ls_x1000 (not a paper setting, not in the defaults): L_s at 1,000x the paper's beta and gamma.
+# At the paper's weights L_s pulls on the gate with 1e-4 to 1e-3 of the task loss's gradient
+# (``moe-dist study loss-scale``, docs/results/study_fmnist), so the study cannot tell L_s from
+# no regulariser; at 1,000x its pull is of the order of L_cv's, which asks what L_s does when
+# it acts.
 #: What ``--regularizers`` defaults to: the paper's figure for MNIST, the issue's four at scale.
 DEFAULT_REGULARIZERS = {"mnist": ("lcv", "ls"), "fmnist": ("vanilla", "lcv", "ls", "attentive_ls")}
 
@@ -235,6 +241,7 @@ def register(subparsers: Any) -> None:
                "  moe-dist study pretrained-gate --dataset mnist10k --splits 0,1 --seeds 0")
     sub = study.add_subparsers(dest="study", required=True, parser_class=IntermixedParser)
     dead_experts.register(sub)
+    loss_scale.register(sub)
 
     p = sub.add_parser("experts", help="experts used vs number of experts, per regulariser (paper A.10)",
                        description="Train the config at each expert count with each regulariser and seed (one\n"
