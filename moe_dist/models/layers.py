@@ -357,10 +357,14 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
         cols_K4M, weight_CK, _, gamma_C, _, _ = inputs
         out_CM, mean_C, var_C, centred_CQ, invstd_C, phase_CM = output
         ctx.mark_non_differentiable(mean_C, var_C, centred_CQ, invstd_C, phase_CM)
+        # backward reads only the output's gradient: no zero-filled [C, Q] for the others
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM)
 
     @staticmethod
     def backward(ctx, grad_CM, *_):
+        if grad_CM is None:  # the pooled output was not used
+            return None, None, None, None, None, None
         cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM = ctx.saved_tensors
         K, _, M = cols_K4M.shape
         C, Q = centred_CQ.shape
