@@ -81,3 +81,5 @@ def test_latest_reads_the_trained_checkpoint_and_the_cli_writes_table_and_json(t
     assert "L_s same / NLL" in out.with_suffix(".md").read_text()
     assert main(["study", "loss-scale", str(run.path), "--weights", "beta=1"]) != 0
     assert "--weights 'beta=1': expected key=value with key one of importance, ls_beta" in capsys.readouterr().err
+    assert main(["study", "loss-scale", str(run.path), "--weights", "ls_beta=big"]) != 0
+    assert "--weights ls_beta='big': not a number" in capsys.readouterr().err

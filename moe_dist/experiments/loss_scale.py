@@ -66,6 +66,11 @@ def parse_weights(text: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         if key not in WEIGHT_KEYS or not value:
             raise ConfigError(f"--weights {item!r}: expected key=value with key one of {', '.join(WEIGHT_KEYS)}")
+        if key != "ls_variant":
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"--weights {key}={value!r}: not a number") from None
         out[key] = value
     return out
 
