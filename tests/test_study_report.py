@@ -88,10 +88,13 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
             else:
                 assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12), key
         assert float(row["stack_members_mean"]) == 4
+        effective = [2.0 ** m["usage_entropy"] for m in runs]  # the perplexity of the usage
+        assert float(row["effective_experts_mean"]) == pytest.approx(np.mean(effective), rel=1e-12)
     report = (root / "study.md").read_text()
     assert f"- {OTHER} E=8: 1 of 3 seeds (missing seed 1, 2)" in report
     assert f"- E=16: no finished run (lcv, {OTHER}: 0 of 3 seeds)" in report  # asked for, not there yet
     assert report.count("\n| ") == 1 + len(rows) and "bytes sent/step" in report and "2 (ep 2)" in report
+    assert "| experts used | 2^H_u | H_u |" in report
     assert "whole stack's" in report
     for name in FIGURE_NAMES:
         image = imread(root / name)

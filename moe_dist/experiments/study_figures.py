@@ -101,18 +101,20 @@ def _vs_experts(rows: list[dict[str, Any]], panels: list[tuple[str, str]], title
 
 
 def usage_figure(rows: list[dict[str, Any]], classes: int | None, path: Path) -> None:
-    """Experts used (log-log: y = E is the diagonal) and H_u against E, with their ceilings."""
+    """Experts used and 2^H_u (log-log: y = E is the diagonal) and H_u against E, with their ceilings."""
     experts = sorted({r["E"] for r in rows})
-    fig, (used, entropy) = plt.subplots(1, 2, figsize=(10.4, 4.2))
-    _plot_lines(used, rows, "experts_used")
-    used.plot(experts, experts, linestyle="--", color="grey", linewidth=1, label="all experts (y = E)")
-    if classes:
-        used.axhline(classes, linestyle=":", color="black", linewidth=1, label=f"classes ({classes})")
-    used.set_yscale("log")
-    used.set_yticks(sorted({*experts, *([classes] if classes else [])}))
-    used.yaxis.set_major_formatter(ScalarFormatter())
-    used.set_yticks([], minor=True)
-    used.set_ylabel("experts used (> 1 % of test samples)")
+    fig, (used, effective, entropy) = plt.subplots(1, 3, figsize=(15.6, 4.2))
+    for ax, key, label in ((used, "experts_used", "experts used (> 1 % of test samples)"),
+                           (effective, "effective_experts", "effective experts 2^H_u")):
+        _plot_lines(ax, rows, key)
+        ax.plot(experts, experts, linestyle="--", color="grey", linewidth=1, label="all experts (y = E)")
+        if classes:
+            ax.axhline(classes, linestyle=":", color="black", linewidth=1, label=f"classes ({classes})")
+        ax.set_yscale("log")
+        ax.set_yticks(sorted({*experts, *([classes] if classes else [])}))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_yticks([], minor=True)
+        ax.set_ylabel(label)
     _plot_lines(entropy, rows, "usage_entropy")
     entropy.plot(experts, [math.log2(E) for E in experts], linestyle="--", color="grey", linewidth=1,
                  label="log2 E (ceiling)")
@@ -120,7 +122,7 @@ def usage_figure(rows: list[dict[str, Any]], classes: int | None, path: Path) ->
         entropy.axhline(math.log2(classes), linestyle=":", color="black", linewidth=1,
                         label=f"log2 classes ({math.log2(classes):.2f})")
     entropy.set_ylabel("H_u (bits)")
-    for ax in (used, entropy):
+    for ax in (used, effective, entropy):
         _experts_axis(ax, experts)
         ax.legend(fontsize=8)
     fig.suptitle("Experts used and usage entropy vs number of experts (mean ± std over seeds)", fontsize=10)

@@ -26,11 +26,18 @@ from moe_dist.tables import markdown_table
 #: The aggregated metrics.json fields, in study.md's column order (checked against moe_dist/fields.py).
 METRIC_KEYS = names("experts_used", "usage_entropy", "sample_entropy", "mutual_information",
                     "mutual_information_predicted", "test_error", "step_seconds", "peak_memory_mb")
+#: Derived from a run's metrics: the effective number of experts, 2^H_u (the perplexity of
+#: the usage distribution). "experts used" counts experts above 1 % of the test samples, which
+#: no expert can reach once uniform usage gives each less (E > 100: at E = 160, 0.6 % each);
+#: 2^H_u is E for uniform usage and k for k equally used experts at any E.
+DERIVED_KEYS = {"effective_experts": lambda metrics: 2.0 ** metrics["usage_entropy"]
+                if isinstance(metrics.get("usage_entropy"), (int, float)) else None}
 #: Aggregated when registered and present in a run: bytes sent per step under expert parallelism
 #: is measured by newer trainers only, so older and single-process runs leave its column out.
 OPTIONAL_KEYS = tuple(f.key for f in FIELDS if f.record == METRICS and f.key in ("comm_bytes_per_step",))
 #: study.md headers and number formats of the metric columns.
-_COLUMNS = {"experts_used": ("experts used", ".1f"), "usage_entropy": ("H_u", ".3f"),
+_COLUMNS = {"experts_used": ("experts used", ".1f"), "effective_experts": ("2^H_u", ".1f"),
+            "usage_entropy": ("H_u", ".3f"),
             "sample_entropy": ("H_s", ".3f"), "mutual_information": ("I(E;Y)", ".3f"),
             "mutual_information_predicted": ("I pred.", ".3f"), "test_error": ("test error", ".4f"),
             "step_seconds": ("step s", ".4f"), "peak_memory_mb": ("peak memory MB", ".0f"),
@@ -93,12 +100,14 @@ def read_runs(root: Path, grid: StudyGrid) -> dict[tuple[str, int], list[StudyRu
 def metric_keys(runs: dict[tuple[str, int], list[StudyRun]]) -> tuple[str, ...]:
     """The aggregated fields: METRIC_KEYS, and the optional ones some run has."""
     present = {k for point in runs.values() for run in point for k in run.metrics}
-    return (*METRIC_KEYS, *(k for k in OPTIONAL_KEYS if k in present))
+    return (METRIC_KEYS[0], *DERIVED_KEYS, *METRIC_KEYS[1:], *(k for k in OPTIONAL_KEYS if k in present))
 
 
 def _metric(metrics: dict[str, Any], key: str) -> Any:
     """A run's value of ``key``; for a per-kind record (``comm_bytes_per_step``: dispatch,
     gradients, other, total) its total."""
+    if key in DERIVED_KEYS:
+        return DERIVED_KEYS[key](metrics)
     value = metrics.get(key)
     return value.get("total") if isinstance(value, dict) else value
 
@@ -188,7 +197,8 @@ def experts_markdown(runs: dict[tuple[str, int], list[StudyRun]], rows: list[dic
                          for r in grid.regularizers) + ".",
              "",
              "Cells: mean ± sample std (n - 1) over the seeds, the mean alone for one seed. experts used = "
-             "experts top-gated for > 1 % of the test samples; H_u, H_s and I(E;Y) in bits (H_u at most log2 E); "
+             "experts top-gated for > 1 % of the test samples (at most 100, and fewer once E > 100 even "
+             "for uniform usage); 2^H_u = the effective number of experts (E for uniform usage); H_u, H_s and I(E;Y) in bits (H_u at most log2 E); "
              "I pred. = I(E;Y) with the chosen expert's predicted class (the paper's code). stack = runs "
              "trained as one stack (mean of stack_members): the step time and peak memory of a stacked run "
              "are the whole stack's, all its members computed together in one process. procs = processes "
