@@ -106,9 +106,8 @@ def batch_gradient_norms(model: torch.nn.Module, x: torch.Tensor, y_B: torch.Ten
     return norms
 
 
-def run_gradient_scale(run: RunDir, at: str, num_batches: int, weight_overrides: dict[str, str]) -> dict[str, Any]:
-    """The mean over ``num_batches`` training batches (epoch 0's order) of each term's
-    gradient norms, unit and weighted, and the weighted ones over the NLL's."""
+def _model_and_data(run: RunDir, at: str):
+    """The run's config, its network (initial or latest weights, training mode) and data."""
     from moe_dist.parallel import ParallelContext
     from moe_dist.train.build import build_network, build_run_data, load_data
     from moe_dist.train.process import configure_process
@@ -116,14 +115,22 @@ def run_gradient_scale(run: RunDir, at: str, num_batches: int, weight_overrides:
     cfg = run.read_config()
     if cfg.model.kind != "moe":
         raise ConfigError(f"{run}: model.kind={cfg.model.kind!r}; loss-scale needs an MoE run")
-    weights = Weights.of(cfg, weight_overrides)
     configure_process(cfg)
-    ctx, device = ParallelContext.local(), torch.device("cpu")
-    data = build_run_data(cfg, load_data(cfg), ctx, device)
-    model = build_network(cfg, data.dataset, ctx, init=at == "init").to(device)
+    ctx = ParallelContext.local()
+    data = build_run_data(cfg, load_data(cfg), ctx, torch.device("cpu"))
+    model = build_network(cfg, data.dataset, ctx, init=at == "init")
     if at == "latest":
         model.load_state_dict(run.latest_weights())
-    model.train()
+    return cfg, model.train(), data
+
+
+def run_gradient_scale(run: RunDir, at: str, num_batches: int, weight_overrides: dict[str, str]) -> dict[str, Any]:
+    """The mean over ``num_batches`` training batches (epoch 0's order) of each term's
+    gradient norms, unit and weighted, and the weighted ones over the NLL's."""
+    if num_batches < 1:
+        raise ConfigError(f"--batches {num_batches}: at least 1")
+    cfg, model, data = _model_and_data(run, at)
+    weights = Weights.of(cfg, weight_overrides)
     sums = {t: {"probs": 0.0, "gate": 0.0} for t in TERMS}
     batches = data.train_batches.batches(0)
     for _ in range(num_batches):
