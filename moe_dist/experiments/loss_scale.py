@@ -31,7 +31,8 @@ import torch
 
 from moe_dist.config import Config, check_choice
 from moe_dist.errors import ConfigError
-from moe_dist.losses import importance_loss, normalize_distances, sample_distances, similarity_terms, task_loss
+from moe_dist.losses import (combine_similarity_terms, importance_loss, normalize_distances, sample_distances,
+                             similarity_terms, task_loss)
 from moe_dist.rundir import RunDir
 from moe_dist.tables import markdown_table
 
@@ -81,10 +82,11 @@ def unit_terms(out, x: torch.Tensor, y_B: torch.Tensor, variant: str, loss_kind:
     B = probs_BE.shape[0]
     dist_BB = normalize_distances(sample_distances(x.flatten(1).to(probs_BE.dtype)))
     S, T = similarity_terms(dist_BB, probs_BE, probs_BE, symmetric=True)
+    zero = torch.zeros_like(S)  # each L_s term alone, normalised as training combines them
     return {"nll": task_loss(out.output, out.output_kind, y_B, loss_kind),
             "importance": importance_loss(probs_BE, 1.0),
-            "ls_same": S if variant == "reference" else S / (B * B),
-            "ls_different": -T / (B * B)}
+            "ls_same": combine_similarity_terms(S, zero, B, 1.0, 0.0, variant),
+            "ls_different": combine_similarity_terms(zero, T, B, 0.0, 1.0, variant)}
 
 
 def batch_gradient_norms(model: torch.nn.Module, x: torch.Tensor, y_B: torch.Tensor, weights: Weights,
