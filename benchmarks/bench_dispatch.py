@@ -173,7 +173,11 @@ class ByteCounter:
             row_bytes = input.numel() * input.element_size() // max(rows, 1)
             sent = (sum(splits) - splits[me]) * row_bytes
             self.bytes += sent
-            self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + sent
+            # token rows (or their outputs) against what travels with them: counts, routing
+            # metadata, gate weights
+            kind = "rows" if input.dim() >= 2 and input.shape[-1] == HIDDEN and input.is_floating_point() else "meta"
+            for key in (self.phase, f"{self.phase}:{kind}"):
+                self.by_phase[key] = self.by_phase.get(key, 0) + sent
             return self._orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
         dist.all_to_all_single = counting
@@ -205,7 +209,7 @@ def counted_step(name: str, layer, x: torch.Tensor, cotangent: torch.Tensor) -> 
         if grouped is not None:
             del experts.forward_grouped
         layer.zero_grad(set_to_none=True)
-    return {"send": 0, "return": 0, "backward": 0, **counter.by_phase}
+    return {"send": 0, "return": 0, "backward": 0, "send:rows": 0, "send:meta": 0, **counter.by_phase}
 
 
 def timed_steps(layers: dict, x, cotangent, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -273,7 +277,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
         result["best_overhead_ratio"] = {n: best[n] / min(best[d] for d in dense) for n in t}
 
     # ---- bytes per step, this rank to the other: send (tokens), return (outputs), backward
-    phases = ("send", "return", "backward")
+    phases = ("send", "return", "backward", "send:rows", "send:meta")
     sent = {name: counted_step(name, layer, x, cot) for name, layer in layers.items()}
     row_bytes = HIDDEN * 4
     # each token once to each other rank holding one of its experts (send); the same back
@@ -284,14 +288,16 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     dist.all_reduce(totals)
     totals = (totals / world).tolist()
     if rank == 0:
-        per = {n: dict(zip(phases, totals[3 * i:3 * i + 3])) for i, n in enumerate(layers)}
+        n_ph = len(phases)
+        per = {n: dict(zip(phases, totals[n_ph * i:n_ph * (i + 1)])) for i, n in enumerate(layers)}
         minimum, pairs = totals[-2:]
         result["bytes_per_step"] = per
         result["bytes_minimum_per_direction"] = minimum
         result["bytes_remote_pairs"] = pairs
         result["bytes_ratio_to_minimum"] = {
-            n: {"send": v["send"] / minimum, "return": v["return"] / minimum,
-                "total": sum(v.values()) / (4 * minimum)} for n, v in per.items()}
+            n: {"send": v["send"] / minimum, "send_rows": v["send:rows"] / minimum,
+                "send_meta": v["send:meta"] / minimum, "return": v["return"] / minimum,
+                "total": sum(v[ph] for ph in phases[:3]) / (4 * minimum)} for n, v in per.items()}
         result["routed_rows_per_rank_ours"] = stats["routed"]
         result["padding_ratio_ours"] = 1 - stats["expert_rows"] / stats["padded_rows"]
     del layers
@@ -322,12 +328,15 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
 def report(r: dict, experts: list[int]) -> str:
     lines = [f"E = 8, k = {r['k']}, hidden {r['hidden']}, FFN {r['ffn']}, {r['tokens_per_rank']} tokens per rank, "
              f"ep_size {r['ep_size']}, 2 gloo processes x 1 thread",
-             f"{'layer':<15} {'step s':>8} {'tokens/s':>10} {'overhead':>9} {'send/min':>9} {'return/min':>11} "
-             f"{'total/min':>10}"]
+             f"{'layer':<15} {'step s':>8} {'tokens/s':>10} {'overhead':>9} {'send/min':>9} {'rows/min':>9} "
+             f"{'meta/min':>9} {'return/min':>11} {'total/min':>10}"]
     for n, t in r["step_seconds"].items():
         b = r["bytes_ratio_to_minimum"][n]
         lines.append(f"{n:<15} {t:>8.3f} {r['tokens_per_second'][n]:>10.0f} {r['overhead_ratio'][n]:>9.3f} "
-                     f"{b['send']:>9.3f} {b['return']:>11.3f} {b['total']:>10.3f}")
+                     f"{b['send']:>9.3f} {b['send_rows']:>9.3f} {b['send_meta']:>9.3f} {b['return']:>11.3f} "
+                     f"{b['total']:>10.3f}")
+    lines.append("send = rows (the token rows) + meta (counts, routing metadata, gate weights), each against "
+                 "the minimum rows")
     for n, t in r["dense_step_seconds"].items():
         lines.append(f"{n:<15} {t:>8.3f}  (the same expert FLOPs per process, no dispatch)")
     lines.append(f"exchanges alone (4 all-to-alls of the minimum rows): {r['comm_floor_seconds']:.4f} s per step; "
