@@ -29,7 +29,13 @@ from moe_dist.train.build import build_trainer
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-LOSS_TOL = {"rel": 1e-5, "abs": 1e-7}
+# Whole procedures train for epochs on 2 ranks, whose gradient sums round in another order
+# than one process's; Adam turns that rounding into small parameter differences which the
+# following steps carry. 1e-4 relative is the bound for a two-process training
+# history; a wrong layout or a missed reduction moves these losses by 1e-2 or more. (The
+# pretrained-gate study's final loss matched within 1e-5 on one CPU model, to 1.1e-5 on an
+# AVX-512/AMX Xeon.)
+LOSS_TOL = {"rel": 1e-4, "abs": 1e-7}
 
 
 @pytest.fixture(autouse=True)
