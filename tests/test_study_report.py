@@ -35,6 +35,12 @@ def _write_run(root: Path, regularizer: str, E: int, seed: int, rng: np.random.G
     table = rng.integers(0, 50, size=(E, 10))
     metrics.update({k: float(rng.uniform(0.1, 3.0)) for k in KEYS[1:-1]},
                    experts_used=int(rng.integers(1, E + 1)), selection_table=table.tolist(), stack_members=4)
+    # epoch times with one paused epoch (100x): the report's step time is the median epoch's
+    epochs = rng.uniform(1.0, 2.0, size=len(metrics["history"]))
+    epochs[int(rng.integers(len(epochs)))] *= 100
+    for record, seconds in zip(metrics["history"], epochs):
+        record["epoch_seconds"] = float(seconds)
+    metrics["step_seconds"] = float(epochs.sum() / metrics["steps"])  # the mean, as the trainer writes it
     if E == 8:  # the trainer's per-kind record; the report aggregates its total
         kinds = {k: float(rng.uniform(1e5, 1e6)) for k in ("dispatch", "gradients", "other")}
         metrics.update(comm_bytes_per_step={**kinds, "total": sum(kinds.values())}, num_processes=2, ep_size=2)
@@ -79,6 +85,10 @@ def test_report_only_gives_mean_and_std_over_seeds_lists_missing_points_and_trai
         runs = written[(row["regularizer"], int(row["E"]))]
         for key in KEYS:
             values = [m[key]["total"] if key == "comm_bytes_per_step" else m[key] for m in runs if key in m]
+            if key == "step_seconds":  # the median epoch's, not the pause-inflated mean
+                values = [np.median([h["epoch_seconds"] for h in m["history"]]) * len(m["history"]) / m["steps"]
+                          for m in runs]
+                assert all(v < 0.5 * m["step_seconds"] for v, m in zip(values, runs))
             if not values:
                 assert row[f"{key}_mean"] == row[f"{key}_std"] == "", key
                 continue

@@ -103,11 +103,27 @@ def metric_keys(runs: dict[tuple[str, int], list[StudyRun]]) -> tuple[str, ...]:
     return (METRIC_KEYS[0], *DERIVED_KEYS, *METRIC_KEYS[1:], *(k for k in OPTIONAL_KEYS if k in present))
 
 
+def median_step_seconds(metrics: dict[str, Any]) -> Any:
+    """Seconds per training step in the run's median epoch (``epoch_seconds`` of the history
+    over the steps per epoch). A pause lengthens one epoch and the run's mean, metrics.json's
+    ``step_seconds`` (train_seconds / steps): a process stopped while a benchmark ran beside it,
+    a machine busy for a while. The median epoch does not see it. Runs without epoch times
+    give their mean."""
+    history = metrics.get("history") or []
+    epochs = _numbers(record.get("epoch_seconds") for record in history)
+    steps = metrics.get("steps")
+    if not epochs or len(epochs) != len(history) or not isinstance(steps, int) or steps <= 0:
+        return metrics.get("step_seconds")
+    return statistics.median(epochs) * len(epochs) / steps
+
+
 def _metric(metrics: dict[str, Any], key: str) -> Any:
     """A run's value of ``key``; for a per-kind record (``comm_bytes_per_step``: dispatch,
-    gradients, other, total) its total."""
+    gradients, other, total) its total; for ``step_seconds`` its median epoch's."""
     if key in DERIVED_KEYS:
         return DERIVED_KEYS[key](metrics)
+    if key == "step_seconds":
+        return median_step_seconds(metrics)
     value = metrics.get(key)
     return value.get("total") if isinstance(value, dict) else value
 
@@ -199,7 +215,8 @@ def experts_markdown(runs: dict[tuple[str, int], list[StudyRun]], rows: list[dic
              "Cells: mean ± sample std (n - 1) over the seeds, the mean alone for one seed. experts used = "
              "experts top-gated for > 1 % of the test samples (at most 100, and fewer once E > 100 even "
              "for uniform usage); 2^H_u = the effective number of experts (E for uniform usage); H_u, H_s and I(E;Y) in bits (H_u at most log2 E); "
-             "I pred. = I(E;Y) with the chosen expert's predicted class (the paper's code). stack = runs "
+             "I pred. = I(E;Y) with the chosen expert's predicted class (the paper's code). step s = seconds "
+             "per training step in the run's median epoch (a pause in one epoch does not count). stack = runs "
              "trained as one stack (mean of stack_members): the step time and peak memory of a stacked run "
              "are the whole stack's, all its members computed together in one process. procs = processes "
              "(ep = expert-parallel ranks).", ""]
