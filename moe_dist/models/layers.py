@@ -319,21 +319,37 @@ class StackedPatchConv1d(nn.Module):
 # ----------------------------------------------------------------- the FashionMNIST gate's block
 
 
+def sum_of_squares(x_CQ: torch.Tensor, piece: int = 128) -> torch.Tensor:
+    """``(x * x).sum(1)`` with no ``[C, Q]`` temporary, accurate for long rows: float32 norms
+    of pieces of at most ``piece`` values, squared and added in float64. (A float32 norm of a
+    whole row is far off when values repeat, as Fashion-MNIST's flat background makes them:
+    2e-6 relative on a gate convolution's 346,112 outputs; pieces of 4,096, 2e-6; of 128,
+    6e-8, as the two-pass sum of the squares.)"""
+    Q = x_CQ.shape[1]
+    L = min(piece, Q)
+    head = torch.linalg.vector_norm(x_CQ.unfold(1, L, L), dim=2).double().square().sum(1)
+    tail = torch.linalg.vector_norm(x_CQ[:, Q - Q % L:], dim=1).double().square()
+    return (head + tail).to(x_CQ.dtype)
+
+
 class _ConvBatchNormReluPool(torch.autograd.Function):
     """``max_pool2d(relu(batch_norm(conv2d(x))), 2)`` in training mode, from pooling-phase
     columns (one matrix product for the four phases, ``[C, 4, M]``).
 
-    The FashionMNIST gate spent most of a training step outside its matrix products in this
-    block: oneDNN's convolution and its one-input-channel weight gradient, BatchNorm forward
-    and backward, max_pool2d with int64 indices and its backward, each a pass over the
-    ``[N, C, 26, 26]`` activation. Here the statistics are two-pass (mean, then the mean
-    squared deviation, as nn.BatchNorm2d on CPU), the normalised phases are reduced with
-    ``amax`` and a uint8 index of the first phase reaching the maximum (max_pool2d's choice on
-    ties; a window clipped by the ReLU passes no gradient), and backward is
-    BatchNorm's closed-form gradient scattered to the winning phases, then one matrix product
-    for the weight gradient. Returns the pooled ``[C, M]`` output, the batch mean and biased
-    variance (for the running statistics) and, as non-differentiable outputs so that
-    ``torch.func`` transforms see them, what backward reads.
+    This block touches the largest activation of a FashionMNIST step (``[C, Q]``, Q = 4M
+    positions per channel, 11 MB at batch 512), and on CPU each pass over it runs at memory
+    bandwidth, so the design counts passes. BatchNorm's own kernel, on the product viewed as
+    one sample of C channels, gives the batch statistics (nn.BatchNorm2d's numerics) and the
+    normalised phases in one call; its scale is ``sign(gamma)`` (1 at gamma = 0), so those
+    phases ``u = sign(gamma) xhat`` are largest where ``y = gamma xhat + beta`` is, and
+    ``y`` is only formed on the pooled maxima. The winning phase is the first in row-major
+    window order on ties (max_pool2d's choice), phase 0 where gamma = 0 (y is flat there); a
+    window clipped by the ReLU passes no gradient. Backward is BatchNorm's closed-form
+    gradient scattered to the winning phases, then one matrix product for the weight
+    gradient. The conv bias only shifts the mean, which BatchNorm removes: it enters the
+    running mean and gets a zero gradient. Returns the pooled ``[C, M]`` output, the batch
+    mean and biased variance (for the running statistics) and, as non-differentiable outputs
+    so that ``torch.func`` transforms see them, what backward reads.
     """
 
     generate_vmap_rule = True
@@ -341,49 +357,54 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
     @staticmethod
     def forward(cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps):
         K, _, M = cols_K4M.shape
-        # The conv bias only shifts the mean: it enters the statistics, not the centred values.
-        z_CQ = weight_CK @ cols_K4M.reshape(K, 4 * M)  # Q = 4M positions per channel
+        Q = 4 * M
+        z_CQ = weight_CK @ cols_K4M.reshape(K, Q)
+        # two-pass statistics, as nn.BatchNorm2d on CPU; then z becomes u in place (z is ours)
         mean_C = z_CQ.mean(1)
-        centred_CQ = z_CQ - mean_C.unsqueeze(1)
-        var_C = torch.linalg.vecdot(centred_CQ, centred_CQ) / centred_CQ.shape[1]
+        centred_CQ = z_CQ.sub_(mean_C.unsqueeze(1))
+        var_C = sum_of_squares(centred_CQ) / Q
         invstd_C = torch.rsqrt(var_C + eps)
-        # (mul, add_: addcmul with two broadcast operands is 5x slower on CPU)
-        y_C4M = (centred_CQ * (gamma_C * invstd_C).unsqueeze(1)).add_(beta_C.unsqueeze(1)).view(-1, 4, M)
-        best_CM = y_C4M.amax(1)
-        return best_CM.clamp(min=0), mean_C + bias_C, var_C, centred_CQ, invstd_C, first_max_phase(y_C4M, best_CM, 1)
+        sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
+        u_C4M = centred_CQ.mul_((sign_C * invstd_C).unsqueeze(1)).view(-1, 4, M)
+        best_CM = u_C4M.amax(1)
+        # where gamma = 0 every phase gives y = beta: max_pool2d keeps the first
+        phase_CM = first_max_phase(u_C4M, best_CM, 1) * (gamma_C != 0).to(torch.uint8).unsqueeze(1)
+        out_CM = (best_CM * gamma_C.abs().unsqueeze(1)).add_(beta_C.unsqueeze(1)).clamp(min=0)
+        return out_CM, mean_C + bias_C, var_C, u_C4M, invstd_C, phase_CM
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         cols_K4M, weight_CK, _, gamma_C, _, _ = inputs
-        out_CM, mean_C, var_C, centred_CQ, invstd_C, phase_CM = output
-        ctx.mark_non_differentiable(mean_C, var_C, centred_CQ, invstd_C, phase_CM)
+        out_CM, mean_C, var_C, u_C4M, invstd_C, phase_CM = output
+        ctx.mark_non_differentiable(mean_C, var_C, u_C4M, invstd_C, phase_CM)
         # backward reads only the output's gradient: no zero-filled [C, Q] for the others
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM)
+        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, u_C4M, invstd_C, phase_CM, out_CM)
 
     @staticmethod
     def backward(ctx, grad_CM, *_):
         if grad_CM is None:  # the pooled output was not used
             return None, None, None, None, None, None
-        cols_K4M, weight_CK, gamma_C, centred_CQ, invstd_C, phase_CM, out_CM = ctx.saved_tensors
+        cols_K4M, weight_CK, gamma_C, u_C4M, invstd_C, phase_CM, out_CM = ctx.saved_tensors
         K, _, M = cols_K4M.shape
-        C, Q = centred_CQ.shape
+        C, Q = u_C4M.shape[0], 4 * M
         g_CM = relu_backward(grad_CM, out_CM)
         index_C1M = phase_CM.long().unsqueeze(1)
-        xhat_CM = centred_CQ.view(C, 4, M).gather(1, index_C1M).squeeze(1) * invstd_C.unsqueeze(1)
+        sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
+        xhat_CM = u_C4M.gather(1, index_C1M).squeeze(1) * sign_C.unsqueeze(1)
         grad_beta_C = g_CM.sum(1)
         grad_gamma_C = (g_CM * xhat_CM).sum(1)
-        # dz = s (dy - mean(dy) - xhat mean(dy xhat)), s = gamma / std, means over the Q positions;
-        # dy is g at each window's winning phase, 0 elsewhere
+        # dz = scale (dy - mean(dy) - xhat mean(dy xhat)), means over the Q positions, dy being
+        # g at each window's winning phase and 0 elsewhere; xhat = sign u
         scale_C = gamma_C * invstd_C
         shift_C1 = (scale_C * grad_beta_C / Q).unsqueeze(1)
-        slope_C1 = (scale_C * invstd_C * grad_gamma_C / Q).unsqueeze(1)
-        dz_CQ = (centred_CQ * -slope_C1).sub_(shift_C1)
+        slope_C1 = (sign_C * scale_C * grad_gamma_C / Q).unsqueeze(1)
+        dz_CQ = (u_C4M.view(C, Q) * -slope_C1).sub_(shift_C1)
         dz_CQ.view(C, 4, M).scatter_add_(1, index_C1M, (g_CM * scale_C.unsqueeze(1)).unsqueeze(1))
         need_cols, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_cols = (weight_CK.t() @ dz_CQ).view(K, 4, M) if need_cols else None
         grad_weight = long_rows_matmul_t(dz_CQ, cols_K4M.reshape(K, Q)) if need_weight else None
-        grad_bias = dz_CQ.sum(1) if need_bias else None
+        grad_bias = torch.zeros_like(gamma_C) if need_bias else None
         return grad_cols, grad_weight, grad_bias, grad_gamma_C, grad_beta_C, None
 
 
