@@ -320,16 +320,27 @@ class StackedPatchConv1d(nn.Module):
 
 
 def sum_of_squares(x_CQ: torch.Tensor, piece: int = 128) -> torch.Tensor:
-    """``(x * x).sum(1)`` with no ``[C, Q]`` temporary, accurate for long rows: float32 norms
-    of pieces of at most ``piece`` values, squared and added in float64. (A float32 norm of a
-    whole row is far off when values repeat, as Fashion-MNIST's flat background makes them:
-    2e-6 relative on a gate convolution's 346,112 outputs; pieces of 4,096, 2e-6; of 128,
-    6e-8, as the two-pass sum of the squares.)"""
+    """``(x * x).sum(1)`` with no ``[C, Q]`` temporary, accurate for long rows: norms of
+    pieces of at most ``piece`` values, squared and added in float64 (float32 where the
+    device has no float64). (A float32 norm of a whole row is far off when values repeat, as
+    Fashion-MNIST's flat background makes them: 2e-6 relative on a gate convolution's 346,112
+    outputs; pieces of 4,096, 2e-6; of 128, 6e-8, as the two-pass sum of the squares.)"""
     Q = x_CQ.shape[1]
-    L = min(piece, Q)
-    head = torch.linalg.vector_norm(x_CQ.unfold(1, L, L), dim=2).double().square().sum(1)
-    tail = torch.linalg.vector_norm(x_CQ[:, Q - Q % L:], dim=1).double().square()
+    L = max(min(piece, Q), 1)
+    wide = torch.float32 if x_CQ.device.type == "mps" else torch.float64
+    head = torch.linalg.vector_norm(x_CQ.unfold(1, L, L), dim=2).to(wide).square().sum(1)
+    tail = torch.linalg.vector_norm(x_CQ[:, Q - Q % L:], dim=1).to(wide).square()
     return (head + tail).to(x_CQ.dtype)
+
+
+def _scale_rows(x_CQ: torch.Tensor, factor_C: torch.Tensor) -> torch.Tensor:
+    """``x * factor[:, None]``, in place on plain tensors (x is a fresh product: an in-place
+    pass reads memory that is still in cache). Under torch.func transforms it is out of
+    place: vmap may batch the factor (gamma) but not x, and then cannot write into x."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(x_CQ) or wrapped(factor_C):
+        return x_CQ * factor_C.unsqueeze(1)
+    return x_CQ.mul_(factor_C.unsqueeze(1))
 
 
 class _ConvBatchNormReluPool(torch.autograd.Function):
@@ -338,18 +349,18 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
 
     This block touches the largest activation of a FashionMNIST step (``[C, Q]``, Q = 4M
     positions per channel, 11 MB at batch 512), and on CPU each pass over it runs at memory
-    bandwidth, so the design counts passes. BatchNorm's own kernel, on the product viewed as
-    one sample of C channels, gives the batch statistics (nn.BatchNorm2d's numerics) and the
-    normalised phases in one call; its scale is ``sign(gamma)`` (1 at gamma = 0), so those
-    phases ``u = sign(gamma) xhat`` are largest where ``y = gamma xhat + beta`` is, and
-    ``y`` is only formed on the pooled maxima. The winning phase is the first in row-major
-    window order on ties (max_pool2d's choice), phase 0 where gamma = 0 (y is flat there); a
-    window clipped by the ReLU passes no gradient. Backward is BatchNorm's closed-form
-    gradient scattered to the winning phases, then one matrix product for the weight
-    gradient. The conv bias only shifts the mean, which BatchNorm removes: it enters the
-    running mean and gets a zero gradient. Returns the pooled ``[C, M]`` output, the batch
-    mean and biased variance (for the running statistics) and, as non-differentiable outputs
-    so that ``torch.func`` transforms see them, what backward reads.
+    bandwidth, so the design counts passes: the product is centred in place (two-pass
+    statistics, as nn.BatchNorm2d on CPU, the second pass by :func:`sum_of_squares`), then
+    scaled in place by ``sign(gamma) / std`` (sign 1 at gamma = 0) into
+    ``u = sign(gamma) xhat``, which is largest where ``y = gamma xhat + beta`` is; ``y`` is
+    only formed on the pooled maxima. The winning phase is the first in row-major window order
+    on ties (max_pool2d's choice), phase 0 where gamma = 0 (y is flat there); a window clipped
+    by the ReLU passes no gradient. Backward is BatchNorm's closed-form gradient scattered to
+    the winning phases, then one matrix product for the weight gradient. The conv bias only
+    shifts the mean, which BatchNorm removes: it enters the running mean and gets a zero
+    gradient. Returns the pooled ``[C, M]`` output, the batch mean and biased variance (for
+    the running statistics) and, as non-differentiable outputs so that ``torch.func``
+    transforms see them, what backward reads.
     """
 
     generate_vmap_rule = True
@@ -365,11 +376,11 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
         var_C = sum_of_squares(centred_CQ) / Q
         invstd_C = torch.rsqrt(var_C + eps)
         sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
-        u_C4M = centred_CQ.mul_((sign_C * invstd_C).unsqueeze(1)).view(-1, 4, M)
+        u_C4M = _scale_rows(centred_CQ, sign_C * invstd_C).view(-1, 4, M)
         best_CM = u_C4M.amax(1)
         # where gamma = 0 every phase gives y = beta: max_pool2d keeps the first
         phase_CM = first_max_phase(u_C4M, best_CM, 1) * (gamma_C != 0).to(torch.uint8).unsqueeze(1)
-        out_CM = (best_CM * gamma_C.abs().unsqueeze(1)).add_(beta_C.unsqueeze(1)).clamp(min=0)
+        out_CM = (best_CM * gamma_C.abs().unsqueeze(1) + beta_C.unsqueeze(1)).clamp(min=0)
         return out_CM, mean_C + bias_C, var_C, u_C4M, invstd_C, phase_CM
 
     @staticmethod
