@@ -228,12 +228,15 @@ def test_preempted_stack_resumes_to_the_uninterrupted_weights(tmp_path, data_roo
                 == RunDir(tmp_path / "cut" / f"s{s}").read_metrics()["history"][-1]["train_loss"])
 
 
-def test_a_diverging_member_stops_and_the_others_go_on(tmp_path, data_root, capsys):
-    config = CONFIGS / "mnist" / "vanilla.yaml"
+@pytest.mark.parametrize("arch, poisoned", [("mnist", "gate.out.bias"), ("fmnist", "gate.conv.weight")])
+def test_a_diverging_member_stops_and_the_others_go_on(tmp_path, data_root, capsys, arch, poisoned):
+    """Member 1 turns NaN: after its gate's last layer, or (fmnist) inside the fused
+    convolution + BatchNorm + pooling block, whose backward must not fail on NaN windows."""
+    config = CONFIGS / arch / "vanilla.yaml"
     cfgs = [load_config(config, _overrides(tmp_path / f"s{s}", data_root, f"seed={s}")) for s in (0, 1, 2)]
     trainer = build_stacked_trainer(cfgs)
     with torch.no_grad():  # member 1's gate now outputs NaN: its first loss is NaN
-        trainer.members[1].model.gate.out.bias.fill_(math.nan)
+        trainer.members[1].model.get_parameter(poisoned).fill_(math.nan)
     results = trainer.fit()
     assert results[1]["stopped_early_at"] == 1 and results[1]["steps"] == 0
     assert "diverged" in capsys.readouterr().err

@@ -184,11 +184,14 @@ def first_max_phase(z: torch.Tensor, best: torch.Tensor, dim: int) -> torch.Tens
     """uint8 index of the first of the 4 pooling phases (dim ``dim`` of ``z``) whose value is
     ``best`` (their maximum): max_pool2d's choice among tied elements, the phases being in
     row-major window order. One comparison, a product and a max (torch.max with indices is
-    several times slower on CPU); no in-place write, so it runs under ``torch.func.vmap``."""
+    several times slower on CPU); no in-place write, so it runs under ``torch.func.vmap``.
+    A window whose maximum is NaN matches no phase and gets phase 3: the index stays in range,
+    so a run that diverged still runs backward (to NaN gradients) instead of raising, which
+    would end a stack of runs that only had to drop that member."""
     shape = [1] * z.dim()
     shape[dim] = 4
     code = torch.arange(4, 0, -1, dtype=torch.uint8, device=z.device).view(shape)  # 4 - phase
-    return 4 - ((z == best.unsqueeze(dim)) * code).amax(dim)
+    return (4 - ((z == best.unsqueeze(dim)) * code).amax(dim)).clamp(max=3)
 
 
 def long_rows_matmul_t(a_XQ: torch.Tensor, b_KQ: torch.Tensor) -> torch.Tensor:
