@@ -14,8 +14,9 @@ What members may differ in (:data:`STACKABLE_KEYS`): seed, run folder and name, 
 losses (weights and L_s variant), the learning rate, the gate-noise scale and the run a
 distillation starts from. Anything else splits them into separate stacks (:func:`stack_groups`).
 
-A member whose training loss is not finite stops there, as an early stop, and is reported;
-the others go on (no operation of the stack mixes members).
+A member whose training loss is not finite stops there, as a run alone does (an early stop
+that says the run diverged), and is reported; the others go on (no operation of the stack
+mixes members).
 """
 
 from __future__ import annotations
@@ -305,8 +306,8 @@ class StackedTrainer:
             loss, parts = model_loss(out_i, y_B, m.cfg.loss.kind)
             values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
             why = m.state.early_stop(values["loss"], m.cfg.train)
-            if why is None and not math.isfinite(values["loss"]):
-                why = f"training loss is {values['loss']}: the run diverged (the other stacked runs go on)"
+            if why and not math.isfinite(values["loss"]):
+                why += " (the other stacked runs go on)"
             if why:
                 stopped[i] = why
                 stepping.remove(i)

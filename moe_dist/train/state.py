@@ -37,9 +37,13 @@ class TrainState:
         return cls(**json.loads(text))
 
     def early_stop(self, loss: float, train: TrainConfig) -> str | None:
-        """Why Chen et al.'s early stopping fires on this step's training loss (docs/papers.md
-        B.3), or None; checked before the step's update as their loop does, else the loss
-        counts towards the minimum. The loss is the global batch's: every rank decides alike."""
+        """Why training stops on this step's training loss, or None: a loss that is not finite
+        (the run diverged: its update would only spread NaN through the weights), or Chen et
+        al.'s early stopping (docs/papers.md B.3). Checked before the step's update as their
+        loop does, else the loss counts towards the minimum. The loss is the global batch's:
+        every rank decides alike."""
+        if not math.isfinite(loss):
+            return f"training loss is {loss}: the run diverged"
         if not (train.early_stop_rise or train.early_stop_loss):
             return None
         if self.epoch >= train.early_stop_after:
