@@ -114,7 +114,8 @@ FIELDS: tuple[Field, ...] = (
     Field("test_dispatch_entropy", _M, "nats", "synthetic data: the dispatch entropy of the test set",
           eval_key="dispatch_entropy", tensorboard="moe/test_dispatch_entropy"),
     Field("epochs_completed", _M, "count", "epochs trained"),
-    Field("stopped_early_at", _M, "-", "the epoch (from 1) in which early stopping fired, null if never"),
+    Field("stopped_early_at", _M, "-", "the epoch (from 1) in which early stopping fired or the training "
+          "loss stopped being finite (the run diverged; the log says which), null if never"),
     Field("steps", _M, "count", "optimizer steps taken"),
     Field("train_seconds", _M, "s", "training time (the epochs' steps) summed over every session of the run; "
           "older files call it wall_seconds", summary=True, report=("mean",)),
