@@ -8,7 +8,7 @@ setup(
     description="Mixture-of-experts training with sharded experts, reproducing "
                 "Krishnamurthy et al. (AISTATS 2023) and Chen et al. (NeurIPS 2022)",
     packages=find_packages(include=["moe_dist", "moe_dist.*"]),
-    package_data={"moe_dist": ["configs/*.yaml"]},
+    package_data={"moe_dist": ["configs/*.yaml", "models/csrc/*.cpp"]},
     python_requires=">=3.10",
     # torch is pinned to a range that admits the CPU build 2.13.0 installed first on our
     # machines; the range keeps pip from replacing it (see README, docs/design.md).
@@ -21,6 +21,8 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # builds the native CPU kernels on first use (torch.utils.cpp_extension; moe_dist/models/native.py)
+        "ninja>=1.11",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.19"],

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.parallel.batchnorm import LocalBatchStats, batch_norm_global
+from moe_dist.models import native
 
 
 class StackedLinear(nn.Module):
@@ -288,7 +289,9 @@ class StackedConvReluPool(nn.Module):
         E, O = self.bias.shape
         N = x.shape[0] if shared else x.shape[1]
         cols = shared_pool_phase_columns(x, self.kernel_size) if shared else pool_phase_columns(x, self.kernel_size)
-        y_EOM = _ConvReluPool.apply(cols, self.weight.flatten(2), self.bias)
+        weight_EOK = self.weight.flatten(2)
+        block = native.ExpertsBlock if native.runs(cols, weight_EOK, self.bias) else _ConvReluPool
+        y_EOM = block.apply(cols, weight_EOK, self.bias)
         return y_EOM.view(E, O, -1, N).permute(0, 3, 1, 2).reshape(E, N, -1)  # [E, O, P*N] -> [E, N, O*P]
 
 
@@ -432,8 +435,10 @@ def conv_batchnorm_relu_pool(x_NCHW: torch.Tensor, conv: nn.Conv2d, bn: nn.Batch
     C, _, k, _ = conv.weight.shape
     cols_K4M = shared_pool_phase_columns(x_NCHW, k)
     bias_C = conv.bias if conv.bias is not None else conv.weight.new_zeros(C)
-    out_CM, mean_C, var_C, *_ = _ConvBatchNormReluPool.apply(cols_K4M, conv.weight.flatten(1), bias_C,
-                                                              bn.weight, bn.bias, bn.eps)
+    weight_CK = conv.weight.flatten(1)
+    fused = (native.GateBlock if native.runs(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias)
+             else _ConvBatchNormReluPool)
+    out_CM, mean_C, var_C, *_ = fused.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias, bn.eps)
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum

@@ -1,0 +1,201 @@
+"""Native CPU kernels for the pooled convolution blocks (``csrc/pool_blocks.cpp``).
+
+The FashionMNIST gate's "conv, BatchNorm, ReLU, 2x2 max-pool" block and the experts' "conv,
+ReLU, 2x2 max-pool" block spend most of their time in PyTorch on passes over a [C, 4, M]
+product that does not fit in cache (docs/design.md, "The pooled convolution blocks"). The C++
+kernels recompute the 9-term product block by block from the pooling-phase columns and never
+write it; sums that feed statistics and weight gradients are added in double. They compute the
+same function as :class:`moe_dist.models.layers._ConvBatchNormReluPool` and
+``_ConvReluPool`` (the tests hold them to each other and to nn's modules).
+
+The library is built on first use by ``torch.utils.cpp_extension`` (a few seconds with g++
+and ninja; ``-march=native``, so the build folder is keyed by the CPU's feature flags and a
+shared home directory serves different nodes) and called through ``ctypes``, which releases
+the GIL. Where it cannot be built (no compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch
+path runs instead, after one warning. Only plain float32 CPU tensors take this path: CUDA,
+other dtypes, inputs that need a gradient, autocast and ``torch.func`` transforms stay on
+the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "pool_blocks.cpp"
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "gate_statistics": [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
+    "gate_pool": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
+    "gate_backward_sums": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
+    "experts_pool": [_P, _P, _P, _I64, _I64, _I64, _P, _P],
+    "experts_pool_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P],
+}
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_key() -> str:
+    """A short hash of what ``-march=native`` compiles for: machine and CPU feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def _build() -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load
+
+    try:  # the ninja that pip installed with moe_dist, whether or not its environment is active
+        import ninja
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    except ImportError:
+        pass
+    cache = Path(os.environ.get("MOE_DIST_CACHE", Path.home() / ".cache" / "moe_dist"))
+    name = f"moe_dist_pool_blocks_{_cpu_key()}"
+    build_dir = cache / "native" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # -fopenmp: the kernels run on OpenMP's pool, which at run time is PyTorch's own libgomp
+    path = load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                verbose=False)
+    lib = ctypes.CDLL(str(path))
+    for fn, argtypes in _SIGNATURES.items():
+        getattr(lib, fn).argtypes = argtypes
+        getattr(lib, fn).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None where they are off or cannot be built (warned once)."""
+    if os.environ.get("MOE_DIST_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _build()
+            except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch path runs
+                _state["lib"] = None
+                warnings.warn(f"moe_dist: native CPU kernels unavailable, using the PyTorch path ({err})",
+                              RuntimeWarning, stacklevel=2)
+        return _state["lib"]
+
+
+def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not wrapped(t) for t in tensors)
+
+
+def runs(cols: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the native kernels compute a block on shared ``[K, 4, M]`` columns and these
+    parameters: plain float32 CPU tensors, columns that need no gradient, no autocast."""
+    return (cols.dim() == 3 and not cols.requires_grad and _plain_cpu_float(cols, *params)
+            and not torch.is_autocast_enabled("cpu") and library() is not None)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class GateBlock(torch.autograd.Function):
+    """``max_pool2d(relu(batch_norm(conv2d(x))), 2)`` in training mode, natively: the contract
+    of ``layers._ConvBatchNormReluPool`` (pooled ``[C, M]`` output, the batch mean with the
+    conv bias, the biased variance), for columns that need no gradient.
+
+    BatchNorm's statistics are those of the float32 product, as accurate as a two-pass
+    computation (blocks centred on their own mean, merged in double). Backward needs
+    ``sum_q dz[c, q] cols[k, q]`` with ``dz = scale (dy - mean(dy) - xhat mean(dy xhat))``;
+    ``dy`` lives on the winning phases only, and the ``xhat`` term is ``W Cov`` from the
+    columns' centred cross products (``Cov = sum (cols - mean)(cols - mean)^T``), so backward
+    reads the columns only where a window's winning phase is.
+    """
+
+    @staticmethod
+    def forward(ctx, cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps):
+        lib = library()
+        K, _, M = cols_K4M.shape
+        C, Q = weight_CK.shape[0], 4 * M
+        cols_K4M, weight_CK = cols_K4M.contiguous(), weight_CK.detach().contiguous()
+        gamma_C, beta_C = gamma_C.detach().contiguous(), beta_C.detach().contiguous()
+        wide = {"dtype": torch.float64}
+        mean64, var64, colmean, comoment = (torch.empty(C, **wide), torch.empty(C, **wide),
+                                            torch.empty(K, **wide), torch.empty(K, K, **wide))
+        lib.gate_statistics(_ptr(cols_K4M), _ptr(weight_CK), C, K, M,
+                            _ptr(mean64), _ptr(var64), _ptr(colmean), _ptr(comoment))
+        mean_C, var_C = mean64.float(), var64.float()
+        invstd_C = torch.rsqrt(var64 + eps).float()
+        out_CM, best_CM = torch.empty(C, M), torch.empty(C, M)
+        phase_CM = torch.empty(C, M, dtype=torch.uint8)
+        lib.gate_pool(_ptr(cols_K4M), _ptr(weight_CK), _ptr(mean_C), _ptr(invstd_C), _ptr(gamma_C),
+                      _ptr(beta_C), C, K, M, _ptr(out_CM), _ptr(best_CM), _ptr(phase_CM))
+        ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment)
+        mean_out, var_out = mean_C + bias_C.detach(), var_C
+        ctx.mark_non_differentiable(mean_out, var_out)
+        ctx.set_materialize_grads(False)
+        return out_CM, mean_out, var_out
+
+    @staticmethod
+    def backward(ctx, grad_CM, *_):
+        if grad_CM is None:
+            return None, None, None, None, None, None
+        lib = library()
+        cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment = ctx.saved_tensors
+        K, _, M = cols_K4M.shape
+        C, Q = weight_CK.shape[0], 4 * M
+        grad_CM = grad_CM.contiguous()
+        sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
+        wide = {"dtype": torch.float64}
+        gsum, gxhat, gcols = torch.empty(C, **wide), torch.empty(C, **wide), torch.empty(C, K, **wide)
+        lib.gate_backward_sums(_ptr(grad_CM), _ptr(out_CM), _ptr(best_CM), _ptr(phase_CM), _ptr(cols_K4M),
+                               _ptr(sign_C), C, K, M, _ptr(gsum), _ptr(gxhat), _ptr(gcols))
+        invstd64, scale = invstd_C.double().unsqueeze(1), (gamma_C * invstd_C).double().unsqueeze(1)
+        centred_cols = weight_CK.double() @ comoment  # sum_q (z - mean) cols_k, exact
+        grad_weight = scale * (gcols - gsum.unsqueeze(1) * colmean - gxhat.unsqueeze(1) / Q * invstd64 * centred_cols)
+        need_bias = ctx.needs_input_grad[2]
+        return (None, grad_weight.float(), torch.zeros_like(gamma_C) if need_bias else None,
+                gxhat.float(), gsum.float(), None)
+
+
+class ExpertsBlock(torch.autograd.Function):
+    """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts on shared columns, natively:
+    the contract of ``layers._ConvReluPool`` (``[E, O, M]`` output), for columns that need
+    no gradient."""
+
+    @staticmethod
+    def forward(ctx, cols_K4M, weight_EOK, bias_EO):
+        lib = library()
+        E, O, K = weight_EOK.shape
+        M = cols_K4M.shape[-1]
+        cols_K4M = cols_K4M.contiguous()
+        weight, bias = weight_EOK.detach().contiguous(), bias_EO.detach().contiguous()
+        out_EOM = torch.empty(E, O, M)
+        phase_EOM = torch.empty(E, O, M, dtype=torch.uint8)
+        lib.experts_pool(_ptr(cols_K4M), _ptr(weight), _ptr(bias), E * O, K, M,
+                         _ptr(out_EOM), _ptr(phase_EOM))
+        ctx.save_for_backward(cols_K4M, phase_EOM, out_EOM)
+        ctx.shape = (E, O, K)
+        return out_EOM
+
+    @staticmethod
+    def backward(ctx, grad_EOM):
+        lib = library()
+        cols_K4M, phase_EOM, out_EOM = ctx.saved_tensors
+        E, O, K = ctx.shape
+        M = cols_K4M.shape[-1]
+        grad_EOM = grad_EOM.contiguous()
+        gbias, gw = torch.empty(E, O, dtype=torch.float64), torch.empty(E, O, K, dtype=torch.float64)
+        lib.experts_pool_backward(_ptr(grad_EOM), _ptr(out_EOM), _ptr(phase_EOM), _ptr(cols_K4M),
+                                  E * O, K, M, _ptr(gbias), _ptr(gw))
+        return None, gw.float(), gbias.float()

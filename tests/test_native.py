@@ -1,0 +1,261 @@
+"""The native CPU kernels of the pooled convolution blocks (moe_dist/models/native.py).
+
+They are held to the PyTorch fused blocks they replace (moe_dist/models/layers.py, which the
+float64 tests of test_models.py hold to nn's modules) and, in float32, to a float64 nn run:
+values, every gradient, the winning phase on ties, NaN, odd sizes, thread counts; a whole
+training run against the PyTorch path; and the conditions under which they run or step aside.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_dist.models import FmnistGate, native
+from moe_dist.models.layers import (StackedConvReluPool, _ConvBatchNormReluPool, _ConvReluPool,
+                                    conv_batchnorm_relu_pool, pool_phase_columns)
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="the native kernels could not be built here")
+
+
+def _images(n: int, seed: int = 0, size: int = 28) -> torch.Tensor:
+    """Digit-like float32 images: a flat background (tied pooling windows), noise in the middle
+    and a flat bright square."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, size, size)
+    x[:, :, 6:size - 6, 5:size - 7] = torch.rand(n, 1, size - 12, size - 12, generator=g)
+    x[: n // 2, :, 2:6, 2:6] = 1.0
+    return x
+
+
+def _gate_params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(8, 9, generator=g) * 0.4
+    bias = torch.randn(8, generator=g)
+    gamma = torch.tensor([1.5, -0.7, 0.0, 1.0, 0.3, -2.0, 0.9, 1.2])
+    beta = torch.randn(8, generator=g) * 0.5
+    return [weight, bias, gamma, beta]
+
+
+def _run_block(block, cols, params, extra=(), grad_seed: int = 1):
+    """Outputs of ``block.apply(cols, *params, *extra)`` and the gradients of a random linear
+    function of its first output with respect to params."""
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    outs = block.apply(cols, *leaves, *extra)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    w = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(grad_seed))
+    (outs[0] * w).sum().backward()
+    return [o.detach() for o in outs], [p.grad for p in leaves]
+
+
+def _close(a, b, rtol):
+    assert a.shape == b.shape
+    err = float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
+    assert err <= rtol, err
+
+
+@pytest.mark.parametrize("batch", [512, 37])  # 37: windows that are not a whole vector or block
+def test_native_gate_block_equals_the_pytorch_block(batch):
+    cols = pool_phase_columns(_images(batch), 3)
+    params = _gate_params()
+    assert native.runs(cols, *params)
+    (out, mean, var), grads = _run_block(native.GateBlock, cols, params, (1e-5,))
+    (out_t, mean_t, var_t, *_), grads_t = _run_block(_ConvBatchNormReluPool, cols, params, (1e-5,))
+    _close(out, out_t, 3e-7)
+    _close(mean, mean_t, 1e-6)
+    _close(var, var_t, 1e-6)
+    for name, g, g_t in zip(["weight", "bias", "gamma", "beta"], grads, grads_t):
+        if name == "bias":  # BatchNorm removes the conv bias: exactly no gradient
+            assert torch.equal(g, torch.zeros(8)) and torch.equal(g_t, torch.zeros(8))
+        else:
+            _close(g, g_t, 1e-5)
+
+
+def test_native_gate_block_is_as_precise_as_nn_in_float32():
+    """Against a float64 nn run, on shifted images (a large mean next to the spread) with
+    negative and zero BatchNorm scales: output, gradients and running variance are within 3x
+    of nn's own float32 error."""
+    x = _images(256, seed=3) + 2.0
+    torch.manual_seed(0)
+    gate = FmnistGate(5)
+    with torch.no_grad():
+        gate.bn.weight.copy_(_gate_params()[2])
+        gate.bn.bias.normal_()
+    w = torch.randn(256, 8 * 13 * 13, dtype=torch.float64)
+
+    def run(block, dtype):
+        g = copy.deepcopy(gate).to(dtype)
+        out = block(g, x.to(dtype))
+        (out * w.to(dtype)).sum().backward()
+        return [out.detach(), g.conv.weight.grad, g.bn.weight.grad, g.bn.bias.grad, g.bn.running_var]
+
+    def plain(g, x):
+        return F.max_pool2d(F.relu(g.bn(g.conv(x))), 2).flatten(1)
+
+    exact = run(plain, torch.float64)
+    ours = run(lambda g, x: conv_batchnorm_relu_pool(x, g.conv, g.bn), torch.float32)
+    nn32 = run(plain, torch.float32)
+    for name, o, n, e in zip(["out", "conv.weight", "bn.weight", "bn.bias", "running_var"], ours, nn32, exact):
+        err = float((o.double() - e).norm() / e.norm())
+        err_nn = float((n.double() - e).norm() / e.norm())
+        assert err <= max(3 * err_nn, 1e-7), (name, err, err_nn)
+
+
+def test_native_gate_block_is_the_one_a_float32_gate_runs(monkeypatch):
+    """FmnistGate in training on float32 CPU images takes the native block; with
+    MOE_DIST_NATIVE=0 the PyTorch block, with the same outputs and gradients."""
+    calls = []
+    monkeypatch.setattr(native.GateBlock, "apply", _counting(native.GateBlock.apply, calls))
+    torch.manual_seed(0)
+    gate = FmnistGate(5)
+    x = _images(64)
+    first = _forward_backward(gate, x)
+    assert len(calls) == 1
+    monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+    again = _forward_backward(gate, x)
+    assert len(calls) == 1
+    for a, b in zip(first, again):
+        _close(a, b, 1e-5)
+
+
+def _counting(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+    return wrapped
+
+
+def _forward_backward(gate, x):
+    gate.zero_grad()
+    out = gate(x)
+    out.square().sum().backward()
+    return [out.detach(), *(p.grad.clone() for p in gate.parameters())]
+
+
+@pytest.mark.parametrize("num_experts", [5, 160])
+def test_native_experts_block_equals_the_pytorch_block(num_experts):
+    g = torch.Generator().manual_seed(num_experts)
+    cols = pool_phase_columns(_images(96), 3)
+    weight, bias = torch.randn(num_experts, 1, 9, generator=g) * 0.4, torch.randn(num_experts, 1, generator=g) * 0.1
+    bias[0] = 0.0  # background windows exactly at 0: no gradient through the ReLU
+    (out,), grads = _run_block(native.ExpertsBlock, cols, [weight, bias])
+    (out_t,), grads_t = _run_block(_ConvReluPool, cols, [weight, bias])
+    _close(out, out_t, 2e-7)
+    for g_n, g_t in zip(grads, grads_t):
+        _close(g_n, g_t, 1e-5)
+
+
+def test_native_blocks_pick_max_pool2ds_phase_on_ties():
+    """Flat background and a flat bright square tie the four phases of many windows: the
+    winning phase saved for backward is the first, as in the PyTorch blocks (max_pool2d's
+    choice), and theirs; for the gate also at a zero and a negative BatchNorm scale. (With
+    columns that need no gradient, a tie between equal columns cannot change a gradient,
+    hence the direct look at the saved phase.)"""
+    cols = pool_phase_columns(_images(16), 3)
+    weight, bias = torch.randn(4, 1, 9).requires_grad_(), torch.tensor([[0.5], [0.0], [-0.2], [0.1]])
+    phase = native.ExpertsBlock.apply(cols, weight, bias).grad_fn.saved_tensors[1]
+    phase_t = _ConvReluPool.apply(cols, weight, bias).grad_fn.saved_tensors[2]
+    assert _mismatch(phase, phase_t) < 1e-3 and (phase == 0).float().mean() > 0.3
+    params = [p.requires_grad_() for p in _gate_params()]
+    phase = native.GateBlock.apply(cols, *params, 1e-5)[0].grad_fn.saved_tensors[5]
+    phase_t = _ConvBatchNormReluPool.apply(cols, *params, 1e-5)[0].grad_fn.saved_tensors[5]
+    assert _mismatch(phase, phase_t) < 1e-3
+
+
+def _mismatch(a, b):
+    """Share of windows whose phases differ: 0 but where two phases' products differ only by
+    rounding (the kernels add the 9 terms in another order than PyTorch's product)."""
+    return float((a != b).float().mean())
+
+
+def test_native_blocks_pass_nan_through_as_the_pytorch_blocks_do():
+    """A diverged run (a NaN weight) gets NaN outputs where the PyTorch blocks give them and
+    the same gradients, NaN or not, with the winning phase in range: no exception."""
+    cols = pool_phase_columns(_images(8), 3)
+    params = _gate_params()
+    params[0][3, 4] = float("nan")
+    (out, *_), grads = _run_block(native.GateBlock, cols, params, (1e-5,))
+    (out_t, *_), grads_t = _run_block(_ConvBatchNormReluPool, cols, params, (1e-5,))
+    assert out[3].isnan().all() and not out[0].isnan().any()
+    torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for g, g_t in zip(grads, grads_t):
+        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-5, equal_nan=True)
+    weight = torch.randn(3, 1, 9)
+    weight[1, 0, 0] = float("nan")
+    (out,), grads = _run_block(native.ExpertsBlock, cols, [weight, torch.zeros(3, 1)])
+    (out_t,), grads_t = _run_block(_ConvReluPool, cols, [weight, torch.zeros(3, 1)])
+    assert out[1].isnan().all() and not out[0].isnan().any()
+    torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for g, g_t in zip(grads, grads_t):
+        torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_blocks_give_the_same_result_on_any_thread_count(threads):
+    cols = pool_phase_columns(_images(300), 3)
+    params = _gate_params(seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = _run_block(native.GateBlock, cols, params, (1e-5,))
+    finally:
+        torch.set_num_threads(before)
+    reference = _run_block(native.GateBlock, cols, params, (1e-5,))
+    for a, b in zip([*result[0], *result[1]], [*reference[0], *reference[1]]):
+        _close(a, b, 1e-6)
+
+
+def test_native_blocks_step_aside_where_they_do_not_apply(monkeypatch):
+    cols = pool_phase_columns(_images(4), 3)
+    weight = torch.randn(2, 9)
+    assert native.runs(cols, weight)
+    assert not native.runs(cols.double(), weight.double())
+    assert not native.runs(cols.clone().requires_grad_(), weight)
+    assert not native.runs(cols[None], weight)  # per-expert columns
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.runs(cols, weight)
+    seen = []
+    torch.func.vmap(lambda w: seen.append(native.runs(cols, w)) or w.sum())(torch.randn(3, 2, 9))
+    assert seen == [False]
+    monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+    assert not native.runs(cols, weight)
+
+
+def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(native, "_state", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.library() is None and native.library() is None
+    assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+    layer = StackedConvReluPool(2, 1, 1, 3)
+    assert layer(_images(2), shared=True).shape == (2, 2, 169)
+
+
+def test_training_with_the_native_blocks_follows_the_pytorch_path(tmp_path, monkeypatch, data_root):
+    """Two epochs of the Fashion-MNIST vanilla architecture on a fixture subset: the losses of
+    every step with the native blocks and with MOE_DIST_NATIVE=0 agree within 1e-4 relative."""
+    from moe_dist.config import load_config
+    from moe_dist.train.build import build_trainer
+
+    def history(native_on: bool, name: str):
+        monkeypatch.setenv("MOE_DIST_NATIVE", "1" if native_on else "0")
+        cfg = load_config("configs/fmnist/vanilla.yaml", [
+            "data.name=mnist10k", f"data.root={data_root}", "data.train_size=512", "data.test_size=64",
+            "train.epochs=2", "train.batch_size=128", "train.progress=false", f"run_dir={tmp_path / name}"])
+        trainer = build_trainer(cfg)
+        losses = []
+        for epoch in range(2):
+            for x, y, *_ in trainer.data.train_batches.batches(epoch):
+                losses.append(float(trainer.train_step(x, y).loss.detach()))
+        return torch.tensor(losses)
+
+    native_losses, torch_losses = history(True, "native"), history(False, "torch")
+    assert len(native_losses) == 8
+    torch.testing.assert_close(native_losses, torch_losses, rtol=1e-4, atol=0)
