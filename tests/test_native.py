@@ -223,6 +223,27 @@ def test_native_blocks_step_aside_where_they_do_not_apply(monkeypatch):
     assert seen == [False]
     monkeypatch.setenv("MOE_DIST_NATIVE", "0")
     assert not native.runs(cols, weight)
+    monkeypatch.setenv("MOE_DIST_NATIVE", "off")
+    with pytest.raises(ValueError, match="MOE_DIST_NATIVE='off': allowed values are 1"):
+        native.runs(cols, weight)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A process killed while building leaves torch's lock file, which would make every later
+    build wait forever; one older than STALE_LOCK_S goes, a recent one (a build under way) stays."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._remove_stale_lock(lock)
+    assert lock.exists()
+    old = time.time() - native.STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        native._remove_stale_lock(lock)
+    assert not lock.exists()
+    native._remove_stale_lock(lock)  # none there: nothing to do
 
 
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch):

@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,7 @@ _SIGNATURES = {
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+STALE_LOCK_S = 300  # a build takes seconds; an older lock was left by a killed process
 
 
 def _cpu_key() -> str:
@@ -67,6 +69,7 @@ def _build() -> ctypes.CDLL:
     name = f"moe_dist_pool_blocks_{_cpu_key()}"
     build_dir = cache / "native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir / "lock")
     # -fopenmp: the kernels run on OpenMP's pool, which at run time is PyTorch's own libgomp
     path = load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
@@ -78,9 +81,28 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's extension builder waits for as long as its lock file exists; a process killed
+    while building (a preempted job's first step) leaves one behind for good."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(f"moe_dist: removed a stale build lock {lock}", RuntimeWarning, stacklevel=3)
+    except FileNotFoundError:
+        pass
+
+
+def enabled() -> bool:
+    """``MOE_DIST_NATIVE``: 1 (default) uses the native kernels where they apply, 0 never."""
+    value = os.environ.get("MOE_DIST_NATIVE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOE_DIST_NATIVE={value!r}: allowed values are 1 (native kernels, the default) and 0")
+    return value == "1"
+
+
 def library() -> ctypes.CDLL | None:
     """The built kernels, or None where they are off or cannot be built (warned once)."""
-    if os.environ.get("MOE_DIST_NATIVE", "1") == "0":
+    if not enabled():
         return None
     with _lock:
         if "lib" not in _state:
