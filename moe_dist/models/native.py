@@ -2,7 +2,7 @@
 
 The FashionMNIST gate's "conv, BatchNorm, ReLU, 2x2 max-pool" block and the experts' "conv,
 ReLU, 2x2 max-pool" block spend most of their time in PyTorch on passes over a [C, 4, M]
-product that does not fit in cache (docs/design.md, "The pooled convolution blocks"). The C++
+product that does not fit in cache (docs/design.md, "Choice 1: Experts as one bank"). The C++
 kernels recompute the 9-term product block by block from the pooling-phase columns and never
 write it; sums that feed statistics and weight gradients are added in double. They compute the
 same function as :class:`moe_dist.models.layers._ConvBatchNormReluPool` and
