@@ -228,6 +228,17 @@ def test_native_blocks_step_aside_where_they_do_not_apply(monkeypatch):
         native.runs(cols, weight)
 
 
+def test_each_source_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """Two versions of the kernels on one machine (two checkouts, an upgrade under a running
+    job) must not share a build folder: torch's builder would rebuild one over the other."""
+    key = native._build_key()
+    assert key == native._build_key()
+    other = tmp_path / "pool_blocks.cpp"
+    other.write_bytes(native.SOURCE.read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(native, "SOURCE", other)
+    assert native._build_key() != key
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     """A process killed while building leaves torch's lock file, which would make every later
     build wait forever; one older than STALE_LOCK_S goes, a recent one (a build under way) stays."""

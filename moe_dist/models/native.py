@@ -9,8 +9,8 @@ same function as :class:`moe_dist.models.layers._ConvBatchNormReluPool` and
 ``_ConvReluPool`` (the tests hold them to each other and to nn's modules).
 
 The library is built on first use by ``torch.utils.cpp_extension`` (a few seconds with g++
-and ninja; ``-march=native``, so the build folder is keyed by the CPU's feature flags and a
-shared home directory serves different nodes) and called through ``ctypes``, which releases
+and ninja; ``-march=native``), in a folder keyed by the source and the CPU's feature flags
+(see :func:`_build_key`) and called through ``ctypes``, which releases
 the GIL. Where it cannot be built (no compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch
 path runs instead, after one warning. Only plain float32 CPU tensors take this path: CUDA,
 other dtypes, inputs that need a gradient, autocast and ``torch.func`` transforms stay on
@@ -33,8 +33,8 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "pool_blocks.cpp"
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "gate_statistics": [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
-    "gate_pool": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
+    "gate_forward": [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P],
+    "gate_output": [_P, _P, _P, _P, _I64, _I64, _P, _P],
     "gate_backward_sums": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
     "experts_pool": [_P, _P, _P, _I64, _I64, _I64, _P, _P],
     "experts_pool_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P],
@@ -44,8 +44,11 @@ _state: dict[str, object] = {}
 STALE_LOCK_S = 300  # a build takes seconds; an older lock was left by a killed process
 
 
-def _cpu_key() -> str:
-    """A short hash of what ``-march=native`` compiles for: machine and CPU feature flags."""
+def _build_key() -> str:
+    """A short hash of what the library is built from and for: the source and what
+    ``-march=native`` compiles for (machine, CPU feature flags). One folder per key, so that
+    two versions of moe_dist on one machine, or nodes with different CPUs sharing a home
+    directory, never rebuild (and overwrite) each other's library."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,7 +57,7 @@ def _cpu_key() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 def _build() -> ctypes.CDLL:
@@ -66,7 +69,7 @@ def _build() -> ctypes.CDLL:
     except ImportError:
         pass
     cache = Path(os.environ.get("MOE_DIST_CACHE", Path.home() / ".cache" / "moe_dist"))
-    name = f"moe_dist_pool_blocks_{_cpu_key()}"
+    name = f"moe_dist_pool_blocks_{_build_key()}"
     build_dir = cache / "native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(build_dir / "lock")
@@ -148,20 +151,19 @@ class GateBlock(torch.autograd.Function):
     def forward(ctx, cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps):
         lib = library()
         K, _, M = cols_K4M.shape
-        C, Q = weight_CK.shape[0], 4 * M
+        C = weight_CK.shape[0]
         cols_K4M, weight_CK = cols_K4M.contiguous(), weight_CK.detach().contiguous()
         gamma_C, beta_C = gamma_C.detach().contiguous(), beta_C.detach().contiguous()
         wide = {"dtype": torch.float64}
         mean64, var64, colmean, comoment = (torch.empty(C, **wide), torch.empty(C, **wide),
                                             torch.empty(K, **wide), torch.empty(K, K, **wide))
-        lib.gate_statistics(_ptr(cols_K4M), _ptr(weight_CK), C, K, M,
-                            _ptr(mean64), _ptr(var64), _ptr(colmean), _ptr(comoment))
+        best_CM, out_CM = torch.empty(C, M), torch.empty(C, M)
+        phase_CM = torch.empty(C, M, dtype=torch.uint8)
+        lib.gate_forward(_ptr(cols_K4M), _ptr(weight_CK), _ptr(gamma_C), C, K, M, _ptr(mean64), _ptr(var64),
+                         _ptr(colmean), _ptr(comoment), _ptr(best_CM), _ptr(phase_CM))
         mean_C, var_C = mean64.float(), var64.float()
         invstd_C = torch.rsqrt(var64 + eps).float()
-        out_CM, best_CM = torch.empty(C, M), torch.empty(C, M)
-        phase_CM = torch.empty(C, M, dtype=torch.uint8)
-        lib.gate_pool(_ptr(cols_K4M), _ptr(weight_CK), _ptr(mean_C), _ptr(invstd_C), _ptr(gamma_C),
-                      _ptr(beta_C), C, K, M, _ptr(out_CM), _ptr(best_CM), _ptr(phase_CM))
+        lib.gate_output(_ptr(mean_C), _ptr(invstd_C), _ptr(gamma_C), _ptr(beta_C), C, M, _ptr(best_CM), _ptr(out_CM))
         ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment)
         mean_out, var_out = mean_C + bias_C.detach(), var_C
         ctx.mark_non_differentiable(mean_out, var_out)

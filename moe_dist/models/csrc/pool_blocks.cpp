@@ -23,7 +23,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 256;  // windows per block: a block's columns (K * 4 * 256 floats) stay in L1/L2
+constexpr int64_t kBlock = 512;  // windows per block: its columns (K * 4 * 512 floats, 72 KB at K = 9) stay in L2
 constexpr int64_t V = 16;        // floats per vector: one AVX-512 register (GCC splits it elsewhere)
 typedef float vf __attribute__((vector_size(V * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
@@ -227,13 +227,27 @@ inline void block_centre(float* x, int64_t len, int64_t stride, double& mean, do
   m2 = dot4(x, x, len, stride) - n * rest * rest;
 }
 
-// One block's moments: z = W cols per channel (mean, centred sum of squares) and the
-// columns' (mean, centred cross products), merged into the thread's running moments.
-inline void block_moments(const float* cols, const float* w, int64_t C, int64_t K, int64_t M, int64_t m0,
-                          int64_t len, float* z, float* xc, Moments& zm, Moments& cm) {
+// The winning phase of each window and z there: the first phase with the largest
+// sign(gamma) z, which is the one with the largest normalised value whatever the statistics
+// turn out to be (phase 0 where gamma = 0: y is flat, max_pool2d keeps the first).
+inline void gate_phases(const float* z, float gamma, int64_t len, float* best, uint8_t* phase) {
+  first_max(z, gamma < 0 ? -1.f : 1.f, len, best, phase);
+  if (gamma == 0.f) {
+    std::copy(z, z + len, best);
+    std::fill(phase, phase + len, 0);
+  }
+}
+
+// One block: per channel, z = W cols, its winning phases (best z, phase) and moments (mean,
+// centred sum of squares); the columns' moments (mean, centred cross products); the moments
+// merged into the thread's running ones.
+inline void block_moments(const float* cols, const float* w, const float* gamma, int64_t C, int64_t K,
+                          int64_t M, int64_t m0, int64_t len, float* z, float* xc, Moments& zm, Moments& cm,
+                          float* best, uint8_t* phase) {
   std::vector<double> mean(std::max(C, K)), m2(std::max(C, K * K));
   for (int64_t c = 0; c < C; ++c) {
     phase_products(cols, w + c * K, K, M, m0, len, z);
+    gate_phases(z, gamma[c], len, best + c * M + m0, phase + c * M + m0);
     block_centre(z, len, kBlock, mean[c], m2[c]);
   }
   zm.merge(4.0 * len, mean.data(), m2.data());
@@ -253,17 +267,20 @@ inline void block_moments(const float* cols, const float* w, int64_t C, int64_t 
 extern "C" {
 
 
-// BatchNorm's statistics of z = W cols over all 4M positions (zmean[c] and the biased
-// variance zvar[c] of the float32 product), and what its weight gradient needs: the columns'
-// means colmean[k] and centred cross products comoment[k * K + l] = sum (cols_k - mean_k)(cols_l - mean_l).
-void gate_statistics(const float* cols, const float* w, int64_t C, int64_t K, int64_t M,
-                     double* zmean, double* zvar, double* colmean, double* comoment) {
+// The gate block's pass over the columns: for each channel c and window m the winning phase
+// and z there (best, phase: see gate_phases); BatchNorm's statistics of z = W cols over all
+// 4M positions (zmean[c] and the biased variance zvar[c] of the float32 product); and what
+// its weight gradient needs, the columns' means colmean[k] and centred cross products
+// comoment[k * K + l] = sum (cols_k - mean_k)(cols_l - mean_l).
+void gate_forward(const float* cols, const float* w, const float* gamma, int64_t C, int64_t K, int64_t M,
+                  double* zmean, double* zvar, double* colmean, double* comoment, float* best, uint8_t* phase) {
   const int threads = max_threads();
   std::vector<Moments> zms(threads, Moments(C, false)), cms(threads, Moments(K, true));
   parallel(M, [&](int64_t t, int64_t begin, int64_t end) {
     std::vector<float> z(4 * kBlock), xc(K * 4 * kBlock);
     for (int64_t m0 = begin; m0 < end; m0 += kBlock)
-      block_moments(cols, w, C, K, M, m0, std::min(kBlock, end - m0), z.data(), xc.data(), zms[t], cms[t]);
+      block_moments(cols, w, gamma, C, K, M, m0, std::min(kBlock, end - m0), z.data(), xc.data(),
+                    zms[t], cms[t], best, phase);
   });
   Moments zm(C, false), cm(K, true);
   for (int t = 0; t < threads; ++t) {
@@ -276,33 +293,20 @@ void gate_statistics(const float* cols, const float* w, int64_t C, int64_t K, in
   std::copy(cm.m2.begin(), cm.m2.end(), comoment);
 }
 
-// The pooled block: per channel c and window m, the first phase with the largest
-// u = sign_c (z - mean_c) invstd_c (phase 0 where gamma_c = 0), u there (best), and
-// out = relu(|gamma_c| u + beta_c).
-void gate_pool(const float* cols, const float* w, const float* mean, const float* invstd,
-               const float* gamma, const float* beta, int64_t C, int64_t K, int64_t M,
-               float* out, float* best, uint8_t* phase) {
+// The pooled output from the winning z: u = sign_c (best - mean_c) invstd_c replaces best
+// (backward reads it), out = relu(|gamma_c| u + beta_c).
+void gate_output(const float* mean, const float* invstd, const float* gamma, const float* beta,
+                 int64_t C, int64_t M, float* best, float* out) {
   parallel(M, [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<float> z(4 * kBlock);
-    for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
-      const int64_t len = std::min(kBlock, end - m0);
-      for (int64_t c = 0; c < C; ++c) {
-        const float s = gamma[c] < 0 ? -1.f : 1.f;
-        const float scale = s * invstd[c], mu = mean[c], g = std::fabs(gamma[c]), b = beta[c];
-        float* bc = best + c * M + m0;
-        float* oc = out + c * M + m0;
-        uint8_t* pc = phase + c * M + m0;
-        phase_products(cols, w + c * K, K, M, m0, len, z.data());
-        first_max(z.data(), s, len, bc, pc);
-        if (gamma[c] == 0.f) {  // y is flat: max_pool2d keeps phase 0
-          std::copy(z.data(), z.data() + len, bc);
-          std::fill(pc, pc + len, 0);
-        }
-        for (int64_t i = 0; i < len; ++i) {
-          const float u = (bc[i] - mu) * scale;
-          bc[i] = u;
-          oc[i] = std::max(u * g + b, 0.f);  // std::max(NaN, 0) is NaN, as torch's clamp
-        }
+    for (int64_t c = 0; c < C; ++c) {
+      const float scale = (gamma[c] < 0 ? -1.f : 1.f) * invstd[c], mu = mean[c];
+      const float g = std::fabs(gamma[c]), b = beta[c];
+      float* bc = best + c * M;
+      float* oc = out + c * M;
+      for (int64_t i = begin; i < end; ++i) {
+        const float u = (bc[i] - mu) * scale;
+        bc[i] = u;
+        oc[i] = std::max(u * g + b, 0.f);  // std::max(NaN, 0) is NaN, as torch's clamp
       }
     }
   });
