@@ -9,6 +9,7 @@ training run against the PyTorch path; and the conditions under which they run o
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 
 import pytest
@@ -19,7 +20,19 @@ from moe_dist.models import FmnistGate, native
 from moe_dist.models.layers import (StackedConvReluPool, _ConvBatchNormReluPool, _ConvReluPool,
                                     conv_batchnorm_relu_pool, pool_phase_columns)
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="the native kernels could not be built here")
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) on this machine")
+
+
+@pytest.fixture(autouse=True)
+def native_on(monkeypatch):
+    """The kernels on, whatever the caller's environment says."""
+    monkeypatch.setenv("MOE_DIST_NATIVE", "1")
+
+
+@needs_compiler
+def test_the_kernels_build_where_a_compiler_is():
+    """A broken source must fail the suite, not skip the tests that use it."""
+    assert native.library() is not None
 
 
 def _images(n: int, seed: int = 0, size: int = 28) -> torch.Tensor:
@@ -58,6 +71,7 @@ def _close(a, b, rtol):
     assert err <= rtol, err
 
 
+@needs_compiler
 @pytest.mark.parametrize("batch", [512, 37])  # 37: windows that are not a whole vector or block
 def test_native_gate_block_equals_the_pytorch_block(batch):
     cols = pool_phase_columns(_images(batch), 3)
@@ -75,6 +89,7 @@ def test_native_gate_block_equals_the_pytorch_block(batch):
             _close(g, g_t, 1e-5)
 
 
+@needs_compiler
 def test_native_gate_block_is_as_precise_as_nn_in_float32():
     """Against a float64 nn run, on shifted images (a large mean next to the spread) with
     negative and zero BatchNorm scales: output, gradients and running variance are within 3x
@@ -105,6 +120,7 @@ def test_native_gate_block_is_as_precise_as_nn_in_float32():
         assert err <= max(3 * err_nn, 1e-7), (name, err, err_nn)
 
 
+@needs_compiler
 def test_native_gate_block_is_the_one_a_float32_gate_runs(monkeypatch):
     """FmnistGate in training on float32 CPU images takes the native block; with
     MOE_DIST_NATIVE=0 the PyTorch block, with the same outputs and gradients."""
@@ -136,6 +152,7 @@ def _forward_backward(gate, x):
     return [out.detach(), *(p.grad.clone() for p in gate.parameters())]
 
 
+@needs_compiler
 @pytest.mark.parametrize("num_experts", [5, 160])
 def test_native_experts_block_equals_the_pytorch_block(num_experts):
     g = torch.Generator().manual_seed(num_experts)
@@ -149,6 +166,84 @@ def test_native_experts_block_equals_the_pytorch_block(num_experts):
         _close(g_n, g_t, 1e-5)
 
 
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_experts_layer_equals_the_pytorch_layer_on_other_shapes(monkeypatch, threads):
+    """StackedConvReluPool with several input channels, a 5x5 kernel (K = 50), two output
+    channels and 26x26 images: 37 samples give 4,477 windows (blocks and a tail that is not a
+    whole vector), 2 samples fewer windows than threads have blocks. The layer takes the
+    native block, and its output and gradients are the PyTorch layer's."""
+    calls = []
+    monkeypatch.setattr(native.ExpertsBlock, "apply", _counting(native.ExpertsBlock.apply, calls))
+    torch.manual_seed(0)
+    layer = StackedConvReluPool(3, 2, 2, 5)
+    with torch.no_grad():
+        layer.weight.normal_(std=0.2)
+        layer.bias.normal_(std=0.1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for n in (37, 2):
+            x = torch.rand(n, 2, 26, 26)
+            x[:, :, :8] = 0.0  # flat rows: tied windows
+            ours = _layer_forward_backward(layer, x)
+            monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+            ref = _layer_forward_backward(layer, x)
+            monkeypatch.setenv("MOE_DIST_NATIVE", "1")
+            for a, b in zip(ours, ref):
+                _close(a, b, 2e-6)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 2
+
+
+def _layer_forward_backward(layer, x):
+    layer.zero_grad()
+    out = layer(x, shared=True)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach(), layer.weight.grad.clone(), layer.bias.grad.clone()]
+
+
+@needs_compiler
+def test_native_blocks_leave_mismatched_shapes_to_the_pytorch_path():
+    """A layer whose input channels or BatchNorm width do not fit gets PyTorch's error, never
+    a native read out of bounds."""
+    cols = pool_phase_columns(_images(4), 3)
+    assert not native.runs(cols, torch.randn(8, 27))  # weight for 3 input channels
+    assert not native.runs(cols, torch.randn(8, 9), torch.randn(8), torch.randn(4), torch.randn(8))
+    assert not native.runs(cols, torch.randn(2, 1, 9), torch.randn(2, 2))
+    assert not native.runs(cols[:, :, :0], torch.randn(8, 9))  # no windows
+    with pytest.raises(RuntimeError):
+        StackedConvReluPool(2, 3, 1, 3)(_images(4), shared=True)
+    gate = FmnistGate(5)
+    gate.bn = torch.nn.BatchNorm2d(4)
+    with pytest.raises(RuntimeError):
+        conv_batchnorm_relu_pool(_images(4), gate.conv, gate.bn)
+
+
+@needs_compiler
+def test_native_blocks_refuse_a_second_derivative_and_ignore_the_default_dtype():
+    cols = pool_phase_columns(_images(6), 3)
+    params = [p.requires_grad_() for p in _gate_params()]
+    out = native.GateBlock.apply(cols, *params, 1e-5)[0]
+    (grad_w,) = torch.autograd.grad(out.square().sum(), params[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_w.sum().backward()
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        weight, bias = torch.randn(2, 1, 9, dtype=torch.float32), torch.zeros(2, 1, dtype=torch.float32)
+        out = native.ExpertsBlock.apply(cols, weight, bias)
+        out_t = _ConvReluPool.apply(cols, weight, bias)
+        assert out.dtype == torch.float32
+        _close(out, out_t, 2e-7)
+        (out_g, *_), _ = _run_block(native.GateBlock, cols, _gate_params(), (1e-5,))
+        assert out_g.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(before)
+
+
+@needs_compiler
 def test_native_blocks_pick_max_pool2ds_phase_on_ties():
     """Flat background and a flat bright square tie the four phases of many windows: the
     winning phase saved for backward is the first, as in the PyTorch blocks (max_pool2d's
@@ -172,6 +267,7 @@ def _mismatch(a, b):
     return float((a != b).float().mean())
 
 
+@needs_compiler
 def test_native_blocks_pass_nan_through_as_the_pytorch_blocks_do():
     """A diverged run (a NaN weight) gets NaN outputs where the PyTorch blocks give them and
     the same gradients, NaN or not, with the winning phase in range: no exception."""
@@ -194,6 +290,7 @@ def test_native_blocks_pass_nan_through_as_the_pytorch_blocks_do():
         torch.testing.assert_close(g, g_t, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+@needs_compiler
 @pytest.mark.parametrize("threads", [1, 3])
 def test_native_blocks_give_the_same_result_on_any_thread_count(threads):
     cols = pool_phase_columns(_images(300), 3)
@@ -209,6 +306,7 @@ def test_native_blocks_give_the_same_result_on_any_thread_count(threads):
         _close(a, b, 1e-6)
 
 
+@needs_compiler
 def test_native_blocks_step_aside_where_they_do_not_apply(monkeypatch):
     cols = pool_phase_columns(_images(4), 3)
     weight = torch.randn(2, 9)
@@ -270,6 +368,7 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch):
     assert layer(_images(2), shared=True).shape == (2, 2, 169)
 
 
+@needs_compiler
 def test_training_with_the_native_blocks_follows_the_pytorch_path(tmp_path, monkeypatch, data_root):
     """Two epochs of the Fashion-MNIST vanilla architecture on a fixture subset: the losses of
     every step with the native blocks and with MOE_DIST_NATIVE=0 agree within 1e-4 relative."""

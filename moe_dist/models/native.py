@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("csrc") / "pool_blocks.cpp"
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -45,10 +46,11 @@ STALE_LOCK_S = 300  # a build takes seconds; an older lock was left by a killed 
 
 
 def _build_key() -> str:
-    """A short hash of what the library is built from and for: the source and what
-    ``-march=native`` compiles for (machine, CPU feature flags). One folder per key, so that
-    two versions of moe_dist on one machine, or nodes with different CPUs sharing a home
-    directory, never rebuild (and overwrite) each other's library."""
+    """A short hash of what the library is built from and for: the source, what
+    ``-march=native`` compiles for (machine, CPU feature flags) and the torch installation it
+    links (version, place). One folder per key, so that two versions of moe_dist or two
+    environments on one machine, or nodes with different CPUs sharing a home directory, never
+    rebuild (and overwrite) each other's library."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -57,7 +59,8 @@ def _build_key() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode() + SOURCE.read_bytes()).hexdigest()[:12]
+    target = f"{platform.machine()} {flags} torch {torch.__version__} {Path(torch.__file__).parent}"
+    return hashlib.sha256(target.encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 def _build() -> ctypes.CDLL:
@@ -123,10 +126,15 @@ def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not wrapped(t) for t in tensors)
 
 
-def runs(cols: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the native kernels compute a block on shared ``[K, 4, M]`` columns and these
-    parameters: plain float32 CPU tensors, columns that need no gradient, no autocast."""
-    return (cols.dim() == 3 and not cols.requires_grad and _plain_cpu_float(cols, *params)
+def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor) -> bool:
+    """Whether the native kernels compute a block on shared ``[K, 4, M]`` columns, a weight
+    ``[..., K]`` and per-row parameters shaped like ``weight.shape[:-1]`` (bias; gamma, beta):
+    plain float32 CPU tensors of matching shapes (a mismatch is left to the PyTorch path,
+    which names it), columns that need no gradient, no autocast."""
+    shapes_match = (cols.dim() == 3 and cols.shape[1] == 4 and cols.shape[2] > 0
+                    and weight.shape[-1] == cols.shape[0]
+                    and all(p.shape == weight.shape[:-1] for p in per_row))
+    return (shapes_match and not cols.requires_grad and _plain_cpu_float(cols, weight, *per_row)
             and not torch.is_autocast_enabled("cpu") and library() is not None)
 
 
@@ -157,7 +165,7 @@ class GateBlock(torch.autograd.Function):
         wide = {"dtype": torch.float64}
         mean64, var64, colmean, comoment = (torch.empty(C, **wide), torch.empty(C, **wide),
                                             torch.empty(K, **wide), torch.empty(K, K, **wide))
-        best_CM, out_CM = torch.empty(C, M), torch.empty(C, M)
+        best_CM, out_CM = torch.empty(C, M, dtype=torch.float32), torch.empty(C, M, dtype=torch.float32)
         phase_CM = torch.empty(C, M, dtype=torch.uint8)
         lib.gate_forward(_ptr(cols_K4M), _ptr(weight_CK), _ptr(gamma_C), C, K, M, _ptr(mean64), _ptr(var64),
                          _ptr(colmean), _ptr(comoment), _ptr(best_CM), _ptr(phase_CM))
@@ -171,6 +179,7 @@ class GateBlock(torch.autograd.Function):
         return out_CM, mean_out, var_out
 
     @staticmethod
+    @once_differentiable  # backward runs outside autograd: a second derivative raises, never 0
     def backward(ctx, grad_CM, *_):
         if grad_CM is None:
             return None, None, None, None, None, None
@@ -204,7 +213,7 @@ class ExpertsBlock(torch.autograd.Function):
         M = cols_K4M.shape[-1]
         cols_K4M = cols_K4M.contiguous()
         weight, bias = weight_EOK.detach().contiguous(), bias_EO.detach().contiguous()
-        out_EOM = torch.empty(E, O, M)
+        out_EOM = torch.empty(E, O, M, dtype=torch.float32)
         phase_EOM = torch.empty(E, O, M, dtype=torch.uint8)
         lib.experts_pool(_ptr(cols_K4M), _ptr(weight), _ptr(bias), E * O, K, M,
                          _ptr(out_EOM), _ptr(phase_EOM))
@@ -213,6 +222,7 @@ class ExpertsBlock(torch.autograd.Function):
         return out_EOM
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_EOM):
         lib = library()
         cols_K4M, phase_EOM, out_EOM = ctx.saved_tensors

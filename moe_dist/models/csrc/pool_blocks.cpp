@@ -8,9 +8,11 @@
 // training step on a 2-core CPU. Here the product is recomputed from the columns (9 values
 // per output: cheap) block by block while the block is in cache, so no [C, 4, M] tensor is
 // ever written. Sums that feed BatchNorm's statistics and the weight gradients are float
-// within a block and double across blocks. Functions take raw pointers (called through ctypes, which releases the GIL) and a
-// thread count; every thread works on a contiguous range of windows and keeps its own
-// partial sums, added in thread order afterwards (the same result for the same thread count).
+// within a block and double across blocks (BatchNorm's: blocks centred, merged by Chan's
+// update). Functions take raw pointers (called through ctypes, which releases the GIL) and
+// run on OpenMP's pool: every thread works on a contiguous range of windows and keeps its
+// own partial sums, added in thread order afterwards (the same result for the same thread
+// count).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -46,6 +48,7 @@ inline int max_threads() {
 template <class F>
 void parallel(int64_t n, const F& fn) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
+  if (blocks == 0) return;
 #ifdef _OPENMP
 #pragma omp parallel if (blocks > 1)
   {
