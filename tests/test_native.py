@@ -197,9 +197,31 @@ def test_native_experts_layer_equals_the_pytorch_layer_on_other_shapes(monkeypat
     assert len(calls) == 2
 
 
-def _layer_forward_backward(layer, x):
+@needs_compiler
+def test_native_experts_layer_equals_the_pytorch_layer_on_each_experts_own_inputs(monkeypatch):
+    """Top-k routing gives each expert its own samples (``shared=False``: x is [E, N, ...],
+    columns [E, K, 4, M]): the native block reads expert e's columns for e's rows, with the
+    PyTorch layer's outputs and gradients; a mix-up of experts would show, their inputs and
+    weights differing."""
+    calls = []
+    monkeypatch.setattr(native.ExpertsBlock, "apply", _counting(native.ExpertsBlock.apply, calls))
+    torch.manual_seed(1)
+    layer = StackedConvReluPool(4, 1, 2, 3)
+    with torch.no_grad():
+        layer.weight.normal_(std=0.3)
+        layer.bias.normal_(std=0.1)
+    x = torch.stack([_images(21, seed=e) * (1 + e) for e in range(4)])
+    ours = _layer_forward_backward(layer, x, shared=False)
+    monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+    ref = _layer_forward_backward(layer, x, shared=False)
+    for a, b in zip(ours, ref):
+        _close(a, b, 2e-6)
+    assert len(calls) == 1
+
+
+def _layer_forward_backward(layer, x, shared=True):
     layer.zero_grad()
-    out = layer(x, shared=True)
+    out = layer(x, shared=shared)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     return [out.detach(), layer.weight.grad.clone(), layer.bias.grad.clone()]
 
@@ -313,7 +335,9 @@ def test_native_blocks_step_aside_where_they_do_not_apply(monkeypatch):
     assert native.runs(cols, weight)
     assert not native.runs(cols.double(), weight.double())
     assert not native.runs(cols.clone().requires_grad_(), weight)
-    assert not native.runs(cols[None], weight)  # per-expert columns
+    assert not native.runs(cols[None], weight)  # per-expert columns need a weight per expert
+    assert native.runs(torch.stack([cols, cols]), torch.randn(2, 1, 9), torch.randn(2, 1))
+    assert not native.runs(torch.stack([cols, cols]), torch.randn(3, 1, 9), torch.randn(3, 1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not native.runs(cols, weight)
     seen = []

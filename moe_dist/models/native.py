@@ -37,8 +37,8 @@ _SIGNATURES = {
     "gate_forward": [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P],
     "gate_output": [_P, _P, _P, _P, _I64, _I64, _P, _P],
     "gate_backward_sums": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
-    "experts_pool": [_P, _P, _P, _I64, _I64, _I64, _P, _P],
-    "experts_pool_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P],
+    "experts_pool": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P],
+    "experts_pool_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P],
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -127,12 +127,15 @@ def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
 
 
 def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor) -> bool:
-    """Whether the native kernels compute a block on shared ``[K, 4, M]`` columns, a weight
-    ``[..., K]`` and per-row parameters shaped like ``weight.shape[:-1]`` (bias; gamma, beta):
-    plain float32 CPU tensors of matching shapes (a mismatch is left to the PyTorch path,
-    which names it), columns that need no gradient, no autocast."""
-    shapes_match = (cols.dim() == 3 and cols.shape[1] == 4 and cols.shape[2] > 0
-                    and weight.shape[-1] == cols.shape[0]
+    """Whether the native kernels compute a block on ``[K, 4, M]`` columns (shared by every
+    row of the weight) or ``[E, K, 4, M]`` ones (expert e's own, for a weight ``[E, O, K]``),
+    a weight ``[..., K]`` and per-row parameters shaped like ``weight.shape[:-1]`` (bias;
+    gamma, beta): plain float32 CPU tensors of matching shapes (a mismatch is left to the
+    PyTorch path, which names it), columns that need no gradient, no autocast."""
+    lead = tuple(cols.shape[:-3])  # () shared, (E,) per expert
+    per_expert = weight.dim() == 3 and lead == tuple(weight.shape[:1])
+    shapes_match = (cols.dim() >= 3 and (lead == () or per_expert) and cols.shape[-2] == 4
+                    and cols.shape[-1] > 0 and weight.shape[-1] == cols.shape[-3]
                     and all(p.shape == weight.shape[:-1] for p in per_row))
     return (shapes_match and not cols.requires_grad and _plain_cpu_float(cols, weight, *per_row)
             and not torch.is_autocast_enabled("cpu") and library() is not None)
@@ -202,34 +205,35 @@ class GateBlock(torch.autograd.Function):
 
 
 class ExpertsBlock(torch.autograd.Function):
-    """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts on shared columns, natively:
-    the contract of ``layers._ConvReluPool`` (``[E, O, M]`` output), for columns that need
-    no gradient."""
+    """``max_pool2d(relu(conv2d(x)), 2)`` for stacked experts, natively: the contract of
+    ``layers._ConvReluPool`` (``[E, O, M]`` output) on shared ``[K, 4, M]`` columns or each
+    expert's own ``[E, K, 4, M]``, for columns that need no gradient."""
 
     @staticmethod
-    def forward(ctx, cols_K4M, weight_EOK, bias_EO):
+    def forward(ctx, cols, weight_EOK, bias_EO):
         lib = library()
         E, O, K = weight_EOK.shape
-        M = cols_K4M.shape[-1]
-        cols_K4M = cols_K4M.contiguous()
+        M = cols.shape[-1]
+        cols = cols.contiguous()
+        stride = K * 4 * M if cols.dim() == 4 else 0
         weight, bias = weight_EOK.detach().contiguous(), bias_EO.detach().contiguous()
         out_EOM = torch.empty(E, O, M, dtype=torch.float32)
         phase_EOM = torch.empty(E, O, M, dtype=torch.uint8)
-        lib.experts_pool(_ptr(cols_K4M), _ptr(weight), _ptr(bias), E * O, K, M,
+        lib.experts_pool(_ptr(cols), stride, O, _ptr(weight), _ptr(bias), E * O, K, M,
                          _ptr(out_EOM), _ptr(phase_EOM))
-        ctx.save_for_backward(cols_K4M, phase_EOM, out_EOM)
-        ctx.shape = (E, O, K)
+        ctx.save_for_backward(cols, phase_EOM, out_EOM)
+        ctx.shape = (E, O, K, stride)
         return out_EOM
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_EOM):
         lib = library()
-        cols_K4M, phase_EOM, out_EOM = ctx.saved_tensors
-        E, O, K = ctx.shape
-        M = cols_K4M.shape[-1]
+        cols, phase_EOM, out_EOM = ctx.saved_tensors
+        E, O, K, stride = ctx.shape
+        M = cols.shape[-1]
         grad_EOM = grad_EOM.contiguous()
         gbias, gw = torch.empty(E, O, dtype=torch.float64), torch.empty(E, O, K, dtype=torch.float64)
-        lib.experts_pool_backward(_ptr(grad_EOM), _ptr(out_EOM), _ptr(phase_EOM), _ptr(cols_K4M),
+        lib.experts_pool_backward(_ptr(grad_EOM), _ptr(out_EOM), _ptr(phase_EOM), _ptr(cols), stride, O,
                                   E * O, K, M, _ptr(gbias), _ptr(gw))
         return None, gw.float(), gbias.float()

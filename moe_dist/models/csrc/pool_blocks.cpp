@@ -343,16 +343,18 @@ void gate_backward_sums(const float* grad, const float* out, const float* best, 
 }
 
 // Stacked experts' first block, max_pool2d(relu(conv2d(x) + bias)): R = E * O rows of
-// weights [R, K] over shared columns; out[r, m] and the winning phase (the first on ties).
-void experts_pool(const float* cols, const float* w, const float* bias, int64_t R, int64_t K, int64_t M,
-                  float* out, uint8_t* phase) {
+// weights [R, K]; row r reads the columns at cols + (r / rows_per_cols) * cols_stride
+// (stride 0: every expert reads the same, shared columns; K * 4 * M: each expert its own
+// inputs, as under top-k routing); out[r, m] and the winning phase (the first on ties).
+void experts_pool(const float* cols, int64_t cols_stride, int64_t rows_per_cols, const float* w,
+                  const float* bias, int64_t R, int64_t K, int64_t M, float* out, uint8_t* phase) {
   parallel(M, [&](int64_t, int64_t begin, int64_t end) {
     std::vector<float> z(4 * kBlock);
     for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
       const int64_t len = std::min(kBlock, end - m0);
       for (int64_t r = 0; r < R; ++r) {
         float* o = out + r * M + m0;
-        phase_products(cols, w + r * K, K, M, m0, len, z.data());
+        phase_products(cols + (r / rows_per_cols) * cols_stride, w + r * K, K, M, m0, len, z.data());
         first_max(z.data(), 1.f, len, o, phase + r * M + m0);
         const float b = bias[r];
         for (int64_t i = 0; i < len; ++i) o[i] = std::max(o[i] + b, 0.f);
@@ -361,9 +363,11 @@ void experts_pool(const float* cols, const float* w, const float* bias, int64_t 
   });
 }
 
-// Its backward: g = grad_out where out > 0; gbias[r] = sum g, gw[r * K + k] = sum g * cols[k, phase, m].
+// Its backward: g = grad_out where out > 0; gbias[r] = sum g, gw[r * K + k] = sum g * cols[k, phase, m]
+// (row r's columns, as in experts_pool).
 void experts_pool_backward(const float* grad, const float* out, const uint8_t* phase, const float* cols,
-                           int64_t R, int64_t K, int64_t M, double* gbias, double* gw) {
+                           int64_t cols_stride, int64_t rows_per_cols, int64_t R, int64_t K, int64_t M,
+                           double* gbias, double* gw) {
   Sums sums(R + R * K);
   parallel(M, [&](int64_t t, int64_t begin, int64_t end) {
     vd* acc = sums.of(t);
@@ -371,12 +375,13 @@ void experts_pool_backward(const float* grad, const float* out, const uint8_t* p
     for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
       const int64_t len = std::min(kBlock, end - m0);
       for (int64_t r = 0; r < R; ++r) {
+        const float* c = cols + (r / rows_per_cols) * cols_stride;
         relu_grad(grad + r * M + m0, out + r * M + m0, len, g.data());
         add_total(acc[r], g.data(), len);
         split_by_phase(g.data(), phase + r * M + m0, len, gp.data());
         for (int64_t k = 0; k < K; ++k)
           for (int64_t p = 0; p < 4; ++p)
-            add_dot(acc[R + r * K + k], gp.data() + p * kBlock, cols + (k * 4 + p) * M + m0, len);
+            add_dot(acc[R + r * K + k], gp.data() + p * kBlock, c + (k * 4 + p) * M + m0, len);
       }
     }
   });
