@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist.models import FmnistGate, native
+from moe_dist.parallel.batchnorm import LocalBatchStats
 from moe_dist.models.layers import (StackedConvReluPool, _ConvBatchNormReluPool, _ConvReluPool,
                                     conv_batchnorm_relu_pool, pool_phase_columns)
 
+LOCAL = LocalBatchStats()
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) on this machine")
 
 
@@ -77,7 +79,7 @@ def test_native_gate_block_equals_the_pytorch_block(batch):
     cols = pool_phase_columns(_images(batch), 3)
     params = _gate_params()
     assert native.runs(cols, *params)
-    (out, mean, var), grads = _run_block(native.GateBlock, cols, params, (1e-5,))
+    (out, mean, var, _), grads = _run_block(native.GateBlock, cols, params, (1e-5, LOCAL))
     (out_t, mean_t, var_t, *_), grads_t = _run_block(_ConvBatchNormReluPool, cols, params, (1e-5,))
     _close(out, out_t, 3e-7)
     _close(mean, mean_t, 1e-6)
@@ -247,7 +249,7 @@ def test_native_blocks_leave_mismatched_shapes_to_the_pytorch_path():
 def test_native_blocks_refuse_a_second_derivative_and_ignore_the_default_dtype():
     cols = pool_phase_columns(_images(6), 3)
     params = [p.requires_grad_() for p in _gate_params()]
-    out = native.GateBlock.apply(cols, *params, 1e-5)[0]
+    out = native.GateBlock.apply(cols, *params, 1e-5, LOCAL)[0]
     (grad_w,) = torch.autograd.grad(out.square().sum(), params[0], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_w.sum().backward()
@@ -259,7 +261,7 @@ def test_native_blocks_refuse_a_second_derivative_and_ignore_the_default_dtype()
         out_t = _ConvReluPool.apply(cols, weight, bias)
         assert out.dtype == torch.float32
         _close(out, out_t, 2e-7)
-        (out_g, *_), _ = _run_block(native.GateBlock, cols, _gate_params(), (1e-5,))
+        (out_g, *_), _ = _run_block(native.GateBlock, cols, _gate_params(), (1e-5, LOCAL))
         assert out_g.dtype == torch.float32
     finally:
         torch.set_default_dtype(before)
@@ -278,7 +280,7 @@ def test_native_blocks_pick_max_pool2ds_phase_on_ties():
     phase_t = _ConvReluPool.apply(cols, weight, bias).grad_fn.saved_tensors[2]
     assert _mismatch(phase, phase_t) < 1e-3 and (phase == 0).float().mean() > 0.3
     params = [p.requires_grad_() for p in _gate_params()]
-    phase = native.GateBlock.apply(cols, *params, 1e-5)[0].grad_fn.saved_tensors[5]
+    phase = native.GateBlock.apply(cols, *params, 1e-5, LOCAL)[0].grad_fn.saved_tensors[5]
     phase_t = _ConvBatchNormReluPool.apply(cols, *params, 1e-5)[0].grad_fn.saved_tensors[5]
     assert _mismatch(phase, phase_t) < 1e-3
 
@@ -296,7 +298,7 @@ def test_native_blocks_pass_nan_through_as_the_pytorch_blocks_do():
     cols = pool_phase_columns(_images(8), 3)
     params = _gate_params()
     params[0][3, 4] = float("nan")
-    (out, *_), grads = _run_block(native.GateBlock, cols, params, (1e-5,))
+    (out, *_), grads = _run_block(native.GateBlock, cols, params, (1e-5, LOCAL))
     (out_t, *_), grads_t = _run_block(_ConvBatchNormReluPool, cols, params, (1e-5,))
     assert out[3].isnan().all() and not out[0].isnan().any()
     torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -320,10 +322,10 @@ def test_native_blocks_give_the_same_result_on_any_thread_count(threads):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        result = _run_block(native.GateBlock, cols, params, (1e-5,))
+        result = _run_block(native.GateBlock, cols, params, (1e-5, LOCAL))
     finally:
         torch.set_num_threads(before)
-    reference = _run_block(native.GateBlock, cols, params, (1e-5,))
+    reference = _run_block(native.GateBlock, cols, params, (1e-5, LOCAL))
     for a, b in zip([*result[0], *result[1]], [*reference[0], *reference[1]]):
         _close(a, b, 1e-6)
 
@@ -414,3 +416,57 @@ def test_training_with_the_native_blocks_follows_the_pytorch_path(tmp_path, monk
     native_losses, torch_losses = history(True, "native"), history(False, "torch")
     assert len(native_losses) == 8
     torch.testing.assert_close(native_losses, torch_losses, rtol=1e-4, atol=0)
+
+
+def _two_rank_gate_worker(rank: int, world: int, out_dir: str) -> None:
+    """The FashionMNIST gate on this rank's share (5 + 4 samples) of a batch, BatchNorm on the
+    global batch's statistics; what it computed and which block ran."""
+    from moe_dist.parallel import ParallelContext, parallelize
+
+    seen = []
+    apply = native.GateBlock.apply
+    native.GateBlock.apply = lambda *args: seen.append(args[-1].distributed) or apply(*args)
+    model = parallelize(_gate_model(), ParallelContext.create(ep_size=1))
+    rows = slice(0, 5) if rank == 0 else slice(5, 9)
+    out = model.gate(_images(9, seed=5)[rows])
+    (out * _output_weights()[rows]).sum().backward()
+    grads = {n: p.grad for n, p in model.gate.named_parameters()}
+    torch.save({"out": out.detach(), "grads": grads, "seen": seen, "buffers": dict(model.gate.named_buffers())},
+               f"{out_dir}/rank{rank}.pt")
+
+
+def _output_weights():
+    return torch.linspace(-1, 1, 9 * 4).view(9, 4)
+
+
+def _gate_model():
+    from moe_dist.config import LossConfig, ModelConfig, MoEConfig
+    from moe_dist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="fmnist"), MoEConfig(num_experts=4), LossConfig(), 10, (1, 28, 28))
+    with torch.no_grad():
+        model.gate.bn.weight.copy_(_gate_params()[2])
+    return model
+
+
+@needs_compiler
+@pytest.mark.multiprocess
+def test_native_gate_block_on_two_ranks_uses_the_global_batch(tmp_path):
+    """Under 2 gloo processes the gate's BatchNorm takes the native block with the global
+    batch's statistics on both ranks, and gives what one process gives on the whole batch:
+    outputs, the gradients summed over the ranks, the running statistics on every rank."""
+    from procs import spawn
+
+    spawn(_two_rank_gate_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["seen"] for r in ranks] == [[True], [True]]
+    model = _gate_model()
+    out = model.gate(_images(9, seed=5))
+    (out * _output_weights()).sum().backward()
+    _close(torch.cat([r["out"] for r in ranks]), out.detach(), 1e-6)
+    for name, p in model.gate.named_parameters():
+        _close(ranks[0]["grads"][name] + ranks[1]["grads"][name], p.grad, 1e-5)
+    for name, b in model.gate.named_buffers():
+        for r in ranks:
+            _close(r["buffers"][name], b, 1e-6)

@@ -426,41 +426,63 @@ class _ConvBatchNormReluPool(torch.autograd.Function):
 
 
 def conv_batchnorm_relu_pool(x_NCHW: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``max_pool2d(relu(bn(conv(x))), 2).flatten(1)`` for a training-mode BatchNorm on local
-    statistics (see :func:`fuses_conv_batchnorm`), fused (:class:`_ConvBatchNormReluPool`):
-    the same values and gradients, and the running statistics and counter updated exactly as
-    nn.BatchNorm2d updates them (momentum, or the cumulative average when it is None;
-    unbiased running variance)."""
-    N = x_NCHW.shape[0]
+    """``max_pool2d(relu(bn(conv(x))), 2).flatten(1)`` for a training-mode BatchNorm (see
+    :func:`fuses_conv_batchnorm`), fused: natively (:class:`moe_dist.models.native.GateBlock`,
+    on this process's statistics or, under several processes, the global batch's) or
+    :class:`_ConvBatchNormReluPool` (this process's statistics): the same values and
+    gradients, and the running statistics and counter updated exactly as nn.BatchNorm2d (or
+    moe_dist's global BatchNorm2d) updates them (momentum, or the cumulative average when it
+    is None; unbiased running variance)."""
+    N, _, H, W = x_NCHW.shape
     C, _, k, _ = conv.weight.shape
+    P = ((H - k + 1) // 2) * ((W - k + 1) // 2)
     cols_K4M = shared_pool_phase_columns(x_NCHW, k)
     bias_C = conv.bias if conv.bias is not None else conv.weight.new_zeros(C)
     weight_CK = conv.weight.flatten(1)
-    fused = (native.GateBlock if native.runs(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias)
-             else _ConvBatchNormReluPool)
-    out_CM, mean_C, var_C, *_ = fused.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias, bn.eps)
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        count = cols_K4M.shape[1] * cols_K4M.shape[2]
-        bn.running_mean.copy_(momentum * mean_C + (1 - momentum) * bn.running_mean)
-        bn.running_var.copy_(momentum * var_C * (count / max(count - 1, 1)) + (1 - momentum) * bn.running_var)
-    return out_CM.view(C, -1, N).permute(2, 0, 1).reshape(N, -1)  # [C, P, N] -> [N, C*P]
+    stats = getattr(bn, "batch_stats", None) or LocalBatchStats()
+    if native.runs(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias, allow_empty=stats.distributed):
+        out_CM, mean_C, var_C, count = native.GateBlock.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias,
+                                                              bn.eps, stats)
+        count = float(count)
+    else:
+        out_CM, mean_C, var_C, *_ = _ConvBatchNormReluPool.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias,
+                                                                  bn.eps)
+        count = float(cols_K4M.shape[1] * cols_K4M.shape[2])
+    _update_running_stats(bn, mean_C, var_C, count)
+    return out_CM.view(C, P, N).permute(2, 0, 1).reshape(N, C * P)  # [C, P, N] -> [N, C*P]
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean_C: torch.Tensor, var_C: torch.Tensor, count: float) -> None:
+    bn.num_batches_tracked.add_(1)
+    if count == 0:  # no sample in the whole batch: nothing to average in
+        return
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.copy_(momentum * mean_C + (1 - momentum) * bn.running_mean)
+    bn.running_var.copy_(momentum * var_C * (count / max(count - 1, 1)) + (1 - momentum) * bn.running_var)
 
 
 def fuses_conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """Whether :func:`conv_batchnorm_relu_pool` computes ``conv -> bn -> ReLU -> 2x2 pool`` on
-    ``x``: BatchNorm in training mode on this process's batch (several processes use the
-    global batch's statistics, ``moe_dist.parallel.batchnorm``), affine, with running
-    statistics; a plain valid convolution whose output the pool covers (even size), so the
-    statistics over the four pooling phases are those over the whole output."""
+    ``x``: BatchNorm in training mode, affine, with running statistics; a plain valid
+    convolution whose output the pool covers (even size), so the statistics over the four
+    pooling phases are those over the whole output. On this process's statistics that is
+    any non-empty batch; on the global batch's (several processes,
+    ``moe_dist.parallel.batchnorm``) only the native block can, and the answer must be the
+    same on every rank, so it depends on nothing a rank's share of the batch changes (its
+    size included: a rank without samples still takes part in the statistics)."""
     stats = getattr(bn, "batch_stats", None)
-    if not (bn.training and bn.affine and bn.track_running_stats and not (stats and stats.distributed)):
+    distributed = bool(stats and stats.distributed)
+    if not (bn.training and bn.affine and bn.track_running_stats):
         return False
     if torch.is_autocast_enabled(x.device.type):  # the matrix product would run in low precision
         return False
     if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
         return False
     k = conv.kernel_size[0]
-    return (x.dim() == 4 and conv.kernel_size == (k, k) and (x.shape[2] - k + 1) % 2 == 0
-            and (x.shape[3] - k + 1) % 2 == 0 and x.dtype == conv.weight.dtype and x.shape[0] > 0)
+    fits = (x.dim() == 4 and conv.kernel_size == (k, k) and (x.shape[2] - k + 1) % 2 == 0
+            and (x.shape[3] - k + 1) % 2 == 0 and x.dtype == conv.weight.dtype)
+    if not distributed:
+        return fits and x.shape[0] > 0
+    return (fits and x.shape[1] * k * k == conv.weight[0].numel() and not x.requires_grad
+            and native.runs(x.new_zeros(conv.weight[0].numel(), 4, 1), conv.weight.flatten(1), bn.weight, bn.bias))

@@ -126,16 +126,18 @@ def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not wrapped(t) for t in tensors)
 
 
-def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor) -> bool:
+def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor, allow_empty: bool = False) -> bool:
     """Whether the native kernels compute a block on ``[K, 4, M]`` columns (shared by every
     row of the weight) or ``[E, K, 4, M]`` ones (expert e's own, for a weight ``[E, O, K]``),
     a weight ``[..., K]`` and per-row parameters shaped like ``weight.shape[:-1]`` (bias;
     gamma, beta): plain float32 CPU tensors of matching shapes (a mismatch is left to the
-    PyTorch path, which names it), columns that need no gradient, no autocast."""
+    PyTorch path, which names it), columns that need no gradient, no autocast. No windows
+    (M = 0) only with ``allow_empty`` (a rank without samples under global BatchNorm must
+    take the path the others take)."""
     lead = tuple(cols.shape[:-3])  # () shared, (E,) per expert
     per_expert = weight.dim() == 3 and lead == tuple(weight.shape[:1])
     shapes_match = (cols.dim() >= 3 and (lead == () or per_expert) and cols.shape[-2] == 4
-                    and cols.shape[-1] > 0 and weight.shape[-1] == cols.shape[-3]
+                    and (cols.shape[-1] > 0 or allow_empty) and weight.shape[-1] == cols.shape[-3]
                     and all(p.shape == weight.shape[:-1] for p in per_row))
     return (shapes_match and not cols.requires_grad and _plain_cpu_float(cols, weight, *per_row)
             and not torch.is_autocast_enabled("cpu") and library() is not None)
@@ -145,63 +147,91 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _gate_moments(lib, cols_K4M, weight_CK, gamma_C, stats):
+    """This process's pass over the columns (winning phases and z there, z's and the columns'
+    moments; zeros where it has no windows) and the statistics over the batch ``stats``
+    spans: global count, mean and biased variance (double)."""
+    K, _, M = cols_K4M.shape
+    C = weight_CK.shape[0]
+    wide = {"dtype": torch.float64}
+    mean_l, var_l = torch.zeros(C, **wide), torch.zeros(C, **wide)
+    colmean, comoment = torch.zeros(K, **wide), torch.zeros(K, K, **wide)
+    best_CM, phase_CM = torch.empty(C, M, dtype=torch.float32), torch.empty(C, M, dtype=torch.uint8)
+    if M > 0:
+        lib.gate_forward(_ptr(cols_K4M), _ptr(weight_CK), _ptr(gamma_C), C, K, M, _ptr(mean_l), _ptr(var_l),
+                         _ptr(colmean), _ptr(comoment), _ptr(best_CM), _ptr(phase_CM))
+    count_1C = torch.full((1, C), 4.0 * M, **wide)
+    count_1C, mean_1C, m2_1C = stats.combine(count_1C, mean_l[None], (var_l * 4.0 * M)[None])
+    count = float(count_1C[0, 0])
+    return best_CM, phase_CM, colmean, comoment, count, mean_1C[0], m2_1C[0] / max(count, 1.0)
+
+
 class GateBlock(torch.autograd.Function):
     """``max_pool2d(relu(batch_norm(conv2d(x))), 2)`` in training mode, natively: the contract
     of ``layers._ConvBatchNormReluPool`` (pooled ``[C, M]`` output, the batch mean with the
-    conv bias, the biased variance), for columns that need no gradient.
+    conv bias, the biased variance; and the count of positions behind them), for columns that
+    need no gradient, on the statistics of the batch that ``stats`` spans: this process's
+    (``LocalBatchStats``) or the global batch of several (``GroupBatchStats``: every rank
+    takes this path, one with no windows included, so that the collectives pair up).
 
     BatchNorm's statistics are those of the float32 product, as accurate as a two-pass
-    computation (blocks centred on their own mean, merged in double). Backward needs
-    ``sum_q dz[c, q] cols[k, q]`` with ``dz = scale (dy - mean(dy) - xhat mean(dy xhat))``;
-    ``dy`` lives on the winning phases only, and the ``xhat`` term is ``W Cov`` from the
-    columns' centred cross products (``Cov = sum (cols - mean)(cols - mean)^T``), so backward
-    reads the columns only where a window's winning phase is.
+    computation (blocks centred on their own mean, merged in double, ranks merged as
+    SyncBatchNorm does). Backward needs ``sum_q dz[c, q] cols[k, q]`` with ``dz = scale (dy -
+    mean(dy) - xhat mean(dy xhat))`` over the batch (two sums of C values added over the
+    ranks); ``dy`` lives on the winning phases only, and the ``xhat`` term is ``W Cov`` from
+    the columns' centred cross products (``Cov = sum (cols - mean)(cols - mean)^T``), so
+    backward reads the columns only where a window's winning phase is. Each process returns
+    its own windows' share of the parameter gradients (the engine sums replicas' gradients).
     """
 
     @staticmethod
-    def forward(ctx, cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps):
+    def forward(ctx, cols_K4M, weight_CK, bias_C, gamma_C, beta_C, eps, stats):
         lib = library()
-        K, _, M = cols_K4M.shape
-        C = weight_CK.shape[0]
+        C, M = weight_CK.shape[0], cols_K4M.shape[2]
         cols_K4M, weight_CK = cols_K4M.contiguous(), weight_CK.detach().contiguous()
         gamma_C, beta_C = gamma_C.detach().contiguous(), beta_C.detach().contiguous()
-        wide = {"dtype": torch.float64}
-        mean64, var64, colmean, comoment = (torch.empty(C, **wide), torch.empty(C, **wide),
-                                            torch.empty(K, **wide), torch.empty(K, K, **wide))
-        best_CM, out_CM = torch.empty(C, M, dtype=torch.float32), torch.empty(C, M, dtype=torch.float32)
-        phase_CM = torch.empty(C, M, dtype=torch.uint8)
-        lib.gate_forward(_ptr(cols_K4M), _ptr(weight_CK), _ptr(gamma_C), C, K, M, _ptr(mean64), _ptr(var64),
-                         _ptr(colmean), _ptr(comoment), _ptr(best_CM), _ptr(phase_CM))
+        best_CM, phase_CM, colmean, comoment, count, mean64, var64 = _gate_moments(
+            lib, cols_K4M, weight_CK, gamma_C, stats)
         mean_C, var_C = mean64.float(), var64.float()
         invstd_C = torch.rsqrt(var64 + eps).float()
-        lib.gate_output(_ptr(mean_C), _ptr(invstd_C), _ptr(gamma_C), _ptr(beta_C), C, M, _ptr(best_CM), _ptr(out_CM))
+        out_CM = torch.empty(C, M, dtype=torch.float32)
+        if M > 0:
+            lib.gate_output(_ptr(mean_C), _ptr(invstd_C), _ptr(gamma_C), _ptr(beta_C), C, M,
+                            _ptr(best_CM), _ptr(out_CM))
         ctx.save_for_backward(cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment)
+        ctx.stats, ctx.count = stats, count
         mean_out, var_out = mean_C + bias_C.detach(), var_C
-        ctx.mark_non_differentiable(mean_out, var_out)
+        count_out = torch.tensor(count, dtype=torch.float64)
+        ctx.mark_non_differentiable(mean_out, var_out, count_out)
         ctx.set_materialize_grads(False)
-        return out_CM, mean_out, var_out
+        return out_CM, mean_out, var_out, count_out
 
     @staticmethod
     @once_differentiable  # backward runs outside autograd: a second derivative raises, never 0
     def backward(ctx, grad_CM, *_):
         if grad_CM is None:
-            return None, None, None, None, None, None
-        lib = library()
+            return None, None, None, None, None, None, None
         cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment = ctx.saved_tensors
         K, _, M = cols_K4M.shape
-        C, Q = weight_CK.shape[0], 4 * M
-        grad_CM = grad_CM.contiguous()
-        sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
+        C, Q_l, Q = weight_CK.shape[0], 4.0 * M, ctx.count
         wide = {"dtype": torch.float64}
-        gsum, gxhat, gcols = torch.empty(C, **wide), torch.empty(C, **wide), torch.empty(C, K, **wide)
-        lib.gate_backward_sums(_ptr(grad_CM), _ptr(out_CM), _ptr(best_CM), _ptr(phase_CM), _ptr(cols_K4M),
-                               _ptr(sign_C), C, K, M, _ptr(gsum), _ptr(gxhat), _ptr(gcols))
+        gsum, gxhat, gcols = torch.zeros(C, **wide), torch.zeros(C, **wide), torch.zeros(C, K, **wide)
+        if M > 0:
+            sign_C = torch.where(gamma_C < 0, -1.0, 1.0).to(gamma_C.dtype)
+            library().gate_backward_sums(_ptr(grad_CM.contiguous()), _ptr(out_CM), _ptr(best_CM), _ptr(phase_CM),
+                                         _ptr(cols_K4M), _ptr(sign_C), C, K, M, _ptr(gsum), _ptr(gxhat), _ptr(gcols))
+        gsum_g, gxhat_g, colsum_g = ctx.stats.total(torch.cat([gsum, gxhat, Q_l * colmean])).split([C, C, K])
+        w64 = weight_CK.double()
+        # sum over this process's positions of (z - global mean) cols_k: W Cov, plus the shift
+        # of the local mean from the global one (W (colmean - global colmean); 0 in one process)
+        shift_C = w64 @ (colmean - colsum_g / Q) if ctx.stats.distributed else torch.zeros(C, **wide)
+        centred_cols = w64 @ comoment + Q_l * shift_C.unsqueeze(1) * colmean
         invstd64, scale = invstd_C.double().unsqueeze(1), (gamma_C * invstd_C).double().unsqueeze(1)
-        centred_cols = weight_CK.double() @ comoment  # sum_q (z - mean) cols_k, exact
-        grad_weight = scale * (gcols - gsum.unsqueeze(1) * colmean - gxhat.unsqueeze(1) / Q * invstd64 * centred_cols)
+        grad_weight = scale * (gcols - gsum_g.unsqueeze(1) / Q * Q_l * colmean
+                               - gxhat_g.unsqueeze(1) / Q * invstd64 * centred_cols)
         need_bias = ctx.needs_input_grad[2]
         return (None, grad_weight.float(), torch.zeros_like(gamma_C) if need_bias else None,
-                gxhat.float(), gsum.float(), None)
+                gxhat.float(), gsum.float(), None, None)
 
 
 class ExpertsBlock(torch.autograd.Function):

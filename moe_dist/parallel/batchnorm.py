@@ -49,6 +49,11 @@ class LocalBatchStats:
                 m2_GC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return count_GC, mean_GC, m2_GC
 
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks that share the statistics (not differentiable: for a
+        backward written out, e.g. the native gate block's sums of the output gradient)."""
+        return x
+
 
 class GroupBatchStats(LocalBatchStats):
     """Statistics combined over the ranks of ``group`` (None: the world); ``index`` is this
@@ -73,6 +78,9 @@ class GroupBatchStats(LocalBatchStats):
         mean_GC = (count_PGC * mean_PGC).sum(0) / count_GC.clamp(min=1)
         m2_GC = (m2_PGC + count_PGC * (mean_PGC - mean_GC).square()).sum(0)
         return count_GC, mean_GC, m2_GC
+
+    def total(self, x):
+        return coll.all_reduce_sum(x.detach(), self.group)
 
 
 def _local_moments(x_NGCS: torch.Tensor, mask_NG: torch.Tensor | None):
