@@ -259,8 +259,9 @@ def _gate_and_images(seed: int = 0, momentum: float | None = 0.1, batch: int = 6
 def test_fused_gate_block_equals_nn_modules(momentum):
     """The fused conv + BatchNorm + ReLU + max-pool of FmnistGate (training, local statistics)
     gives nn's outputs, gradients (input and every parameter, ties and negative BatchNorm
-    scales included), running statistics and counter, step after step; evaluation and
-    several processes (global statistics) run the nn modules."""
+    scales included), running statistics and counter, step after step; evaluation runs the
+    nn modules, and so do several processes (global statistics) in float64 (the native block
+    serves global statistics in float32: tests/test_native.py)."""
     from moe_dist.models.layers import fuses_conv_batchnorm
     from moe_dist.parallel.batchnorm import LocalBatchStats
 

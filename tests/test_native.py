@@ -418,16 +418,21 @@ def test_training_with_the_native_blocks_follows_the_pytorch_path(tmp_path, monk
     torch.testing.assert_close(native_losses, torch_losses, rtol=1e-4, atol=0)
 
 
-def _two_rank_gate_worker(rank: int, world: int, out_dir: str) -> None:
-    """The FashionMNIST gate on this rank's share (5 + 4 samples) of a batch, BatchNorm on the
-    global batch's statistics; what it computed and which block ran."""
+def _two_rank_gate_worker(rank: int, world: int, out_dir: str, first: int, native_off_on: int) -> None:
+    """The FashionMNIST gate on this rank's share (``first`` samples on rank 0, the rest of
+    9 on rank 1) of a batch, BatchNorm on the global batch's statistics, the native kernels
+    off on rank ``native_off_on`` (-1: none); what it computed and which block ran."""
+    import os
+
     from moe_dist.parallel import ParallelContext, parallelize
 
+    if rank == native_off_on:
+        os.environ["MOE_DIST_NATIVE"] = "0"
     seen = []
     apply = native.GateBlock.apply
     native.GateBlock.apply = lambda *args: seen.append(args[-1].distributed) or apply(*args)
     model = parallelize(_gate_model(), ParallelContext.create(ep_size=1))
-    rows = slice(0, 5) if rank == 0 else slice(5, 9)
+    rows = slice(0, first) if rank == 0 else slice(first, 9)
     out = model.gate(_images(9, seed=5)[rows])
     (out * _output_weights()[rows]).sum().backward()
     grads = {n: p.grad for n, p in model.gate.named_parameters()}
@@ -452,21 +457,46 @@ def _gate_model():
 
 @needs_compiler
 @pytest.mark.multiprocess
-def test_native_gate_block_on_two_ranks_uses_the_global_batch(tmp_path):
+@pytest.mark.parametrize("first,native_off_on,native_ran", [(5, -1, True), (9, -1, True), (5, 1, False)],
+                         ids=["5+4", "9+0", "one-rank-without-kernels"])
+def test_native_gate_block_on_two_ranks_uses_the_global_batch(tmp_path, first, native_off_on, native_ran):
     """Under 2 gloo processes the gate's BatchNorm takes the native block with the global
-    batch's statistics on both ranks, and gives what one process gives on the whole batch:
-    outputs, the gradients summed over the ranks, the running statistics on every rank."""
+    batch's statistics on both ranks, a rank without samples included (9 + 0), and gives what
+    one process gives on the whole batch: outputs, the gradients summed over the ranks, the
+    running statistics on every rank. Where one rank's kernels are off, both ranks agree on
+    the nn modules instead (no rank waits in a collective the other never calls)."""
     from procs import spawn
 
-    spawn(_two_rank_gate_worker, 2, str(tmp_path))
+    spawn(_two_rank_gate_worker, 2, str(tmp_path), first, native_off_on)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert [r["seen"] for r in ranks] == [[True], [True]]
+    assert [r["seen"] for r in ranks] == [[True], [True]] if native_ran else [[], []]
     model = _gate_model()
     out = model.gate(_images(9, seed=5))
     (out * _output_weights()).sum().backward()
     _close(torch.cat([r["out"] for r in ranks]), out.detach(), 1e-6)
     for name, p in model.gate.named_parameters():
-        _close(ranks[0]["grads"][name] + ranks[1]["grads"][name], p.grad, 1e-5)
+        summed = ranks[0]["grads"][name] + ranks[1]["grads"][name]
+        if torch.equal(p.grad, torch.zeros_like(p.grad)):  # the conv bias: the nn path's shares cancel to rounding
+            assert summed.abs().max() < 1e-4, name
+        else:
+            _close(summed, p.grad, 1e-5)
     for name, b in model.gate.named_buffers():
         for r in ranks:
             _close(r["buffers"][name], b, 1e-6)
+
+
+@needs_compiler
+def test_native_gate_block_with_no_sample_anywhere_gives_zero_gradients():
+    """A global batch with no sample on any rank (count 0): zero gradients, no NaN, and the
+    running statistics untouched (as the nn path)."""
+    class Global(LocalBatchStats):  # one process standing in for ranks that all have no rows
+        distributed = True
+
+    cols = pool_phase_columns(_images(0), 3)
+    params = [p.requires_grad_() for p in _gate_params()]
+    out, mean, var, count = native.GateBlock.apply(cols, *params, 1e-5, Global())
+    assert out.shape == (8, 0) and float(count) == 0
+    out.sum().backward()
+    for p in params:
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    assert Global().all_agree("anything", True) and not Global().all_agree("anything", False)

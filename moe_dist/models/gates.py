@@ -78,7 +78,7 @@ class FmnistGate(nn.Module):
             self.out = nn.Linear(32, num_experts)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        if fuses_conv_batchnorm(x_B1HW, self.conv, self.bn):  # training on local statistics
+        if fuses_conv_batchnorm(x_B1HW, self.conv, self.bn):  # training: fused (natively under global statistics)
             z_BF = conv_batchnorm_relu_pool(x_B1HW, self.conv, self.bn)
         else:
             z_BF = F.max_pool2d(F.relu(self.bn(self.conv(x_B1HW))), 2).flatten(1)

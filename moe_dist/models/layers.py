@@ -444,6 +444,9 @@ def conv_batchnorm_relu_pool(x_NCHW: torch.Tensor, conv: nn.Conv2d, bn: nn.Batch
         out_CM, mean_C, var_C, count = native.GateBlock.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias,
                                                               bn.eps, stats)
         count = float(count)
+    elif stats.distributed:  # the PyTorch fused block knows only this process's statistics
+        raise RuntimeError("global BatchNorm reached the fused gate block without the native kernels: "
+                           "fuses_conv_batchnorm should have sent it to the nn modules")
     else:
         out_CM, mean_C, var_C, *_ = _ConvBatchNormReluPool.apply(cols_K4M, weight_CK, bias_C, bn.weight, bn.bias,
                                                                   bn.eps)
@@ -484,5 +487,8 @@ def fuses_conv_batchnorm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
             and (x.shape[3] - k + 1) % 2 == 0 and x.dtype == conv.weight.dtype)
     if not distributed:
         return fits and x.shape[0] > 0
-    return (fits and x.shape[1] * k * k == conv.weight[0].numel() and not x.requires_grad
-            and native.runs(x.new_zeros(conv.weight[0].numel(), 4, 1), conv.weight.flatten(1), bn.weight, bn.bias))
+    per_row = [t for t in (conv.bias, bn.weight, bn.bias) if t is not None]
+    same_everywhere = (fits and x.shape[1] * k * k == conv.weight[0].numel() and not x.requires_grad
+                       and native.applies(x.new_zeros(conv.weight[0].numel(), 4, 1), conv.weight.flatten(1), *per_row))
+    # whether the kernels built is each rank's own finding: agreed once, on every rank
+    return same_everywhere and stats.all_agree("native_gate_block", native.library() is not None)

@@ -126,21 +126,27 @@ def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not wrapped(t) for t in tensors)
 
 
-def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor, allow_empty: bool = False) -> bool:
-    """Whether the native kernels compute a block on ``[K, 4, M]`` columns (shared by every
-    row of the weight) or ``[E, K, 4, M]`` ones (expert e's own, for a weight ``[E, O, K]``),
-    a weight ``[..., K]`` and per-row parameters shaped like ``weight.shape[:-1]`` (bias;
-    gamma, beta): plain float32 CPU tensors of matching shapes (a mismatch is left to the
-    PyTorch path, which names it), columns that need no gradient, no autocast. No windows
-    (M = 0) only with ``allow_empty`` (a rank without samples under global BatchNorm must
-    take the path the others take)."""
+def applies(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor, allow_empty: bool = False) -> bool:
+    """Whether the native kernels can compute a block on ``[K, 4, M]`` columns (shared by
+    every row of the weight) or ``[E, K, 4, M]`` ones (expert e's own, for a weight
+    ``[E, O, K]``), a weight ``[..., K]`` and per-row parameters shaped like
+    ``weight.shape[:-1]`` (bias; gamma, beta): plain float32 CPU tensors of matching shapes (a
+    mismatch is left to the PyTorch path, which names it), columns that need no gradient, no
+    autocast. No windows (M = 0) only with ``allow_empty`` (a rank without samples under
+    global BatchNorm must take the path the others take). Whether the library is built here
+    is :func:`runs`'s business."""
     lead = tuple(cols.shape[:-3])  # () shared, (E,) per expert
     per_expert = weight.dim() == 3 and lead == tuple(weight.shape[:1])
     shapes_match = (cols.dim() >= 3 and (lead == () or per_expert) and cols.shape[-2] == 4
                     and (cols.shape[-1] > 0 or allow_empty) and weight.shape[-1] == cols.shape[-3]
                     and all(p.shape == weight.shape[:-1] for p in per_row))
     return (shapes_match and not cols.requires_grad and _plain_cpu_float(cols, weight, *per_row)
-            and not torch.is_autocast_enabled("cpu") and library() is not None)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def runs(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor, allow_empty: bool = False) -> bool:
+    """:func:`applies`, and the kernels are built (and on) in this process."""
+    return applies(cols, weight, *per_row, allow_empty=allow_empty) and library() is not None
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -213,7 +219,7 @@ class GateBlock(torch.autograd.Function):
             return None, None, None, None, None, None, None
         cols_K4M, weight_CK, gamma_C, invstd_C, best_CM, phase_CM, out_CM, colmean, comoment = ctx.saved_tensors
         K, _, M = cols_K4M.shape
-        C, Q_l, Q = weight_CK.shape[0], 4.0 * M, ctx.count
+        C, Q_l, Q = weight_CK.shape[0], 4.0 * M, max(ctx.count, 1.0)  # count 0: no sample anywhere, all sums 0
         wide = {"dtype": torch.float64}
         gsum, gxhat, gcols = torch.zeros(C, **wide), torch.zeros(C, **wide), torch.zeros(C, K, **wide)
         if M > 0:

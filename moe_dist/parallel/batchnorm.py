@@ -54,6 +54,13 @@ class LocalBatchStats:
         backward written out, e.g. the native gate block's sums of the output gradient)."""
         return x
 
+    def all_agree(self, key: str, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank that shares the statistics, asked once per
+        ``key`` and remembered (a collective the first time: every rank must ask it at the same
+        point). For choices that must be the same everywhere, e.g. the native gate block,
+        whose availability each process finds out for itself."""
+        return flag
+
 
 class GroupBatchStats(LocalBatchStats):
     """Statistics combined over the ranks of ``group`` (None: the world); ``index`` is this
@@ -81,6 +88,13 @@ class GroupBatchStats(LocalBatchStats):
 
     def total(self, x):
         return coll.all_reduce_sum(x.detach(), self.group)
+
+    def all_agree(self, key, flag):
+        agreed = self.__dict__.setdefault("_agreed", {})
+        if key not in agreed:
+            missing = torch.tensor([0.0 if flag else 1.0])
+            agreed[key] = float(coll.all_reduce_max(missing, self.group)) == 0.0
+        return agreed[key]
 
 
 def _local_moments(x_NGCS: torch.Tensor, mask_NG: torch.Tensor | None):
