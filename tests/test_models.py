@@ -305,7 +305,8 @@ def test_fused_gate_block_gradcheck():
     assert torch.autograd.gradcheck(block, tuple(t.requires_grad_() for t in (x, weight, bias, gamma, beta)))
 
 
-def test_fused_gate_block_keeps_float32_precision_on_real_images(data_root):
+@pytest.mark.parametrize("native_kernels", ["1", "0"])  # moe_dist.models.native's block, the PyTorch one
+def test_fused_gate_block_keeps_float32_precision_on_real_images(data_root, monkeypatch, native_kernels):
     """In float32, on digits whose flat background repeats one value hundreds of thousands of
     times, shifted so that the convolution's mean is large next to its spread (where a
     one-pass variance loses digits), and with negative and zero BatchNorm scales, the fused
@@ -315,6 +316,7 @@ def test_fused_gate_block_keeps_float32_precision_on_real_images(data_root):
     from moe_dist.data.registry import load_dataset
     from moe_dist.models.layers import conv_batchnorm_relu_pool
 
+    monkeypatch.setenv("MOE_DIST_NATIVE", native_kernels)
     x = load_dataset("mnist10k", data_root, train_size=512, test_size=10).train.x[:512] + 2.0
     torch.manual_seed(0)
     gate = FmnistGate(5)

@@ -1,25 +1,24 @@
 """The native CPU kernels of the pooled convolution blocks (moe_dist/models/native.py).
 
 They are held to the PyTorch fused blocks they replace (moe_dist/models/layers.py, which the
-float64 tests of test_models.py hold to nn's modules) and, in float32, to a float64 nn run:
-values, every gradient, the winning phase on ties, NaN, odd sizes, thread counts; a whole
-training run against the PyTorch path; and the conditions under which they run or step aside.
+float64 tests of test_models.py hold to nn's modules; its float32 precision test runs both
+blocks against a float64 nn run): values, every gradient, the winning phase on ties, NaN,
+odd sizes, thread counts, global BatchNorm on 2 ranks; a whole training run against the
+PyTorch path; and the conditions under which they run or step aside.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_dist.models import FmnistGate, native
-from moe_dist.parallel.batchnorm import LocalBatchStats
 from moe_dist.models.layers import (StackedConvReluPool, _ConvBatchNormReluPool, _ConvReluPool,
                                     conv_batchnorm_relu_pool, pool_phase_columns)
+from moe_dist.parallel.batchnorm import LocalBatchStats
 
 LOCAL = LocalBatchStats()
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) on this machine")
@@ -92,37 +91,6 @@ def test_native_gate_block_equals_the_pytorch_block(batch):
 
 
 @needs_compiler
-def test_native_gate_block_is_as_precise_as_nn_in_float32():
-    """Against a float64 nn run, on shifted images (a large mean next to the spread) with
-    negative and zero BatchNorm scales: output, gradients and running variance are within 3x
-    of nn's own float32 error."""
-    x = _images(256, seed=3) + 2.0
-    torch.manual_seed(0)
-    gate = FmnistGate(5)
-    with torch.no_grad():
-        gate.bn.weight.copy_(_gate_params()[2])
-        gate.bn.bias.normal_()
-    w = torch.randn(256, 8 * 13 * 13, dtype=torch.float64)
-
-    def run(block, dtype):
-        g = copy.deepcopy(gate).to(dtype)
-        out = block(g, x.to(dtype))
-        (out * w.to(dtype)).sum().backward()
-        return [out.detach(), g.conv.weight.grad, g.bn.weight.grad, g.bn.bias.grad, g.bn.running_var]
-
-    def plain(g, x):
-        return F.max_pool2d(F.relu(g.bn(g.conv(x))), 2).flatten(1)
-
-    exact = run(plain, torch.float64)
-    ours = run(lambda g, x: conv_batchnorm_relu_pool(x, g.conv, g.bn), torch.float32)
-    nn32 = run(plain, torch.float32)
-    for name, o, n, e in zip(["out", "conv.weight", "bn.weight", "bn.bias", "running_var"], ours, nn32, exact):
-        err = float((o.double() - e).norm() / e.norm())
-        err_nn = float((n.double() - e).norm() / e.norm())
-        assert err <= max(3 * err_nn, 1e-7), (name, err, err_nn)
-
-
-@needs_compiler
 def test_native_gate_block_is_the_one_a_float32_gate_runs(monkeypatch):
     """FmnistGate in training on float32 CPU images takes the native block; with
     MOE_DIST_NATIVE=0 the PyTorch block, with the same outputs and gradients."""
@@ -177,23 +145,14 @@ def test_native_experts_layer_equals_the_pytorch_layer_on_other_shapes(monkeypat
     native block, and its output and gradients are the PyTorch layer's."""
     calls = []
     monkeypatch.setattr(native.ExpertsBlock, "apply", _counting(native.ExpertsBlock.apply, calls))
-    torch.manual_seed(0)
-    layer = StackedConvReluPool(3, 2, 2, 5)
-    with torch.no_grad():
-        layer.weight.normal_(std=0.2)
-        layer.bias.normal_(std=0.1)
+    layer = _random_layer(StackedConvReluPool(3, 2, 2, 5), seed=0, std=0.2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for n in (37, 2):
             x = torch.rand(n, 2, 26, 26)
             x[:, :, :8] = 0.0  # flat rows: tied windows
-            ours = _layer_forward_backward(layer, x)
-            monkeypatch.setenv("MOE_DIST_NATIVE", "0")
-            ref = _layer_forward_backward(layer, x)
-            monkeypatch.setenv("MOE_DIST_NATIVE", "1")
-            for a, b in zip(ours, ref):
-                _close(a, b, 2e-6)
+            _assert_both_paths_agree(monkeypatch, layer, x, shared=True)
     finally:
         torch.set_num_threads(before)
     assert len(calls) == 2
@@ -207,18 +166,28 @@ def test_native_experts_layer_equals_the_pytorch_layer_on_each_experts_own_input
     weights differing."""
     calls = []
     monkeypatch.setattr(native.ExpertsBlock, "apply", _counting(native.ExpertsBlock.apply, calls))
-    torch.manual_seed(1)
-    layer = StackedConvReluPool(4, 1, 2, 3)
-    with torch.no_grad():
-        layer.weight.normal_(std=0.3)
-        layer.bias.normal_(std=0.1)
+    layer = _random_layer(StackedConvReluPool(4, 1, 2, 3), seed=1, std=0.3)
     x = torch.stack([_images(21, seed=e) * (1 + e) for e in range(4)])
-    ours = _layer_forward_backward(layer, x, shared=False)
+    _assert_both_paths_agree(monkeypatch, layer, x, shared=False)
+    assert len(calls) == 1
+
+
+def _random_layer(layer, seed: int, std: float):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.normal_(std=std)
+        layer.bias.normal_(std=0.1)
+    return layer
+
+
+def _assert_both_paths_agree(monkeypatch, layer, x, shared: bool):
+    """The layer's output and gradients with the native kernels and with MOE_DIST_NATIVE=0."""
+    ours = _layer_forward_backward(layer, x, shared)
     monkeypatch.setenv("MOE_DIST_NATIVE", "0")
-    ref = _layer_forward_backward(layer, x, shared=False)
+    ref = _layer_forward_backward(layer, x, shared)
+    monkeypatch.setenv("MOE_DIST_NATIVE", "1")
     for a, b in zip(ours, ref):
         _close(a, b, 2e-6)
-    assert len(calls) == 1
 
 
 def _layer_forward_backward(layer, x, shared=True):
