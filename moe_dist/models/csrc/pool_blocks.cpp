@@ -265,6 +265,19 @@ inline void block_moments(const float* cols, const float* w, const float* gamma,
   cm.merge(4.0 * len, mean.data(), m2.data());
 }
 
+// One row's share of a block in backward: g = the ReLU's gradient of grad (in g), and into
+// acc_total the sum of g, into acc_cols[k] the sum of g * cols[k, phase, m] (g at each
+// window's winning phase). gp is scratch for the 4 phases.
+inline void row_backward_sums(const float* grad, const float* out, const uint8_t* phase, const float* cols,
+                              int64_t K, int64_t M, int64_t m0, int64_t len, float* g, float* gp,
+                              vd& acc_total, vd* acc_cols) {
+  relu_grad(grad + m0, out + m0, len, g);
+  add_total(acc_total, g, len);
+  split_by_phase(g, phase + m0, len, gp);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t p = 0; p < 4; ++p) add_dot(acc_cols[k], gp + p * kBlock, cols + (k * 4 + p) * M + m0, len);
+}
+
 }  // namespace
 
 extern "C" {
@@ -315,7 +328,7 @@ void gate_output(const float* mean, const float* invstd, const float* gamma, con
   });
 }
 
-// Backward's sums over the windows, where g = grad_out if out > 0 else 0 (the ReLU), dy is g
+// Backward's sums over the windows, where g = 0 where out <= 0, else grad_out (the ReLU), dy is g
 // at each window's winning phase: gsum[c] = sum g, gxhat[c] = sum g * sign_c * best,
 // gcols[c * K + k] = sum g * cols[k, phase, m].
 void gate_backward_sums(const float* grad, const float* out, const float* best, const uint8_t* phase,
@@ -328,13 +341,9 @@ void gate_backward_sums(const float* grad, const float* out, const float* best, 
     for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
       const int64_t len = std::min(kBlock, end - m0);
       for (int64_t c = 0; c < C; ++c) {
-        relu_grad(grad + c * M + m0, out + c * M + m0, len, g.data());
-        add_total(acc[c], g.data(), len);
+        row_backward_sums(grad + c * M, out + c * M, phase + c * M, cols, K, M, m0, len, g.data(), gp.data(),
+                          acc[c], acc + 2 * C + c * K);
         add_dot(acc[C + c], g.data(), best + c * M + m0, len);
-        split_by_phase(g.data(), phase + c * M + m0, len, gp.data());
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t p = 0; p < 4; ++p)
-            add_dot(acc[2 * C + c * K + k], gp.data() + p * kBlock, cols + (k * 4 + p) * M + m0, len);
       }
     }
   });
@@ -363,7 +372,7 @@ void experts_pool(const float* cols, int64_t cols_stride, int64_t rows_per_cols,
   });
 }
 
-// Its backward: g = grad_out where out > 0; gbias[r] = sum g, gw[r * K + k] = sum g * cols[k, phase, m]
+// Its backward: g = 0 where out <= 0, else grad_out; gbias[r] = sum g, gw[r * K + k] = sum g * cols[k, phase, m]
 // (row r's columns, as in experts_pool).
 void experts_pool_backward(const float* grad, const float* out, const uint8_t* phase, const float* cols,
                            int64_t cols_stride, int64_t rows_per_cols, int64_t R, int64_t K, int64_t M,
@@ -374,15 +383,9 @@ void experts_pool_backward(const float* grad, const float* out, const uint8_t* p
     std::vector<float> g(kBlock), gp(4 * kBlock);
     for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
       const int64_t len = std::min(kBlock, end - m0);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* c = cols + (r / rows_per_cols) * cols_stride;
-        relu_grad(grad + r * M + m0, out + r * M + m0, len, g.data());
-        add_total(acc[r], g.data(), len);
-        split_by_phase(g.data(), phase + r * M + m0, len, gp.data());
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t p = 0; p < 4; ++p)
-            add_dot(acc[R + r * K + k], gp.data() + p * kBlock, c + (k * 4 + p) * M + m0, len);
-      }
+      for (int64_t r = 0; r < R; ++r)
+        row_backward_sums(grad + r * M, out + r * M, phase + r * M, cols + (r / rows_per_cols) * cols_stride,
+                          K, M, m0, len, g.data(), gp.data(), acc[r], acc + R + r * K);
     }
   });
   for (int64_t r = 0; r < R; ++r) gbias[r] = sums[r];
