@@ -326,10 +326,12 @@ def test_each_source_builds_in_its_own_folder(tmp_path, monkeypatch):
     job) must not share a build folder: torch's builder would rebuild one over the other."""
     key = native._build_key()
     assert key == native._build_key()
-    other = tmp_path / "pool_blocks.cpp"
-    other.write_bytes(native.SOURCE.read_bytes() + b"\n// another version\n")
-    monkeypatch.setattr(native, "SOURCE", other)
-    assert native._build_key() != key
+    for i, source in enumerate(native.SOURCES):  # a change to either source
+        other = tmp_path / source.name
+        other.write_bytes(source.read_bytes() + b"\n// another version\n")
+        monkeypatch.setattr(native, "SOURCES", native.SOURCES[:i] + (other,) + native.SOURCES[i + 1:])
+        assert native._build_key() != key
+        monkeypatch.undo()
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):

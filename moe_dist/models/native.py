@@ -1,4 +1,5 @@
-"""Native CPU kernels for the pooled convolution blocks (``csrc/pool_blocks.cpp``).
+"""Native CPU kernels: the pooled convolution blocks (``csrc/pool_blocks.cpp``, here) and the
+segment sums of top-k dispatch (``csrc/segments.cpp``, used by ``moe_dist.parallel.segments``).
 
 The FashionMNIST gate's "conv, BatchNorm, ReLU, 2x2 max-pool" block and the experts' "conv,
 ReLU, 2x2 max-pool" block spend most of their time in PyTorch on passes over a [C, 4, M]
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-SOURCE = Path(__file__).with_name("csrc") / "pool_blocks.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("pool_blocks.cpp", "segments.cpp"))
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gate_forward": [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P],
@@ -39,6 +40,8 @@ _SIGNATURES = {
     "gate_backward_sums": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P],
     "experts_pool": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P],
     "experts_pool_backward": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P],
+    "segment_sum": [_P, _I64, _P, _P, _P, _P, _I64, _P],
+    "segment_sum_backward": [_P, _P, _I64, _P, _P, _P, _P, _I64, _P, _P],
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -46,7 +49,7 @@ STALE_LOCK_S = 300  # a build takes seconds; an older lock was left by a killed 
 
 
 def _build_key() -> str:
-    """A short hash of what the library is built from and for: the source, what
+    """A short hash of what the library is built from and for: the sources, what
     ``-march=native`` compiles for (machine, CPU feature flags) and the torch installation it
     links (version, place). One folder per key, so that two versions of moe_dist or two
     environments on one machine, or nodes with different CPUs sharing a home directory, never
@@ -60,7 +63,7 @@ def _build_key() -> str:
     except OSError:
         pass
     target = f"{platform.machine()} {flags} torch {torch.__version__} {Path(torch.__file__).parent}"
-    return hashlib.sha256(target.encode() + SOURCE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(target.encode() + b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
 
 
 def _build() -> ctypes.CDLL:
@@ -72,12 +75,12 @@ def _build() -> ctypes.CDLL:
     except ImportError:
         pass
     cache = Path(os.environ.get("MOE_DIST_CACHE", Path.home() / ".cache" / "moe_dist"))
-    name = f"moe_dist_pool_blocks_{_build_key()}"
+    name = f"moe_dist_native_{_build_key()}"
     build_dir = cache / "native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(build_dir / "lock")
     # -fopenmp: the kernels run on OpenMP's pool, which at run time is PyTorch's own libgomp
-    path = load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    path = load(name, [str(path) for path in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                 verbose=False)
     lib = ctypes.CDLL(str(path))

@@ -21,7 +21,8 @@ that model code holds no ``torch.distributed`` call (docs/design.md, "Code style
     its one host sync for the splits, one of the metadata, one of the token rows, one of
     the weights, one of the combined outputs; the rows' backward is a hand-written autograd
     Function (:class:`_SendRows`), the weights' and the return's autograd's own
-    (``all_to_all_rows``, ``index_add``). Evaluation (``need_top``) also returns the
+    (``all_to_all_rows`` and the segment sums of ``moe_dist.parallel.segments``, which add a
+    unit's pairs and a sample's units natively in one pass). Evaluation (``need_top``) also returns the
     unweighted top-1 output, in the same rows. Without weights the outputs come back per
     (sample, slot) pair instead (:class:`_ReturnRows`). The local experts run on their rows
     sorted by expert (ragged ``forward_grouped`` for FFN experts, else a padded
@@ -51,12 +52,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from moe_dist import losses
 from moe_dist.parallel import collectives as coll
 from moe_dist.parallel.groups import ParallelContext
+from moe_dist.parallel.segments import Segments, segment_sum, weighted_segment_sum
 from moe_dist.parallel.traffic import count_all_gather
 
 __all__ = ["BatchLayout", "LocalDispatch", "ExpertParallelDispatch", "capacity_keep",
@@ -383,7 +386,7 @@ class ExpertParallelDispatch(LocalDispatch):
             y = _ReturnRows.apply(out_QC, route).view(B, K, out_QC.shape[-1])
             returned = sum(route.send_pairs) - route.send_pairs[me]
         else:
-            y, top_BC = _combine_units(out_QC, w_UK, route, B, need_top)
+            y, top_BC = _combine_units(out_QC, w_UK, route, need_top)
             returned = sum(route.send_units) - route.send_units[me]
         stats = _stats(B * K, sum(route.send_pairs), padded, expert_rows=sum(route.recv_pairs),
                        remote_rows_sent=sum(route.send_units) - route.send_units[me],
@@ -438,6 +441,7 @@ class _Route:
     """
 
     group: object
+    batch: int
     num_pairs: int
     send_units: tuple[int, ...]
     recv_units: tuple[int, ...]
@@ -450,6 +454,16 @@ class _Route:
     unit_Q: torch.Tensor
     entry_Q: torch.Tensor
     place_Q: torch.Tensor
+
+    @cached_property
+    def by_unit(self) -> Segments:
+        """The local pairs, by received unit (to sum a unit's pairs)."""
+        return Segments(self.unit_Q, sum(self.recv_units))
+
+    @cached_property
+    def by_sample(self) -> Segments:
+        """The sent units (rows in send order), by sample (to sum a sample's units)."""
+        return Segments(self.sample_U, self.batch)
 
     @classmethod
     def plan(cls, dispatch: ExpertParallelDispatch, index_BK: torch.Tensor, keep_S: torch.Tensor | None):
@@ -482,7 +496,7 @@ class _Route:
         counts_L = [sum(got[j * (W + 1) + 1 + i] for j in range(P)) for i in range(len(dispatch.local_experts))]
         meta_UK = coll.exchange_rows(meta_UK.to(_meta_dtype(W)), recv_units, send_units, dispatch.ctx.ep_group)
         entry_Q, place_Q = _local_pairs(meta_UK, W, sum(recv_pairs))
-        return cls(dispatch.ctx.ep_group, B * K, send_units, recv_units, send_pairs, recv_pairs, counts_L,
+        return cls(dispatch.ctx.ep_group, B, B * K, send_units, recv_units, send_pairs, recv_pairs, counts_L,
                    host[-1], sample_U, order_S[:sum(send_pairs)], torch.div(entry_Q, K, rounding_mode="floor"),
                    entry_Q, place_Q)
 
@@ -509,7 +523,7 @@ class _SendRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, route: _Route) -> torch.Tensor:
-        ctx.route, ctx.batch = route, x.shape[0]
+        ctx.route = route
         rows = coll.exchange_rows(x.index_select(0, route.sample_U), route.recv_units, route.send_units,
                                   route.group, kind=DISPATCH)
         return rows.index_select(0, route.unit_Q)
@@ -517,9 +531,9 @@ class _SendRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_Q: torch.Tensor):
         route = ctx.route
-        grad_U = grad_Q.new_zeros((sum(route.recv_units),) + grad_Q.shape[1:]).index_add_(0, route.unit_Q, grad_Q)
+        grad_U = segment_sum(grad_Q, route.by_unit)
         grad = coll.exchange_rows(grad_U, route.send_units, route.recv_units, route.group, kind=DISPATCH)
-        return grad.new_zeros((ctx.batch,) + grad.shape[1:]).index_add_(0, route.sample_U, grad), None
+        return segment_sum(grad, route.by_sample), None
 
 
 class _ReturnRows(torch.autograd.Function):
@@ -543,20 +557,22 @@ class _ReturnRows(torch.autograd.Function):
         return grad.index_select(0, route.place_Q), None
 
 
-def _combine_units(out_QC: torch.Tensor, w_UK: torch.Tensor, route: _Route, batch: int, need_top: bool):
+def _combine_units(out_QC: torch.Tensor, w_UK: torch.Tensor, route: _Route, need_top: bool):
     """Weighted outputs summed per received unit (float32, like the single-process sum), one
     row back per unit, summed per sample: ``(y_BC, top_BC or None)``. With ``need_top`` the
     unweighted slot-0 output rides in the same row (at most one unit of a sample holds slot
-    0; a dropped slot 0 gives zeros, as in ``topk_slots``). Plain differentiable ops and
-    ``all_to_all_rows``: autograd writes the backward, gate weights included."""
+    0; a dropped slot 0 gives zeros, as in ``topk_slots``). Differentiable (the gate weights
+    get their gradient): segment sums (``moe_dist.parallel.segments``) and ``all_to_all_rows``."""
     K = w_UK.shape[1]
     out_QC = out_QC.to(w_UK.dtype)
-    z_QC = out_QC * w_UK.reshape(-1).index_select(0, route.entry_Q).unsqueeze(1)
     if need_top:
-        z_QC = torch.cat([z_QC, out_QC * (route.entry_Q % K == 0).unsqueeze(1)], 1)
-    z_UC = z_QC.new_zeros((sum(route.recv_units), z_QC.shape[1])).index_add(0, route.unit_Q, z_QC)
+        z_QC = torch.cat([out_QC * w_UK.reshape(-1).index_select(0, route.entry_Q).unsqueeze(1),
+                          out_QC * (route.entry_Q % K == 0).unsqueeze(1)], 1)
+        z_UC = segment_sum(z_QC, route.by_unit)
+    else:
+        z_UC = weighted_segment_sum(out_QC, w_UK.reshape(-1), route.entry_Q, route.by_unit)
     back_UC = coll.all_to_all_rows(z_UC, route.send_units, route.recv_units, route.group, kind=DISPATCH)
-    y_BC = back_UC.new_zeros((batch, back_UC.shape[1])).index_add(0, route.sample_U, back_UC)
+    y_BC = segment_sum(back_UC, route.by_sample)
     C = out_QC.shape[1]
     return (y_BC[:, :C], y_BC[:, C:]) if need_top else (y_BC, None)
 

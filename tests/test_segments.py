@@ -1,0 +1,132 @@
+"""Segment sums (moe_dist.parallel.segments): the native kernels against PyTorch's
+``index_add`` path, which top-k dispatch ran before them and runs where they are not built.
+
+The sums must equal PyTorch's bit for bit (the same float32 terms in the same order), the
+source's gradient too; the weights' gradient, summed in double, must be at least as close to
+a float64 reference as PyTorch's float32 one. The 2- and 4-rank dispatch tests
+(test_dispatch_rows, test_uneven_experts, test_hierarchical) run the kernels end to end.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moe_dist.models import native
+from moe_dist.parallel.segments import Segments, segment_sum, weighted_segment_sum
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) on this machine")
+C = 37  # not a whole vector: the kernels' tails
+
+
+@pytest.fixture(autouse=True)
+def native_on(monkeypatch):
+    monkeypatch.setenv("MOE_DIST_NATIVE", "1")
+
+
+def _groups(n: int, m: int, seed: int = 0) -> torch.Tensor:
+    """A group index over m segments: most of 1-2 rows, one of 3, some empty."""
+    g = torch.Generator().manual_seed(seed)
+    group = torch.randint(0, m - 3, (n,), generator=g)  # the last 3 segments stay empty ...
+    group[:3] = m - 4  # ... and segment m - 4 has at least 3 rows
+    return group[torch.randperm(n, generator=g)]
+
+
+def _pytorch_path(monkeypatch, fn, *args):
+    monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch.setenv("MOE_DIST_NATIVE", "1")
+
+
+def test_segments_list_each_segments_rows_in_ascending_order():
+    group = torch.tensor([2, 0, 2, 2, 0])
+    ptr, order = Segments(group, 4).csr
+    assert ptr.tolist() == [0, 2, 2, 5, 5]
+    assert order.tolist() == [1, 4, 0, 2, 3]
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 3])
+def test_segment_sum_equals_index_add_bit_for_bit(monkeypatch, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, m = 3000, 2200  # 2200 x 37 floats: over the kernels' one-thread limit
+        src = torch.randn(n, C, requires_grad=True)
+        segments = Segments(_groups(n, m), m)
+        out = segment_sum(src, segments)
+        assert out.grad_fn.name().startswith("_SegmentSum")  # the native path ran
+        cot = torch.randn(m, C)
+        (grad,) = torch.autograd.grad(out, src, cot)
+        src_ref = src.detach().clone().requires_grad_(True)
+        ref = _pytorch_path(monkeypatch, segment_sum, src_ref, segments)
+        assert torch.equal(out, ref)
+        assert torch.equal(out[-3:], torch.zeros(3, C))  # empty segments
+        assert torch.equal(grad, torch.autograd.grad(ref, src_ref, cot)[0])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
+def test_weighted_segment_sum_equals_pytorch_and_its_weight_gradient_is_closer():
+    n, m, k = 500, 300, 2
+    g = torch.Generator().manual_seed(1)
+    src64 = torch.randn(n, C, generator=g, dtype=torch.float64) * 1e3 + 1.0  # a shifted scale
+    w64 = torch.rand(m * k, generator=g, dtype=torch.float64)
+    group = _groups(n, m, seed=2)
+    entry = group * k + torch.randint(0, k, (n,), generator=g)
+    cot64 = torch.randn(m, C, generator=g, dtype=torch.float64)
+    segments = Segments(group, m)
+
+    def run(dtype, native_on: bool):
+        src = src64.to(dtype).requires_grad_(True)
+        w = w64.to(dtype).requires_grad_(True)
+        if native_on:
+            out = weighted_segment_sum(src, w, entry, segments)
+        else:  # PyTorch's path, as dispatch ran it before the kernels
+            out = src.new_zeros((m, C)).index_add(0, group, src * w.index_select(0, entry).unsqueeze(1))
+        return (out, *torch.autograd.grad(out, (src, w), cot64.to(dtype)))
+
+    out, grad_src, grad_w = run(torch.float32, True)
+    ref, ref_src, ref_w = run(torch.float32, False)
+    _, _, exact_w = run(torch.float64, False)
+    assert torch.equal(out, ref) and torch.equal(grad_src, ref_src)
+    named = torch.zeros(m * k, dtype=torch.bool).index_fill_(0, entry, True)
+    assert torch.equal(grad_w[~named], torch.zeros(int((~named).sum())))  # entries no row names
+    error = (grad_w.double() - exact_w).abs().max() / exact_w.abs().max()
+    error_ref = (ref_w.double() - exact_w).abs().max() / exact_w.abs().max()
+    assert error <= max(error_ref, 1e-7), (error, error_ref)
+
+
+@needs_compiler
+def test_weighted_segment_sum_has_no_second_derivative():
+    src = torch.randn(4, C, requires_grad=True)
+    w = torch.rand(4, requires_grad=True)
+    out = weighted_segment_sum(src, w, torch.arange(4), Segments(torch.tensor([0, 0, 1, 1]), 2))
+    (grad_w,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_w.sum().backward()
+
+
+def test_other_dtypes_and_the_switch_take_the_pytorch_path(monkeypatch):
+    group = torch.tensor([1, 0, 1])
+    src = torch.randn(3, C, dtype=torch.float64, requires_grad=True)
+    out = segment_sum(src, Segments(group, 3))
+    assert out.grad_fn.name().startswith("IndexAdd")
+    assert torch.equal(out, torch.stack([src[1], src[0] + src[2], torch.zeros(C, dtype=torch.float64)]).detach())
+    monkeypatch.setenv("MOE_DIST_NATIVE", "0")
+    assert segment_sum(src.float(), Segments(group, 3)).grad_fn.name().startswith("IndexAdd")
+
+
+@needs_compiler
+def test_no_rows_give_zero_segments_and_no_segments_an_empty_sum():
+    empty = segment_sum(torch.zeros(0, C), Segments(torch.zeros(0, dtype=torch.int64), 4))
+    assert torch.equal(empty, torch.zeros(4, C))
+    none = weighted_segment_sum(torch.zeros(0, C, requires_grad=True), torch.zeros(0, requires_grad=True),
+                                torch.zeros(0, dtype=torch.int64), Segments(torch.zeros(0, dtype=torch.int64), 0))
+    assert none.shape == (0, C)
+    none.sum().backward()
