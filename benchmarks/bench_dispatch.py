@@ -29,6 +29,9 @@ too. Then the step time of
 ``ours`` (and DeepSpeed) as the number of experts grows at fixed k (E = 4 ... 64, all sizes
 interleaved step by step), with t(E=64)/t(E=4).
 
+Both processes keep freed memory for reuse, as the trainer's CPU processes do
+(``moe_dist.train.process.keep_freed_memory``).
+
 Run: ``python benchmarks/bench_dispatch.py`` (about four minutes on 2 busy CPU cores);
 ``--quick`` for a smoke run; ``--json FILE`` to save the numbers. Needs DeepSpeed for its
 rows (``pip install -e ".[deepspeed]"``); without it only ours and dense are measured.
@@ -232,6 +235,11 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    from moe_dist.train.process import keep_freed_memory
+
+    # glibc keeps freed memory, as in the trainer's CPU processes: without it every large
+    # buffer (the experts' weight gradients at E = 64: 32 MB each) is a fresh mmap per step
+    malloc_kept = keep_freed_memory()
     with_ds = args.deepspeed
     if with_ds:
         from moe_dist.parallel.deepspeed_engine import import_deepspeed
@@ -241,7 +249,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     result: dict = {"tokens_per_rank": args.tokens, "hidden": HIDDEN, "ffn": FFN, "k": K, "ep_size": EP,
-                    "threads_per_rank": 1}
+                    "threads_per_rank": 1, "malloc_kept": malloc_kept}
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(args.tokens, HIDDEN, generator=g)
     cot = torch.randn(args.tokens, HIDDEN, generator=g)
