@@ -124,7 +124,10 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> dict:
             times.append(float(elapsed))
     del model, reduce, optimizer
     gc.collect()
+    from moe_dist.models import native
+
     return {"step_seconds": statistics.median(times), "step_seconds_all": times, "params": params,
+            "native": native.library() is not None,  # the gate's block (and its global BatchNorm) ran natively
             "bytes": {k: statistics.mean(s[k] for s in sent) for k in KINDS},
             "peak_rss_mb": peak_rss_mb(), "rss_delta_mb": peak_rss_mb() - base}
 
@@ -161,7 +164,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path:
                "params_per_process": [r["params"] for r in ranks],
                "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
                "rss_delta_mb": [r["rss_delta_mb"] for r in ranks],
-               "bytes_per_step": [r["bytes"] for r in ranks], "link_bytes_per_second": bandwidth}
+               "bytes_per_step": [r["bytes"] for r in ranks], "link_bytes_per_second": bandwidth,
+               "native": all(r["native"] for r in ranks)}
         Path(out_path).write_text(json.dumps(row))
     dist.barrier()
     dist.destroy_process_group()

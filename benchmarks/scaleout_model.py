@@ -36,6 +36,7 @@ from moe_dist.tables import markdown_table
 
 D, C = 28 * 28, 10  # input features (the gathered images), expert outputs
 F32 = 4
+F64 = 8
 KINDS = ("dispatch", "gradients", "other")
 
 # Issue 12's H200 measurements of one Fashion-MNIST vanilla run (fp32, moe_dist as of then):
@@ -63,9 +64,13 @@ def model_sizes(num_experts: int) -> dict:
     experts = [p for n, p in model.named_parameters() if n.startswith("experts.")]
     replicated = [p for n, p in model.named_parameters() if not n.startswith("experts.")]
     bn = [m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # conv + BatchNorm blocks (the gate's), which the native CPU kernels run: (channels, columns)
+    blocks = [(m.bn.num_features, m.conv.in_channels * math.prod(m.conv.kernel_size)) for m in model.modules()
+              if isinstance(getattr(m, "bn", None), torch.nn.BatchNorm2d)
+              and isinstance(getattr(m, "conv", None), torch.nn.Conv2d)]
     return {"per_expert": sum(p.numel() for p in experts) // num_experts, "expert_tensors": len(experts),
             "replicated": sum(p.numel() for p in replicated), "replicated_tensors": len(replicated),
-            "bn_channels": bn}
+            "bn_channels": bn, "bn_blocks": blocks}
 
 
 def nonnegative_fit(X: list[list[float]], y: list[float]) -> np.ndarray:
@@ -90,20 +95,26 @@ def ring(n: int, nbytes: float) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def bytes_per_rank(E: int, P: int, N: int, b: int, sizes: dict, L: int | None = None) -> dict[str, float]:
+def bytes_per_rank(E: int, P: int, N: int, b: int, sizes: dict, L: int | None = None,
+                   native: bool = False) -> dict[str, float]:
     """Bytes the process holding L experts (default ceil(E / P)) sends per training step.
 
     dispatch: its b images to the P - 1 others (all-gather), its L experts' outputs for their
     (P - 1) b samples (all-to-all), and in the backward the gradients of the E - L outputs it
     received (the images need none). gradients: ring all-reduces of the replicated part over
-    N and of the expert block over its N / P copies. other: the global BatchNorm statistics
-    (an all-gather made of an all-reduce of N x 3 x channels floats, forward and backward)."""
+    N and of the expert block over its N / P copies. other: the global BatchNorm statistics,
+    forward an all-gather made of an all-reduce of N x 3 x channels numbers (count, mean,
+    squared deviations); backward, PyTorch's path all-reduces as many floats again, the native
+    CPU gate block (``native``) two sums per channel and one per column, all in double."""
     L = math.ceil(E / P) if L is None else L
     dispatch = (P - 1) * b * D * F32 + (L * (P - 1) * b + b * (E - L)) * C * F32 if P > 1 else 0.0
     R = N // P
     grads = ring(N, F32 * (sizes["replicated"] + sizes["replicated_tensors"]))
     grads += ring(R, F32 * (L * sizes["per_expert"] + sizes["expert_tensors"]))
-    other = sum(2 * ring(N, N * 3 * ch * F32) for ch in sizes["bn_channels"])
+    if native:
+        other = sum(ring(N, N * 3 * ch * F64) + ring(N, (2 * ch + cols) * F64) for ch, cols in sizes["bn_blocks"])
+    else:
+        other = sum(2 * ring(N, N * 3 * ch * F32) for ch in sizes["bn_channels"])
     return {"dispatch": dispatch, "gradients": grads, "other": other}
 
 
@@ -165,7 +176,8 @@ def fit_sharing(rows: list[dict], compute: np.ndarray, sizes_of) -> tuple[float,
         if P == 1:
             continue
         sizes = sizes_of(E)
-        wire = sum(bytes_per_rank(E, P, P, B // P, sizes).values()) / r["link_bytes_per_second"]
+        wire = sum(bytes_per_rank(E, P, P, B // P, sizes, native=r.get("native", False)).values())
+        wire /= r["link_bytes_per_second"]
         X.append([float(np.dot(compute, features(E, P, B // P))), collectives(E, P, P, sizes)])
         y.append(r["step_seconds"] - wire)
     s, alpha = nonnegative_fit(X, y)
@@ -183,7 +195,7 @@ def check_cpu(rows: list[dict], compute: np.ndarray, sharing: tuple[float, float
         E, P, B = r["experts"], r["ep_size"], r["batch"]
         b, sizes = B // P, sizes_of(E)
         sent = max(sum(k.values()) for k in r["bytes_per_step"])
-        formula = sum(bytes_per_rank(E, P, P, b, sizes).values()) if P > 1 else 0.0
+        formula = sum(bytes_per_rank(E, P, P, b, sizes, native=r.get("native", False)).values()) if P > 1 else 0.0
         wire = formula / r["link_bytes_per_second"] if P > 1 else 0.0
         compute_s = float(np.dot(compute, features(E, P, b)))
         n = collectives(E, P, P, sizes) if P > 1 else 0
@@ -251,7 +263,11 @@ def gpu_table(memory: np.ndarray, b: int = 512) -> tuple[str, list[dict]]:
     return title + "\n\n" + markdown_table(headers, lines, align=["right"] * len(headers)), rows
 
 
-def report(rows: list[dict]) -> tuple[str, dict]:
+def report(rows: list[dict], pytorch_rows: list[dict] | None = None) -> tuple[str, dict]:
+    """The fits and tables of ``rows``; the GPU memory predictions take their per-row
+    increments from ``pytorch_rows`` where given (the same benchmark with MOE_DIST_NATIVE=0:
+    the PyTorch blocks, which are what CUDA runs, keep the convolution maps the native CPU
+    kernels do not)."""
     cache: dict[int, dict] = {}
 
     def sizes_of(E: int) -> dict:
@@ -260,7 +276,8 @@ def report(rows: list[dict]) -> tuple[str, dict]:
     compute = fit_compute(rows)
     sharing = fit_sharing(rows, compute, sizes_of)
     memory = fit_memory(rows, sizes_of)
-    gpu_text, gpu_rows = gpu_table(memory)
+    gpu_memory = fit_memory(pytorch_rows, sizes_of) if pytorch_rows else memory
+    gpu_text, gpu_rows = gpu_table(gpu_memory)
     text = "\n".join([
         f"CPU compute fit (one process, 1 thread): t = {1000 * compute[0]:.2f} ms + {1e6 * compute[1]:.2f} us x b "
         f"+ {1e9 * compute[2]:.2f} ns x L x G",
@@ -268,17 +285,22 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         f"+ bytes / measured loopback bandwidth",
         f"memory fit: {memory[0]:.0f} MB + 16 B x local params + {memory[1] * 2**20:.0f} B x L x G "
         f"+ {memory[2] * 2**20:.0f} B x b (+ 2 x 3,136 B x G with ep_size > 1)",
+        f"GPU memory increments (the PyTorch blocks' fit): {gpu_memory[1] * 2**20:.0f} B x L x G "
+        f"+ {gpu_memory[2] * 2**20:.0f} B x b" if pytorch_rows else "GPU memory increments: the fit above",
         check_cpu(rows, compute, sharing, memory, sizes_of), "", gpu_text])
     return text, {"compute_fit_s": compute.tolist(), "sharing_fit": {"slowdown": sharing[0], "alpha_s": sharing[1]},
-                  "memory_fit_mb": memory.tolist(), "gpu": gpu_rows}
+                  "memory_fit_mb": memory.tolist(), "gpu_memory_fit_mb": gpu_memory.tolist(), "gpu": gpu_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("table", help="bench_scaleout.py --json output")
+    parser.add_argument("--pytorch", default="", help="the same benchmark with MOE_DIST_NATIVE=0: its memory "
+                        "fit gives the GPU predictions' memory (CUDA runs the PyTorch blocks)")
     parser.add_argument("--json", default="", help="also write the fits and GPU predictions here")
     args = parser.parse_args()
-    text, numbers = report(json.loads(Path(args.table).read_text())["rows"])
+    pytorch = json.loads(Path(args.pytorch).read_text())["rows"] if args.pytorch else None
+    text, numbers = report(json.loads(Path(args.table).read_text())["rows"], pytorch)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=1))
