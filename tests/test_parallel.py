@@ -112,7 +112,19 @@ def single_process_run(routing: str, batches, make=None, adam=None):
         opt.step()
     record["params"] = {k: v.clone() for k, v in model.state_dict().items()}
     record["optimizer"] = opt.state_dict()
+    record["input_grad"] = input_gradient(model, batches[0][0])
     return record
+
+
+def input_gradient(model, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of the first batch's output with respect to the input, after the steps: one
+    more forward and backward through every exchange of the dispatch, apart from the steps (an
+    input that needs a gradient takes the PyTorch blocks instead of the native ones)."""
+    torch.manual_seed(999)
+    x = x.clone().requires_grad_(True)
+    model(x).output.square().sum().backward()  # a sum over the rows: each rank adds its share
+    model.zero_grad(set_to_none=True)
+    return x.grad
 
 
 def distributed_run(model, ctx, batches, rank: int, world: int, adam=None) -> dict:
@@ -147,8 +159,10 @@ def distributed_run(model, ctx, batches, rank: int, world: int, adam=None) -> di
                           # gradients in the full layout, gathered like a checkpoint
                           grads=full_model_state(_GradView(model, grads), ctx))
         opt.step()
-    record["params"] = full_model_state(model, ctx)
+    # copies: the input-gradient pass below moves BatchNorm's running statistics in place
+    record["params"] = {k: v.clone() for k, v in full_model_state(model, ctx).items()}
     record["optimizer"] = full_optimizer_state(opt, model, ctx)
+    record["input_grad"] = input_gradient(model, batches[0][0][rank_slice(len(batches[0][0]), rank, world)])
     return record
 
 
@@ -237,8 +251,10 @@ def assert_matches_one_process(records: list[dict], ref: dict) -> None:
     """The ranks' records of one equivalence run against the single-process reference:
     outputs (concatenated), the total loss and gate losses on every rank, every gradient
     (rank 0), and every parameter after the Adam steps on every rank (replicas agree, and
-    gathered experts are in global id order)."""
+    gathered experts are in global id order), and the input's gradient after them (its rows on
+    their ranks: the dispatch's backward through every exchange)."""
     torch.testing.assert_close(torch.cat([r["output"] for r in records]), ref["output"], **TOL)
+    torch.testing.assert_close(torch.cat([r["input_grad"] for r in records]), ref["input_grad"], **TOL)
     for rec in records:
         torch.testing.assert_close(rec["total"], ref["total"], **TOL)
         assert set(rec["aux"]) == {"importance", "sample_similarity"}

@@ -6,8 +6,8 @@
 // [N, C] rows that do not fit in cache (8 MB at 8192 x 256), about 9 ms of a 220 ms dispatch
 // step on one core. Here each output row is written once, from its segment's rows, in one
 // pass each way. The terms are the same float32 products added in the same order (the
-// segment's rows in ascending source position, starting from the first: PyTorch's index_add
-// into zeros), so the sums equal PyTorch's bit for bit; the weights' gradient (a dot product
+// segment's rows in ascending source position, starting from zero: PyTorch's index_add into
+// zeros), so the sums equal PyTorch's bit for bit; the weights' gradient (a dot product
 // per row) is added in double. Segments are independent, so the rows split over OpenMP's pool
 // (PyTorch's own libgomp, as in pool_blocks.cpp) with no atomics.
 #include <cstdint>
@@ -18,22 +18,25 @@ namespace {
 constexpr int64_t kParallelFloats = 1 << 16;  // below this, one thread: the pool costs more
 constexpr int64_t kLanes = 16;                // double partial sums per dot product
 
-// dst = src * w (first term) or dst += src * w: the product rounded to float before the add,
-// as PyTorch's separate mul and index_add, so no fused multiply-add may join them.
+// dst = 0 + src * w (first term) or dst += src * w: the product rounded to float before the
+// add, as PyTorch's separate mul and index_add, so no fused multiply-add may join them; the
+// first term is added to a zero as index_add adds it to its zero fill (a -0.0 becomes +0.0;
+// without -ffast-math the compiler keeps the addition). Kept out of line (noinline), so that
+// no caller's flags replace the attribute.
 #if defined(__clang__)
-inline void add_scaled(float* __restrict dst, const float* __restrict src, float w, int64_t C, bool first) {
+void add_scaled(float* __restrict dst, const float* __restrict src, float w, int64_t C, bool first) {
 #pragma clang fp contract(off)
   if (first) {
-    for (int64_t c = 0; c < C; ++c) dst[c] = src[c] * w;
+    for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f + src[c] * w;
   } else {
     for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * w;
   }
 }
 #else
-__attribute__((optimize("fp-contract=off")))
-inline void add_scaled(float* __restrict dst, const float* __restrict src, float w, int64_t C, bool first) {
+__attribute__((noinline, optimize("fp-contract=off")))
+void add_scaled(float* __restrict dst, const float* __restrict src, float w, int64_t C, bool first) {
   if (first) {
-    for (int64_t c = 0; c < C; ++c) dst[c] = src[c] * w;
+    for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f + src[c] * w;
   } else {
     for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * w;
   }
@@ -42,7 +45,7 @@ inline void add_scaled(float* __restrict dst, const float* __restrict src, float
 
 inline void add_row(float* __restrict dst, const float* __restrict src, int64_t C, bool first) {
   if (first) {
-    std::memcpy(dst, src, C * sizeof(float));
+    for (int64_t c = 0; c < C; ++c) dst[c] = 0.0f + src[c];
   } else {
     for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
   }
@@ -65,7 +68,7 @@ inline double dot(const float* __restrict g, const float* __restrict s, int64_t 
 extern "C" {
 
 // dst[m] = sum over j in [ptr[m], ptr[m + 1]) of w[widx[j]] * src[idx[j]] (w null: weight 1),
-// added in j order from the first term; an empty segment gives zeros. src [*, C], dst [M, C].
+// added in j order to a zero; an empty segment gives zeros. src [*, C], dst [M, C].
 void segment_sum(const float* src, int64_t C, const int64_t* ptr, const int64_t* idx, const int64_t* widx,
                  const float* w, int64_t M, float* dst) {
 #pragma omp parallel for schedule(static) if (M * C > kParallelFloats)
