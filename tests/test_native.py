@@ -352,6 +352,31 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     native._remove_stale_lock(lock)  # none there: nothing to do
 
 
+@needs_compiler
+def test_a_compiler_without_openmp_or_native_target_builds_the_kernels_for_one_thread(tmp_path, monkeypatch):
+    """Apple's clang has no -fopenmp (and older ones no -march=native): the next flag set builds
+    the same kernels serially, after a warning that names the failure, instead of losing them."""
+    from moe_dist.parallel.segments import Segments, segment_sum
+
+    monkeypatch.setenv("MOE_DIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-fopenmp", "-fno-such-option-for-moe-dist"), ("-O3",)))
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(RuntimeWarning, match=r"built with -O3 only \(-O3 -fopenmp -fno-such-option-for-moe-dist: .*"
+                                            r"no-such-option"):
+        assert native.library() is not None
+    assert list((tmp_path / "native").glob(f"moe_dist_native_{native._build_key(('-O3',))}/*.so"))
+    cols = pool_phase_columns(_images(37), 3)
+    params = _gate_params()
+    (out, mean, var, _), grads = _run_block(native.GateBlock, cols, params, (1e-5, LOCAL))
+    (out_t, mean_t, var_t, *_), grads_t = _run_block(_ConvBatchNormReluPool, cols, params, (1e-5,))
+    _close(out, out_t, 3e-7)
+    _close(var, var_t, 1e-6)
+    for g, g_t in zip(grads, grads_t):
+        _close(g, g_t, 1e-5)
+    src, group = torch.randn(50, 7), torch.randint(0, 9, (50,))
+    assert torch.equal(segment_sum(src, Segments(group, 9)), torch.zeros(9, 7).index_add(0, group, src))
+
+
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch):
     def broken():
         raise RuntimeError("no compiler")

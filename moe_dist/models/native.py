@@ -10,9 +10,10 @@ same function as :class:`moe_dist.models.layers._ConvBatchNormReluPool` and
 ``_ConvReluPool`` (the tests hold them to each other and to nn's modules).
 
 The library is built on first use by ``torch.utils.cpp_extension`` (a few seconds with g++
-and ninja; ``-march=native``), in a folder keyed by the source and the CPU's feature flags
-(see :func:`_build_key`) and called through ``ctypes``, which releases
-the GIL. Where it cannot be built (no compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch
+and ninja; ``-O3 -march=native -fopenmp``, and without OpenMP or ``-march=native`` where the
+compiler lacks them: one thread, a generic target, after a warning; ``FLAG_SETS``), in a
+folder keyed by the sources, the flags and the CPU's feature flags (see :func:`_build_key`)
+and called through ``ctypes``, which releases the GIL. Where it cannot be built (no compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch
 path runs instead, after one warning. Only plain float32 CPU tensors take this path: CUDA,
 other dtypes, inputs that need a gradient, autocast and ``torch.func`` transforms stay on
 the PyTorch path.
@@ -43,30 +44,59 @@ _SIGNATURES = {
     "segment_sum": [_P, _I64, _P, _P, _P, _P, _I64, _P],
     "segment_sum_backward": [_P, _P, _I64, _P, _P, _P, _P, _I64, _P, _P],
 }
+# Compiler flags, best first. -fopenmp: the kernels run on OpenMP's pool, which at run time is
+# PyTorch's own libgomp. Where the compiler has no OpenMP (Apple's clang) the next set builds
+# the same kernels to run on one thread; where it does not know -march=native, the last one
+# builds them for its default target.
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 STALE_LOCK_S = 300  # a build takes seconds; an older lock was left by a killed process
 
 
-def _build_key() -> str:
-    """A short hash of what the library is built from and for: the sources, what
-    ``-march=native`` compiles for (machine, CPU feature flags) and the torch installation it
-    links (version, place). One folder per key, so that two versions of moe_dist or two
-    environments on one machine, or nodes with different CPUs sharing a home directory, never
-    rebuild (and overwrite) each other's library."""
-    flags = ""
+def _build_key(flags: tuple[str, ...] = FLAG_SETS[0]) -> str:
+    """A short hash of what the library is built from and for: the sources, the compiler
+    flags, what ``-march=native`` compiles for (machine, CPU feature flags) and the torch
+    installation it links (version, place). One folder per key, so that two versions of
+    moe_dist or two environments on one machine, or nodes with different CPUs sharing a home
+    directory, never rebuild (and overwrite) each other's library."""
+    cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
+                cpu = line
                 break
     except OSError:
         pass
-    target = f"{platform.machine()} {flags} torch {torch.__version__} {Path(torch.__file__).parent}"
+    target = (f"{platform.machine()} {cpu} torch {torch.__version__} {Path(torch.__file__).parent} "
+              f"{' '.join(flags)}")
     return hashlib.sha256(target.encode() + b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
 
 
 def _build() -> ctypes.CDLL:
+    """The library built with the first of ``FLAG_SETS`` the compiler takes (warned when it is
+    not the first: the kernels then run on one thread, or for a generic target)."""
+    failures = []
+    for flags in FLAG_SETS:
+        try:
+            lib = _build_with(flags)
+        except Exception as err:  # noqa: BLE001  (the compiler's error, whatever the builder raised)
+            failures.append(f"{' '.join(flags)}: {_first_error(err)}")
+            continue
+        if failures:
+            warnings.warn(f"moe_dist: native CPU kernels built with {' '.join(flags)} only ({'; '.join(failures)})",
+                          RuntimeWarning, stacklevel=3)
+        return lib
+    raise RuntimeError("; ".join(failures))
+
+
+def _first_error(err: Exception) -> str:
+    """The compiler's first error line from a failed build's message (else its last line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
+    return next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[-1])
+
+
+def _build_with(flags: tuple[str, ...]) -> ctypes.CDLL:
     from torch.utils.cpp_extension import load
 
     try:  # the ninja that pip installed with moe_dist, whether or not its environment is active
@@ -75,14 +105,13 @@ def _build() -> ctypes.CDLL:
     except ImportError:
         pass
     cache = Path(os.environ.get("MOE_DIST_CACHE", Path.home() / ".cache" / "moe_dist"))
-    name = f"moe_dist_native_{_build_key()}"
+    name = f"moe_dist_native_{_build_key(flags)}"
     build_dir = cache / "native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(build_dir / "lock")
-    # -fopenmp: the kernels run on OpenMP's pool, which at run time is PyTorch's own libgomp
-    path = load(name, [str(path) for path in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
-                verbose=False)
+    path = load(name, [str(path) for path in SOURCES], extra_cflags=list(flags),
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=str(build_dir),
+                is_python_module=False, verbose=False)
     lib = ctypes.CDLL(str(path))
     for fn, argtypes in _SIGNATURES.items():
         getattr(lib, fn).argtypes = argtypes
