@@ -13,8 +13,9 @@ The library is built on first use by ``torch.utils.cpp_extension`` (a few second
 and ninja; ``-O3 -march=native -fopenmp``, and without OpenMP or ``-march=native`` where the
 compiler lacks them: one thread, a generic target, after a warning; ``FLAG_SETS``), in a
 folder keyed by the sources, the flags and the CPU's feature flags (see :func:`_build_key`)
-and called through ``ctypes``, which releases the GIL. Where it cannot be built (no compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch
-path runs instead, after one warning. Only plain float32 CPU tensors take this path: CUDA,
+and called through ``ctypes``, which releases the GIL. Where it cannot be built (no
+compiler), or with ``MOE_DIST_NATIVE=0``, the PyTorch path runs instead, after one warning.
+Only plain float32 CPU tensors take this path: CUDA,
 other dtypes, inputs that need a gradient, autocast and ``torch.func`` transforms stay on
 the PyTorch path.
 """

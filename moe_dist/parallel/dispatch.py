@@ -22,8 +22,8 @@ that model code holds no ``torch.distributed`` call (docs/design.md, "Code style
     the weights, one of the combined outputs; the rows' backward is a hand-written autograd
     Function (:class:`_SendRows`), the weights' and the return's autograd's own
     (``all_to_all_rows`` and the segment sums of ``moe_dist.parallel.segments``, which add a
-    unit's pairs and a sample's units natively in one pass). Evaluation (``need_top``) also returns the
-    unweighted top-1 output, in the same rows. Without weights the outputs come back per
+    unit's pairs and a sample's units natively in one pass). Evaluation (``need_top``) also
+    returns the unweighted top-1 output, in the same rows. Without weights the outputs come back per
     (sample, slot) pair instead (:class:`_ReturnRows`). The local experts run on their rows
     sorted by expert (ragged ``forward_grouped`` for FFN experts, else a padded
     ``[L, N, ...]`` batch). Bytes: the token rows sent and the rows returned are both the

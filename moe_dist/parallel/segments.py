@@ -8,7 +8,8 @@ gradients of each sample.
 
 In PyTorch a segment sum is a zero fill and an ``index_add`` (and, weighted, a multiplication;
 backward, a gather, two multiplications and a sum): passes over rows that do not fit in cache,
-about 9 ms of a 220 ms dispatch step on one core (``benchmarks/bench_dispatch.py``). The
+about 15 ms of a 220 ms dispatch step on one core, 7 ms natively (``benchmarks/bench_segments.py``
+at ``bench_dispatch.py``'s sizes). The
 native kernels (``moe_dist/models/csrc/segments.cpp``) write each output row once from its
 segment's rows, located by one stable sort of the group index (a CSR layout). They add the
 same float32 terms in the same order as ``index_add`` into zeros (from a zero, so that even a
