@@ -9,21 +9,13 @@ a float64 reference as PyTorch's float32 one. The 2- and 4-rank dispatch tests
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from moe_dist.models import native
 from moe_dist.parallel.segments import Segments, segment_sum, weighted_segment_sum
-
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler (c++) on this machine")
+from test_native import native_on, needs_compiler  # noqa: F401  (the kernels on, whatever the environment says)
 C = 37  # not a whole vector: the kernels' tails
-
-
-@pytest.fixture(autouse=True)
-def native_on(monkeypatch):
-    monkeypatch.setenv("MOE_DIST_NATIVE", "1")
 
 
 def _groups(n: int, m: int, seed: int = 0) -> torch.Tensor:
@@ -83,10 +75,10 @@ def test_weighted_segment_sum_equals_pytorch_and_its_weight_gradient_is_closer(m
     cot64 = torch.randn(m, C, generator=g, dtype=torch.float64)
     segments = Segments(group, m)
 
-    def run(dtype, native_on: bool):
+    def run(dtype, use_native: bool):
         src = src64.to(dtype).requires_grad_(True)
         w = w64.to(dtype).requires_grad_(True)
-        if native_on:
+        if use_native:
             out = weighted_segment_sum(src, w, entry, segments)
             assert out.grad_fn.name().startswith("_WeightedSegmentSum")  # the native path ran
         else:  # PyTorch's path, as dispatch ran it before the kernels

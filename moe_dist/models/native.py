@@ -154,7 +154,9 @@ def library() -> ctypes.CDLL | None:
         return _state["lib"]
 
 
-def _plain_cpu_float(*tensors: torch.Tensor) -> bool:
+def plain_cpu_float(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a float32 CPU tensor outside ``torch.func`` transforms: the only
+    ones the kernels take (also for ``moe_dist.parallel.segments``)."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not wrapped(t) for t in tensors)
 
@@ -173,7 +175,7 @@ def applies(cols: torch.Tensor, weight: torch.Tensor, *per_row: torch.Tensor, al
     shapes_match = (cols.dim() >= 3 and (lead == () or per_expert) and cols.shape[-2] == 4
                     and (cols.shape[-1] > 0 or allow_empty) and weight.shape[-1] == cols.shape[-3]
                     and all(p.shape == weight.shape[:-1] for p in per_row))
-    return (shapes_match and not cols.requires_grad and _plain_cpu_float(cols, weight, *per_row)
+    return (shapes_match and not cols.requires_grad and plain_cpu_float(cols, weight, *per_row)
             and not torch.is_autocast_enabled("cpu"))
 
 

@@ -60,7 +60,7 @@ def _library(*tensors: torch.Tensor):
     # imported here: moe_dist.models imports this package (the MoE module's dispatchers)
     from moe_dist.models import native
 
-    return native.library() if native._plain_cpu_float(*tensors) else None
+    return native.library() if native.plain_cpu_float(*tensors) else None
 
 
 def _check(src: torch.Tensor, segments: Segments) -> None:
